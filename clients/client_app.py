@@ -1,0 +1,82 @@
+"""The ClientApp: extract (cached) masked features, train the slice it was sent, reply.
+
+The client is the same for IST and FedAvg: it builds an MLP of whatever shape the
+received arrays have (an IST slice or the full head), trains ``local-steps`` Adam steps
+on its partition's cached CLS features, and sends the arrays back with its metrics.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.mods import message_bytes_mod
+from fedsparse.config import RunConfig
+from fedsparse.head import MLPHead, batch_order, train_steps
+from fedsparse.protocol import (
+    ARRAYS_KEY,
+    CACHE_HIT_KEY,
+    CONFIG_KEY,
+    EXTRACT_SECONDS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PEAK_RSS_KEY,
+    TENSOR_BYTES_KEY,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+)
+from fedsparse.task import client_features, derive_seed
+
+app = ClientApp(mods=[message_bytes_mod])
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(f"node config lacks {err.args[0]!r}; start the SuperNode with --node-config "
+                         "'partition-id=<i> num-partitions=<n>'") from None
+
+
+def train_tensor_bytes(model: MLPHead, batch_size: int) -> int:
+    """Analytic tensor memory of local training (fp32): weights, grads and two Adam moments
+    (4 x params) plus forward activations kept for backward (batch x sum of layer widths)."""
+    params = sum(p.numel() for p in model.parameters())
+    return 4 * (4 * params + batch_size * sum(model.dims))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_run_config(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    feats = client_features(cfg, partition_id, num_partitions)
+
+    model = MLPHead.from_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
+    conf: ConfigRecord = msg.content[CONFIG_KEY]
+    server_round = int(conf.get("server-round", 0))
+    steps = int(conf.get("local-steps", cfg.local_steps))
+    batch_size = int(conf.get("batch-size", cfg.batch_size))
+    lr = float(conf.get("lr", cfg.lr))
+
+    gen = torch.Generator().manual_seed(derive_seed("batches", cfg.seed, server_round, partition_id))
+    t0 = time.perf_counter()
+    loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen), lr)
+    train_seconds = time.perf_counter() - t0
+
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES_KEY: len(feats.y),
+            TRAIN_LOSS_KEY: loss,
+            TRAIN_SECONDS_KEY: train_seconds,
+            EXTRACT_SECONDS_KEY: feats.seconds,
+            CACHE_HIT_KEY: int(feats.cache_hit),
+            PEAK_RSS_KEY: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            TENSOR_BYTES_KEY: train_tensor_bytes(model, batch_size),
+        }
+    )
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)

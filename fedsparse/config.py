@@ -1,0 +1,180 @@
+"""Run configuration: every run-config key, its default, its type and its check.
+
+``RunConfig`` is the single definition of the keys. ``[tool.flwr.app.config]`` in
+``pyproject.toml`` repeats the defaults because Flower reads them from there; a test
+keeps the two identical. Keys are kebab-case in TOML and in Flower's ``run_config``
+and snake_case here; ``RunConfig.from_run_config`` maps one to the other, checks
+types and values, and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedsparse.head import parse_hidden
+from fedsparse.masking import MASK_MODES, check_mask_ratio
+
+STRATEGIES = ("ist", "fedavg")
+PARTITIONERS = ("iid", "dirichlet", "shards")
+PREPROCESSING = ("paper", "imagenet")
+ENCODER_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment. Defaults are the offline quickstart's, except where a comment says."""
+
+    # --- data -------------------------------------------------------------------------
+    dataset: str = "cifar10-sample"  # bundled 5k/1k CIFAR-10 JPEG sample; see fedsparse/data.py
+    data_dir: str = ""  # folder or .tar.gz for datasets read from disk
+    cache_dir: str = ""  # feature + extraction cache; "" = $FEDSPARSE_CACHE or ~/.cache/fedsparse
+    out_dir: str = "runs/latest"  # metrics.json, model.pt, accuracy.png
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5  # only for partitioner = "dirichlet"
+    # --- sparse input -----------------------------------------------------------------
+    encoder: str = "builtin"  # "builtin", a timm model name (hub weights), or a checkpoint path
+    image_size: int = 32
+    preprocessing: str = "paper"  # paper: Normalize(0.5, 0.5) as the authors' code
+    encoder_dtype: str = "fp32"
+    mask_ratio: float = 0.5
+    mask_seed: int = 1234  # the authors' SEED
+    mask_mode: str = "per-image"
+    # --- federation -------------------------------------------------------------------
+    strategy: str = "ist"
+    num_clients: int = 20
+    clients_per_round: int = 4
+    num_rounds: int = 8
+    round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
+    client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
+    # --- head and local training ------------------------------------------------------
+    hidden: str = "1024,1024"
+    local_steps: int = 20  # the paper repartitions every 20 iterations
+    batch_size: int = 64
+    lr: float = 0.001
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, _dataset_names())
+        _check_choice("partitioner", self.partitioner, PARTITIONERS)
+        _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
+        _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
+        _check_choice("mask-mode", self.mask_mode, MASK_MODES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        check_mask_ratio(self.mask_ratio)
+        parse_hidden(self.hidden)
+        for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "dirichlet_alpha", "round_timeout", "client_cpus"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients-per-round ({self.clients_per_round}) exceeds num-clients ({self.num_clients})"
+            )
+        if not self.encoder:
+            raise ValueError("encoder must not be empty; use 'builtin', a timm model name or a checkpoint path")
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return parse_hidden(self.hidden)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config`` (kebab-case keys); missing keys keep defaults."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"Unknown config key {key!r}; valid keys: {', '.join(config_keys())}")
+            values[name] = _coerce(key, value, known[name].type)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case dict, the form Flower and the TOML files use."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def config_keys() -> list[str]:
+    """All run-config keys, kebab-case, in definition order."""
+    return [_kebab(f.name) for f in fields(RunConfig)]
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from fedsparse.data import DATASETS  # local import: data imports heavy deps lazily
+
+    return tuple(DATASETS)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {key} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Check a run-config value against the field's annotated type (a string here)."""
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. hidden = 1024 on the command line
+    raise ValueError(f"config key {key!r} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run-config TOML file (flat ``key = value`` pairs, as ``flwr run --run-config`` takes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {p} is not valid TOML: {err}") from None
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"config file {p} must hold flat key = value pairs; found tables {nested}")
+    return data
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``"mask-ratio=0.75 num-rounds=3 hidden='512,512'"`` -> dict, values parsed as TOML."""
+    import shlex
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ValueError(f"run-config override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw  # bare words are strings: strategy=fedavg
+    return out
+
+
+def resolve(config_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then a TOML file, then ``key=value`` overrides; every layer is checked."""
+    merged: dict[str, Any] = {}
+    if config_path is not None:
+        merged.update(load_toml(config_path))
+    merged.update(overrides or {})
+    return RunConfig.from_run_config(merged)

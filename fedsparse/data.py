@@ -1,0 +1,265 @@
+"""Image data sets, their train/test splits, and their partitioning among clients.
+
+Every data set is an :class:`ImageSet`: a root folder, the relative paths of its images
+(also their stable ids, from which masks are drawn), integer labels and class names.
+Archives (``.tar.gz``) are extracted once into the cache; images are decoded only when a
+client extracts its features, and never kept in memory beyond that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger("fedsparse")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+ASSETS = Path(__file__).parent / "assets"
+SAMPLE_ARCHIVE = ASSETS / "cifar10-sample.tar.gz"
+TEST_FRACTION = 0.2  # imagefolder without train/ and test/ subfolders
+SPLIT_SEED = 1234  # the authors' random_split seed
+
+DATASETS = {
+    "cifar10-sample": "bundled CIFAR-10 sample (10,000 train / 2,000 test JPEGs), no data-dir needed",
+    "cifar10": "CIFAR-10 class folders: data-dir holds train/ and test/ trees, or their .tar.gz archives",
+    "imagefolder": "any class-folder tree in data-dir (folder or .tar.gz); train/ and test/ used when present",
+}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split of a data set.
+
+    Attributes:
+        root: folder the ``paths`` are relative to.
+        paths: relative image paths, e.g. ``"train/cat/0001.jpg"``; they are the image ids.
+        labels: ``int64 [len(paths)]``.
+        classes: class names, index = label.
+        fingerprint: identity of the data on disk, part of every feature-cache key.
+    """
+
+    root: Path
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(self.root, tuple(self.paths[i] for i in idx), self.labels[idx], self.classes, self.fingerprint)
+
+
+def default_cache_dir(cache_dir: str = "") -> Path:
+    """``cache_dir``, else ``$FEDSPARSE_CACHE``, else ``$XDG_CACHE_HOME/fedsparse`` (``~/.cache/fedsparse``)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("FEDSPARSE_CACHE"):
+        return Path(os.environ["FEDSPARSE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedsparse"
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def extract_archive(archive: Path, cache_dir: Path) -> Path:
+    """Extract ``archive`` once into ``cache_dir/extracted/<digest>``; safe across processes."""
+    target = cache_dir / "extracted" / f"{archive.name.split('.')[0]}-{_file_digest(archive)}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise ValueError(f"cannot read archive {archive}: {err}") from None
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _list_class_tree(root: Path) -> tuple[list[str], list[str]]:
+    """(class names, relative paths) of a class-folder tree rooted at ``root``."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths: list[str] = []
+    for c in classes:
+        for dirpath, _, files in os.walk(root / c):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    paths.append(str((Path(dirpath) / f).relative_to(root)))
+    return classes, paths
+
+
+def _fingerprint(root: Path, paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = (root / p).stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _image_set(root: Path, split_dir: str, name: str) -> ImageSet:
+    base = root / split_dir if split_dir else root
+    classes, rel = _list_class_tree(base)
+    if not rel:
+        raise ValueError(f"no images found under {base} (expected <class>/<image> folders)")
+    if len(classes) < 2:
+        raise ValueError(f"{name} at {base} has {len(classes)} class folder(s); at least 2 are needed")
+    paths = [str(Path(split_dir) / p) if split_dir else p for p in rel]
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([class_index[Path(p).relative_to(split_dir or ".").parts[0]] for p in paths], dtype=np.int64)
+    return ImageSet(root, tuple(paths), labels, tuple(classes), _fingerprint(root, paths))
+
+
+def _locate_root(data_dir: str, cache_dir: Path, dataset: str) -> Path:
+    """A folder for ``data_dir``: itself, or its archive(s) extracted into the cache."""
+    if not data_dir:
+        raise ValueError(f"dataset {dataset!r} needs data-dir (a class-folder tree or a .tar.gz of one)")
+    p = Path(data_dir).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"data-dir not found: {p}")
+    if p.is_file():
+        return extract_archive(p, cache_dir)
+    archives = sorted(p.glob("*.tar.gz")) + sorted(p.glob("*.tgz"))
+    if archives and not any(d.is_dir() for d in p.iterdir()):
+        # a folder of archives (e.g. the train and test archives side by side): merge them
+        merged = cache_dir / "extracted" / f"merged-{hashlib.sha256(''.join(_file_digest(a) for a in archives).encode()).hexdigest()[:16]}"
+        if not merged.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(merged.parent)))
+            for a in archives:
+                src = extract_archive(a, cache_dir)
+                for child in src.iterdir():
+                    os.symlink(child, tmp / child.name)
+            try:
+                os.rename(tmp, merged)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return merged
+    return p
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _unwrap_single_folder(root: Path) -> Path:
+    """``archive/RSSCN7/<class>/...`` -> ``archive/RSSCN7``: skip lone wrapper folders."""
+    while True:
+        entries = [d for d in root.iterdir() if not d.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in ("train", "test"):
+            return root
+        root = entries[0]
+
+
+@lru_cache(maxsize=8)
+def load_splits(dataset: str, data_dir: str = "", cache_dir: str = "") -> tuple[ImageSet, ImageSet]:
+    """(train, test) splits of ``dataset``. Cached per process: listing a tree is not free."""
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    cache = default_cache_dir(cache_dir)
+    if dataset == "cifar10-sample":
+        root = extract_archive(SAMPLE_ARCHIVE, cache)
+    else:
+        root = _unwrap_single_folder(_locate_root(data_dir, cache, dataset))
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = _image_set(root, "train", dataset), _image_set(root, "test", dataset)
+        if train.classes != test.classes:
+            raise ValueError(f"train and test class folders differ under {root}: {train.classes} vs {test.classes}")
+        return train, test
+    if dataset == "cifar10":
+        raise ValueError(f"cifar10 data-dir {root} must hold train/ and test/ class-folder trees")
+    full = _image_set(root, "", dataset)
+    rng = np.random.default_rng(SPLIT_SEED)
+    order = rng.permutation(len(full))
+    n_test = max(1, int(round(len(full) * TEST_FRACTION)))
+    return full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
+
+
+# --- partitioning ---------------------------------------------------------------------
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, partitioner: str = "iid", seed: int = 0, alpha: float = 0.5
+) -> list[np.ndarray]:
+    """Split example indices among ``num_partitions`` clients, reproducibly from ``seed``.
+
+    - ``iid``: a seeded permutation cut into near-equal parts.
+    - ``dirichlet``: per class, shares drawn from Dirichlet(alpha) (label skew); redrawn
+      until every client holds at least one example.
+    - ``shards``: examples sorted by label, cut into ``2 * num_partitions`` shards, two per client.
+
+    Returns:
+        one sorted ``int64`` index array per partition; together they cover every example once.
+    """
+    n = len(labels)
+    if num_partitions < 1 or num_partitions > n:
+        raise ValueError(f"cannot split {n} examples into {num_partitions} partitions")
+    rng = np.random.default_rng(seed)
+    if partitioner == "iid":
+        parts = np.array_split(rng.permutation(n), num_partitions)
+    elif partitioner == "dirichlet":
+        parts = _dirichlet(labels, num_partitions, rng, alpha)
+    elif partitioner == "shards":
+        order = np.argsort(labels, kind="stable")
+        shards = np.array_split(order, 2 * num_partitions)
+        pick = rng.permutation(2 * num_partitions)
+        parts = [np.concatenate([shards[pick[2 * i]], shards[pick[2 * i + 1]]]) for i in range(num_partitions)]
+    else:
+        raise ValueError(f"Unknown partitioner {partitioner!r}; valid: iid, dirichlet, shards")
+    return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def _dirichlet(labels: np.ndarray, k: int, rng: np.random.Generator, alpha: float, tries: int = 100) -> list[np.ndarray]:
+    classes = np.unique(labels)
+    for _ in range(tries):
+        buckets: list[list[np.ndarray]] = [[] for _ in range(k)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            shares = rng.dirichlet(np.full(k, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for b, chunk in zip(buckets, np.split(idx, cuts)):
+                b.append(chunk)
+        parts = [np.concatenate(b) for b in buckets]
+        if min(len(p) for p in parts) > 0:
+            return parts
+    raise ValueError(f"Dirichlet(alpha={alpha}) left a client empty {tries} times; use fewer clients or a larger alpha")
+
+
+def client_split(
+    train: ImageSet, partition_id: int, num_partitions: int, partitioner: str, seed: int, alpha: float
+) -> ImageSet:
+    """The training images of client ``partition_id``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    parts = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
+    return train.subset(parts[partition_id])
+
+
+def describe(dataset: ImageSet) -> str:
+    counts = np.bincount(dataset.labels, minlength=len(dataset.classes))
+    return json.dumps(dict(zip(dataset.classes, counts.tolist())))

@@ -1,0 +1,331 @@
+"""The MAE ViT encoder, run on the visible patches only.
+
+``visible_cls(model, images, keep)`` patchifies the images, embeds **only the kept patches**
+(the patch-embedding convolution applied as a matrix product to the gathered patches),
+adds their position embeddings, prepends the CLS token with its own, and runs the blocks
+and the final norm on ``1 + n_visible`` tokens. No attention masks: the work shrinks with
+the number of visible tokens. At mask ratio 0 it equals timm's ``forward_features(x)[:, 0]``.
+
+Encoders come from a spec string (the ``encoder`` run-config key):
+
+- ``builtin``: a small ViT (patch 4, dim 192, depth 6, 3 heads) for 32x32 inputs, built
+  offline; its weights are random until a pretrained one is bundled (a warning says so).
+- ``<timm model name>``, e.g. ``vit_base_patch16_224.mae``: timm architecture with hub weights.
+- ``<timm model name>@<file>``: the same architecture, weights from a local file, loaded by
+  timm's own pretrained-weights code path (what the hub path runs after downloading).
+- ``<file>`` (``.pth``, ``.pt``, ``.bin``, ``.safetensors``): a checkpoint; the architecture
+  is read from fedsparse metadata in the file or inferred from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fedsparse")
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+BUILTIN_ARCH = {"patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
+BUILTIN_SEED = 0
+PREPROCESS_STATS = {
+    "paper": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder and what identifies it.
+
+    Attributes:
+        model: timm ``VisionTransformer`` in eval mode.
+        spec: the spec string it was built from.
+        weights_sha: SHA-256 of its parameters and buffers (first 16 hex digits).
+        image_size: input side in pixels; patch_size, num_patches, dim: as the names say.
+    """
+
+    model: nn.Module
+    spec: str
+    weights_sha: str
+    image_size: int
+    patch_size: int
+    num_patches: int
+    dim: int
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"spec": self.spec, "weights": self.weights_sha, "image_size": self.image_size, "dim": self.dim}
+
+
+def _vit(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        num_classes=0,
+        global_pool="token",
+    )
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in key order (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_builtin(image_size: int = 32) -> nn.Module:
+    """The built-in small ViT with its fixed random initialisation (seed ``BUILTIN_SEED``)."""
+    if image_size % BUILTIN_ARCH["patch_size"]:
+        raise ValueError(f"image-size {image_size} must be a multiple of the builtin patch size 4")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_SEED)
+        return _vit(image_size, **BUILTIN_ARCH)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, fedsparse metadata or {}) from a .pth/.pt/.bin/.safetensors file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        arch = json.loads(meta["fedsparse_arch"]) if "fedsparse_arch" in meta else {}
+        return load_file(str(path)), arch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds here
+        raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    arch: dict[str, Any] = {}
+    if isinstance(obj, dict) and "fedsparse_arch" in obj:
+        arch = dict(obj["fedsparse_arch"])
+    for key in ("model", "state_dict", "encoder"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors")
+    return obj, arch
+
+
+def infer_vit_arch(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """ViT hyper-parameters from tensor shapes (heads: 64-wide, except 1280 -> 16 as ViT-H)."""
+    try:
+        proj = state["patch_embed.proj.weight"]  # (D, 3, p, p)
+        pos = state["pos_embed"]  # (1, 1 + N, D)
+    except KeyError as err:
+        raise ValueError(f"checkpoint has no ViT encoder key {err.args[0]!r}") from None
+    dim, patch = int(proj.shape[0]), int(proj.shape[-1])
+    n = int(pos.shape[1]) - 1
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"pos_embed has {n + 1} rows; expected 1 + a square number of patches")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith("attn.qkv.weight")})
+    hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in state else 4 * dim
+    heads = 16 if dim == 1280 else max(1, dim // 64)
+    return {"img_size": side * patch, "patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_ratio": hidden / dim}
+
+
+ENCODER_KEY_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "reg_token")
+DROPPED_KEYS = ("decoder", "mask_token", "head.", "fc_norm.")
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """A ViT encoder from a checkpoint; missing or mis-shaped encoder keys are an error."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"encoder checkpoint not found: {p}")
+    state, arch = _read_checkpoint(p)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(DROPPED_KEYS)}
+    arch = arch or infer_vit_arch(state)
+    model = _vit(**arch)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {p} does not match a ViT encoder: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"checkpoint {p}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Save an encoder with its architecture, loadable by ``load_checkpoint`` / ``encoder = <path>``."""
+    pe = model.patch_embed
+    arch = {
+        "img_size": int(pe.img_size[0]),
+        "patch_size": int(pe.patch_size[0]),
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "num_heads": int(model.blocks[0].attn.num_heads),
+        "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+    }
+    torch.save({"fedsparse_arch": arch, "model": model.state_dict()}, Path(path))
+
+
+def _create_timm(name: str, image_size: int, weights_file: str | None) -> nn.Module:
+    import timm
+
+    if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
+        raise ValueError(
+            f"Unknown encoder {name!r}: not 'builtin', not a timm model name, not a checkpoint file"
+        )
+    kwargs: dict[str, Any] = {"pretrained": True, "num_classes": 0, "img_size": image_size}
+    if weights_file is not None:
+        if not Path(weights_file).expanduser().is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {weights_file}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights_file).expanduser()), "hf_hub_id": None, "url": None}
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if weights_file is not None:
+            raise ValueError(f"cannot load weights {weights_file} into {name}: {str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot fetch hub weights for {name!r} ({type(err).__name__}); offline choices: "
+            f"encoder = 'builtin', a checkpoint file, or '{name}@<local weights file>'"
+        ) from None
+
+
+def load_encoder(spec: str, image_size: int) -> Encoder:
+    """Build the encoder named by ``spec`` (see the module docstring) in eval mode."""
+    spec = spec.strip()
+    if spec == "builtin":
+        model = build_builtin(image_size)
+        warnings.warn(
+            "encoder 'builtin' has random weights (no pretrained builtin is bundled yet); "
+            "features carry little information beyond raw pixels",
+            stacklevel=2,
+        )
+    elif "@" in spec:
+        name, _, path = spec.partition("@")
+        model = _create_timm(name, image_size, path)
+    elif spec.endswith(CHECKPOINT_SUFFIXES) or Path(spec).expanduser().exists():
+        model = load_checkpoint(spec)
+    else:
+        model = _create_timm(spec, image_size, None)
+    model.eval().requires_grad_(False)
+    pe = model.patch_embed
+    if int(pe.img_size[0]) != image_size:
+        raise ValueError(f"encoder {spec!r} takes {pe.img_size[0]}x{pe.img_size[0]} images but image-size is {image_size}")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError(f"encoder {spec!r} has no CLS token; fedsparse needs a ViT with class token")
+    return Encoder(
+        model=model,
+        spec=spec,
+        weights_sha=weights_digest(model),
+        image_size=image_size,
+        patch_size=int(pe.patch_size[0]),
+        num_patches=int(pe.num_patches),
+        dim=int(model.embed_dim),
+    )
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images: [B, C, H, W] -> patches [B, N, C*p*p], row-major patches, (C, p, p) inside."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def visible_cls(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """CLS feature after the final norm, computed from the visible patches only.
+
+    Args:
+        model: timm VisionTransformer with a class token.
+        images: [B, C, H, W], normalised.
+        keep: [B, n_visible] long, visible patch indices (see ``fedsparse.masking``).
+
+    Returns:
+        [B, D] CLS vectors.
+    """
+    pe = model.patch_embed
+    proj: nn.Conv2d = pe.proj
+    p = int(pe.patch_size[0])
+    patches = patchify(images, p)  # (B, N, C*p*p)
+    patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, n, C*p*p)
+    x = patches @ proj.weight.reshape(proj.out_channels, -1).T  # (B, n, D): the conv on kept patches
+    if proj.bias is not None:
+        x = x + proj.bias
+    x = pe.norm(x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    pos = model.pos_embed
+    patch_pos = pos if getattr(model, "no_embed_class", False) else pos[:, n_prefix:]
+    x = x + torch.gather(patch_pos.expand(x.shape[0], -1, -1), 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    prefix = [model.cls_token]
+    if getattr(model, "reg_token", None) is not None:
+        prefix.append(model.reg_token)
+    prefix_t = torch.cat(prefix, 1)  # (1, n_prefix, D)
+    if not getattr(model, "no_embed_class", False):
+        prefix_t = prefix_t + pos[:, :n_prefix]
+    x = torch.cat([prefix_t.expand(x.shape[0], -1, -1), x], 1)  # (B, n_prefix + n, D)
+    x = model.norm_pre(x)
+    x = model.blocks(x)
+    x = model.norm(x)
+    return x[:, 0]
+
+
+def encode(
+    encoder: Encoder, images: torch.Tensor, keep: torch.Tensor, dtype: str = "fp32", batch_size: int = 256
+) -> torch.Tensor:
+    """Batched ``visible_cls`` under ``inference_mode``; ``bf16`` runs under CPU autocast. Returns fp32 [B, D]."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x, k = images[start : start + batch_size], keep[start : start + batch_size]
+            if dtype == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out.append(visible_cls(encoder.model, x, k).float())
+            else:
+                out.append(visible_cls(encoder.model, x, k))
+    if not out:
+        return torch.empty(0, encoder.dim)
+    return torch.cat(out)
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor | None:
+    """An RGB image as float [3, S, S] in [0, 1], resized (bilinear, antialiased); None if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    return data.reshape(image_size, image_size, 3).permute(2, 0, 1).float().div_(255)
+
+
+def normalize(images: torch.Tensor, preprocessing: str) -> torch.Tensor:
+    """Per-channel ``(x - mean) / std`` with the preset's statistics; images: [B, 3, H, W] in [0, 1]."""
+    try:
+        mean, std = PREPROCESS_STATS[preprocessing]
+    except KeyError:
+        raise ValueError(f"Unknown preprocessing {preprocessing!r}; valid: {', '.join(PREPROCESS_STATS)}") from None
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (images - m) / s

@@ -1,0 +1,188 @@
+"""Feature cache: masked CLS features, extracted once and reused across rounds and runs.
+
+A cache entry is keyed by everything the features depend on: the encoder's identity
+(spec, SHA-256 of its weights, input size), the mask (ratio, seed, mode, group), the
+preprocessing and encoder dtype, and the data (data-set fingerprint and the exact image
+ids). The key's JSON is stored beside the tensors and compared on load, so a changed key
+never serves stale features. Writes are atomic (temp file + rename), so parallel client
+processes may race on an entry without corrupting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedsparse.data import ImageSet
+from fedsparse.encoder import Encoder, encode, load_encoder, load_image, normalize
+from fedsparse.masking import masks_for
+
+log = logging.getLogger("fedsparse")
+DECODE_CHUNK = 512  # images decoded and encoded at a time: bounds memory on big partitions
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Features:
+    """Cached features of one image set.
+
+    Attributes:
+        x: [N, D] float32 CLS vectors; y: [N] int64 labels.
+        seconds: extraction time (0.0 when served from the cache).
+        cache_hit: whether the entry already existed.
+        skipped: images that could not be read (left out of x and y).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    seconds: float
+    cache_hit: bool
+    skipped: int
+
+
+@lru_cache(maxsize=2)
+def get_encoder(spec: str, image_size: int) -> Encoder:
+    """The encoder for ``spec``, loaded once per process (and reused by every client in it)."""
+    return load_encoder(spec, image_size)
+
+
+def feature_key(
+    encoder: Encoder,
+    images: ImageSet,
+    mask_ratio: float,
+    mask_seed: int,
+    mask_mode: str,
+    group: str,
+    preprocessing: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """Everything the features depend on, as a JSON-able dict."""
+    ids_sha = hashlib.sha256("\n".join(images.paths).encode()).hexdigest()[:16]
+    return {
+        "version": FORMAT_VERSION,
+        "encoder": encoder.identity,
+        "mask": {"ratio": float(mask_ratio), "seed": int(mask_seed), "mode": mask_mode,
+                 "group": group if mask_mode == "shared" else ""},
+        "preprocessing": preprocessing,
+        "dtype": dtype,
+        "data": {"fingerprint": images.fingerprint, "ids": ids_sha, "n": len(images)},
+    }
+
+
+class FeatureCache:
+    """A folder of feature entries, ``<root>/features/<sha256 of key>.pt``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root) / "features"
+
+    def path(self, key: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.root / f"{digest}.pt"
+
+    def load(self, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            entry = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss, not a crash
+            log.warning("feature cache entry %s is unreadable; recomputing", p)
+            return None
+        if entry.get("key") != json.dumps(key, sort_keys=True):
+            return None
+        return entry["x"], entry["y"], int(entry["skipped"])
+
+    def store(self, key: dict[str, Any], x: torch.Tensor, y: torch.Tensor, skipped: int) -> Path:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=p.parent)
+        os.close(fd)
+        try:
+            torch.save({"key": json.dumps(key, sort_keys=True), "x": x.contiguous(), "y": y, "skipped": skipped}, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return p
+
+
+def extract(
+    encoder: Encoder,
+    images: ImageSet,
+    *,
+    mask_ratio: float,
+    mask_seed: int,
+    mask_mode: str = "per-image",
+    group: str = "",
+    preprocessing: str = "paper",
+    dtype: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Masked CLS features of ``images``, uncached. Unreadable images are skipped and counted.
+
+    Returns:
+        (x [N', D] float32, y [N'] int64, skipped) with ``N' = len(images) - skipped``.
+    """
+    xs, ys, skipped = [], [], 0
+    for start in range(0, len(images), DECODE_CHUNK):
+        ids = images.paths[start : start + DECODE_CHUNK]
+        labels = images.labels[start : start + DECODE_CHUNK]
+        pix, keep_ids, keep_y = [], [], []
+        for rel, label in zip(ids, labels):
+            img = load_image(images.root / rel, encoder.image_size)
+            if img is None:
+                skipped += 1
+                log.warning("skipping unreadable image %s", images.root / rel)
+                continue
+            pix.append(img)
+            keep_ids.append(rel)
+            keep_y.append(int(label))
+        if pix:
+            batch = normalize(torch.stack(pix), preprocessing)
+            keep = masks_for(keep_ids, encoder.num_patches, mask_ratio, mask_seed, mask_mode, group)
+            xs.append(encode(encoder, batch, keep, dtype))
+            ys.append(torch.tensor(keep_y, dtype=torch.int64))
+        if progress is not None:
+            progress(min(start + DECODE_CHUNK, len(images)), len(images))
+    if not xs:
+        raise ValueError(f"none of the {len(images)} images under {images.root} could be read")
+    return torch.cat(xs), torch.cat(ys), skipped
+
+
+def cached_features(
+    encoder: Encoder,
+    images: ImageSet,
+    cache: FeatureCache,
+    *,
+    mask_ratio: float,
+    mask_seed: int,
+    mask_mode: str = "per-image",
+    group: str = "",
+    preprocessing: str = "paper",
+    dtype: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
+) -> Features:
+    """Features of ``images`` from ``cache``, extracting and storing them on a miss."""
+    key = feature_key(encoder, images, mask_ratio, mask_seed, mask_mode, group, preprocessing, dtype)
+    hit = cache.load(key)
+    if hit is not None:
+        x, y, skipped = hit
+        return Features(x, y, 0.0, True, skipped)
+    t0 = time.perf_counter()
+    x, y, skipped = extract(
+        encoder, images, mask_ratio=mask_ratio, mask_seed=mask_seed, mask_mode=mask_mode, group=group,
+        preprocessing=preprocessing, dtype=dtype, progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    cache.store(key, x, y, skipped)
+    return Features(x, y, seconds, False, skipped)

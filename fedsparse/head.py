@@ -1,0 +1,136 @@
+"""The MLP classifier trained on cached CLS features, and its plain training loop.
+
+Layer ``i`` of the head is ``layers.{i}`` (``nn.Linear``); ReLU sits between layers,
+none after the last. The same module class serves the full head and every IST
+sub-network: a sub-network is just an MLP with narrower hidden layers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+def parse_hidden(hidden: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1024,1024"`` -> ``(1024, 1024)``; rejects empty or non-positive sizes."""
+    if isinstance(hidden, str):
+        parts = [p.strip() for p in hidden.split(",") if p.strip()]
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"hidden must be comma-separated integers like '1024,1024', got {hidden!r}") from None
+    else:
+        sizes = tuple(int(h) for h in hidden)
+    if not sizes or any(h < 1 for h in sizes):
+        raise ValueError(f"hidden must list at least one positive layer width, got {hidden!r}")
+    return sizes
+
+
+class MLPHead(nn.Module):
+    """``in_dim -> hidden[0] -> ... -> hidden[-1] -> num_classes`` with ReLU.
+
+    Args:
+        in_dim: feature width (the encoder's CLS dimension).
+        hidden: hidden layer widths, e.g. ``(1024, 1024)`` as in the paper.
+        num_classes: output logits.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        dims = [int(in_dim), *[int(h) for h in hidden], int(num_classes)]
+        self.dims = tuple(dims)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, in_dim] -> logits [B, num_classes]."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "MLPHead":
+        """Build a head whose shape is read off ``state`` (e.g. a received IST slice)."""
+        n_layers = len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
+        if n_layers < 1:
+            raise ValueError("state dict holds no 'layers.<i>.weight' entries")
+        try:
+            weights = [state[f"layers.{i}.weight"] for i in range(n_layers)]
+            for i in range(n_layers):
+                state[f"layers.{i}.bias"]
+        except KeyError as err:
+            raise ValueError(f"state dict is missing {err.args[0]!r}") from None
+        for i, w in enumerate(weights):
+            if w.dim() != 2:
+                raise ValueError(f"layers.{i}.weight must be 2-D, got shape {tuple(w.shape)}")
+            if i and w.shape[1] != weights[i - 1].shape[0]:
+                raise ValueError(
+                    f"layers.{i}.weight has {w.shape[1]} inputs but layers.{i - 1} has {weights[i - 1].shape[0]} outputs"
+                )
+        head = cls(weights[0].shape[1], [w.shape[0] for w in weights[:-1]], weights[-1].shape[0])
+        head.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+        return head
+
+
+def count_params(dims: Sequence[int]) -> int:
+    """Parameters of an MLP with layer widths ``dims`` (weights + biases)."""
+    return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def batch_order(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for ``steps`` mini-batch steps over ``n`` examples.
+
+    Walks seeded permutations of ``range(n)`` epoch after epoch; a batch never spans
+    two epochs (the last partial batch of an epoch is kept, like ``drop_last=False``).
+    """
+    if n < 1:
+        raise ValueError("cannot train on an empty data set")
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            batches.append(perm[start : start + batch_size])
+            if len(batches) == steps:
+                break
+    return batches
+
+
+def train_steps(
+    model: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    batches: Sequence[torch.Tensor],
+    lr: float = 1e-3,
+) -> float:
+    """Adam (fresh state) over the given index batches; returns the mean training loss.
+
+    features: [N, D] float; labels: [N] long.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    total = 0.0
+    for idx in batches:
+        loss = nn.functional.cross_entropy(model(features[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / max(1, len(batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``features``."""
+    model.eval()
+    if len(labels) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    correct, loss = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model(features[start : start + batch_size])
+        y = labels[start : start + batch_size]
+        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return correct / len(labels), loss / len(labels)

@@ -1,0 +1,158 @@
+"""Independent Subnet Training (IST) for an MLP head: partition, slice, stitch.
+
+Pure tensor functions on state dicts of :class:`fedsparse.head.MLPHead`
+(``layers.{i}.weight: [out, in]``, ``layers.{i}.bias: [out]``); no Flower here.
+
+Each round the neurons of every hidden layer are split into K disjoint, near-equal
+parts (H need not divide by K: the first ``H % K`` parts get one neuron more).
+Worker k trains the sub-network made of its own neurons in every hidden layer:
+
+- first layer: the rows of its hidden-1 neurons (all inputs);
+- middle layer i: the block ``W_i[I_i^k][:, I_{i-1}^k]`` (cross-worker blocks are not trained);
+- last layer: the columns of its last-hidden neurons (all outputs);
+- hidden biases travel with their neurons; the output bias goes to everyone in full.
+
+Stitching writes every slice back by index, leaves unassigned blocks and the slices of
+workers that did not reply unchanged, and averages the output bias over the replies,
+weighted by their number of examples. This is the "clean" bias policy of GIST rather than
+the authors' code, which never syncs biases (see ``shared/notes/paper-ist-mae.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def num_layers(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of linear layers in an MLP state dict."""
+    return len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
+
+
+def hidden_sizes(state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Widths of the hidden layers of an MLP state dict."""
+    return [int(state[f"layers.{i}.weight"].shape[0]) for i in range(num_layers(state) - 1)]
+
+
+def partition(hidden: Sequence[int], k: int, seed: int) -> list[list[torch.Tensor]]:
+    """Seeded random partition of every hidden layer into ``k`` disjoint, near-equal parts.
+
+    Returns:
+        ``parts[layer][worker]``: sorted ``LongTensor`` of neuron indices. Parts of one
+        layer are disjoint and cover ``range(hidden[layer])``.
+    """
+    if k < 1:
+        raise ValueError(f"number of subnets must be >= 1, got {k}")
+    if any(h < k for h in hidden):
+        raise ValueError(f"cannot split hidden layers {list(hidden)} into {k} non-empty subnets")
+    gen = torch.Generator().manual_seed(int(seed))
+    parts: list[list[torch.Tensor]] = []
+    for h in hidden:
+        perm = torch.randperm(h, generator=gen)
+        parts.append([chunk.sort().values for chunk in torch.tensor_split(perm, k)])
+    return parts
+
+
+def worker_indices(parts: Sequence[Sequence[torch.Tensor]], worker: int) -> list[torch.Tensor]:
+    """The neuron indices of one worker in every hidden layer: ``[parts[l][worker] for l]``."""
+    return [layer_parts[worker] for layer_parts in parts]
+
+
+def _rows_cols(index: Sequence[torch.Tensor], layer: int, n_layers: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Output (row) and input (column) indices of ``layer`` for one worker; None = all."""
+    rows = index[layer] if layer < n_layers - 1 else None
+    cols = index[layer - 1] if layer > 0 else None
+    return rows, cols
+
+
+def slice_state(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]) -> State:
+    """The sub-network of the worker owning ``index`` (one index tensor per hidden layer)."""
+    n = num_layers(state)
+    if len(index) != n - 1:
+        raise ValueError(f"expected {n - 1} hidden index tensors, got {len(index)}")
+    out: State = {}
+    for layer in range(n):
+        w, b = state[f"layers.{layer}.weight"], state[f"layers.{layer}.bias"]
+        rows, cols = _rows_cols(index, layer, n)
+        if rows is not None:
+            w, b = w.index_select(0, rows), b.index_select(0, rows)
+        if cols is not None:
+            w = w.index_select(1, cols)
+        out[f"layers.{layer}.weight"] = w.clone()
+        out[f"layers.{layer}.bias"] = b.clone()
+    return out
+
+
+def expected_slice_shapes(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes that ``slice_state(state, index)`` has; used to validate client replies."""
+    n = num_layers(state)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(n):
+        out_dim, in_dim = state[f"layers.{layer}.weight"].shape
+        rows, cols = _rows_cols(index, layer, n)
+        out_dim = len(rows) if rows is not None else out_dim
+        in_dim = len(cols) if cols is not None else in_dim
+        shapes[f"layers.{layer}.weight"] = (int(out_dim), int(in_dim))
+        shapes[f"layers.{layer}.bias"] = (int(out_dim),)
+    return shapes
+
+
+def check_slice(sub: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ``ValueError`` naming the first key whose presence, shape or values are wrong."""
+    missing = sorted(set(expected) - set(sub))
+    extra = sorted(set(sub) - set(expected))
+    if missing or extra:
+        raise ValueError(f"slice keys differ: missing {missing}, unexpected {extra}")
+    for key, shape in expected.items():
+        got = tuple(sub[key].shape)
+        if got != tuple(shape):
+            raise ValueError(f"slice {key} has shape {got}, expected {tuple(shape)}")
+        if not torch.isfinite(sub[key]).all():
+            raise ValueError(f"slice {key} holds NaN or Inf")
+
+
+@dataclass
+class SliceUpdate:
+    """One worker's trained slice: its hidden indices, its sub-state and its example count."""
+
+    index: list[torch.Tensor]
+    state: Mapping[str, torch.Tensor]
+    num_examples: int
+
+
+def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate]) -> State:
+    """Write trained slices back into a copy of the full ``state``.
+
+    Blocks no update covers keep their values; the output bias becomes the
+    example-weighted mean of the updates' output biases (unchanged with no updates).
+    """
+    n = num_layers(state)
+    out: State = {k: v.detach().clone() for k, v in state.items()}
+    for up in updates:
+        for layer in range(n):
+            rows, cols = _rows_cols(up.index, layer, n)
+            w_new = torch.as_tensor(up.state[f"layers.{layer}.weight"], dtype=out[f"layers.{layer}.weight"].dtype)
+            w = out[f"layers.{layer}.weight"]
+            r = rows if rows is not None else torch.arange(w.shape[0])
+            c = cols if cols is not None else torch.arange(w.shape[1])
+            w[r.unsqueeze(1), c.unsqueeze(0)] = w_new
+            if rows is not None:
+                out[f"layers.{layer}.bias"][rows] = torch.as_tensor(up.state[f"layers.{layer}.bias"], dtype=w.dtype)
+    total = sum(max(0, int(u.num_examples)) for u in updates)
+    if updates:
+        key = f"layers.{n - 1}.bias"
+        if total > 0:
+            weights = [max(0, int(u.num_examples)) / total for u in updates]
+        else:
+            weights = [1.0 / len(updates)] * len(updates)
+        out[key] = sum(w * torch.as_tensor(u.state[key], dtype=out[key].dtype) for w, u in zip(weights, updates))
+    return out
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Raw tensor bytes of a state dict: ``sum(numel * element_size)``."""
+    return sum(int(t.numel()) * int(t.element_size()) for t in state.values())

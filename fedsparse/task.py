@@ -1,0 +1,64 @@
+"""From a RunConfig to tensors: a client's features, the server's test features, the head.
+
+The pieces both sides of a run need, free of Flower: ClientApp and ServerApp are thin
+wrappers around these functions, and so are the tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from fedsparse.config import RunConfig
+from fedsparse.data import client_split, default_cache_dir, load_splits
+from fedsparse.features import FeatureCache, Features, cached_features, get_encoder
+from fedsparse.head import MLPHead
+
+log = logging.getLogger("fedsparse")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes (SHA-256, not ``hash``)."""
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _features(cfg: RunConfig, images, group: str) -> Features:
+    encoder = get_encoder(cfg.encoder, cfg.image_size)
+    return cached_features(
+        encoder,
+        images,
+        FeatureCache(default_cache_dir(cfg.cache_dir)),
+        mask_ratio=cfg.mask_ratio,
+        mask_seed=cfg.mask_seed,
+        mask_mode=cfg.mask_mode,
+        group=group,
+        preprocessing=cfg.preprocessing,
+        dtype=cfg.encoder_dtype,
+    )
+
+
+def client_features(cfg: RunConfig, partition_id: int, num_partitions: int) -> Features:
+    """The masked CLS features of one client's partition (extracted once, then cached)."""
+    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    mine = client_split(train, partition_id, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
+    return _features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}")
+
+
+def test_features(cfg: RunConfig) -> tuple[Features, int]:
+    """(features of the held-out split, number of classes), for server-side evaluation."""
+    _, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    return _features(cfg, test, group="test"), len(test.classes)
+
+
+def num_classes(cfg: RunConfig) -> int:
+    return len(load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)[0].classes)
+
+
+def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
+    """The head every strategy starts from, initialised from ``cfg.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed("head", cfg.seed))
+        return MLPHead(in_dim, cfg.hidden_sizes, n_classes)
