@@ -33,7 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not Path(cfg.out_dir).is_absolute():
         cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).resolve()))
     print(f"fedsparse run: {config_path or 'defaults'} -> {cfg.out_dir}", flush=True)
+    from fedsparse.task import preflight
     from strategies.simulation import simulate
+
+    preflight(cfg)
 
     t0 = time.perf_counter()
     metrics = simulate(cfg)

@@ -22,11 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
+from fedsparse.resources import asset_path
+
 log = logging.getLogger("fedsparse")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-ASSETS = Path(__file__).parent / "assets"
-SAMPLE_ARCHIVE = ASSETS / "cifar10-sample.tar.gz"
+SAMPLE_ARCHIVE = "cifar10-sample.tar.gz"  # in fedsparse/assets, see fedsparse.resources
 TEST_FRACTION = 0.2  # imagefolder without train/ and test/ subfolders
 SPLIT_SEED = 1234  # the authors' random_split seed
 
@@ -183,7 +184,7 @@ def load_splits(dataset: str, data_dir: str = "", cache_dir: str = "") -> tuple[
         raise ValueError(f"Unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     cache = default_cache_dir(cache_dir)
     if dataset == "cifar10-sample":
-        root = extract_archive(SAMPLE_ARCHIVE, cache)
+        root = extract_archive(asset_path(SAMPLE_ARCHIVE), cache)
     else:
         root = _unwrap_single_folder(_locate_root(data_dir, cache, dataset))
     if (root / "train").is_dir() and (root / "test").is_dir():

@@ -62,3 +62,16 @@ def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed("head", cfg.seed))
         return MLPHead(in_dim, cfg.hidden_sizes, n_classes)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, in the calling process, on what would otherwise fail inside the run:
+    the data (paths, class folders), the encoder (name, file, weights) and the head shape."""
+    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    if cfg.num_clients > len(train):
+        raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")
+    if cfg.strategy == "ist" and min(cfg.hidden_sizes) < cfg.clients_per_round:
+        raise ValueError(
+            f"hidden layers {cfg.hidden} are too narrow to split among {cfg.clients_per_round} clients per round"
+        )
+    get_encoder(cfg.encoder, cfg.image_size)

@@ -54,6 +54,7 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning; no GPUs used
     # One math thread per client actor: Ray runs floor(cores / client-cpus) actors side by side.
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cfg.client_cpus)))
 

@@ -1,0 +1,212 @@
+"""Tests for fedsparse/data.py: data-set listing, train/test splits and client partitions."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsparse.data import (
+    client_split,
+    default_cache_dir,
+    describe,
+    load_splits,
+    partition_indices,
+)
+
+LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
+PARTITIONERS = ["iid", "dirichlet", "shards"]
+
+
+def class_entropy(labels: np.ndarray, part: np.ndarray, num_classes: int = 10) -> float:
+    counts = np.bincount(labels[part], minlength=num_classes).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class TestPartitionIndices:
+    @pytest.mark.parametrize("partitioner", PARTITIONERS)
+    @pytest.mark.parametrize("k", [1, 3, 7])
+    def test_partition_covers_every_index_exactly_once(self, partitioner: str, k: int) -> None:
+        parts = partition_indices(LABELS, k, partitioner, seed=0, alpha=0.5)
+        assert len(parts) == k
+        joined = np.concatenate(parts)
+        assert sorted(joined.tolist()) == list(range(len(LABELS)))
+        for p in parts:
+            assert p.dtype == np.int64 and len(p) > 0 and np.all(np.diff(p) > 0)
+
+    @pytest.mark.parametrize("partitioner", PARTITIONERS)
+    def test_partition_is_reproducible_for_a_seed(self, partitioner: str) -> None:
+        a = partition_indices(LABELS, 5, partitioner, seed=3)
+        b = partition_indices(LABELS, 5, partitioner, seed=3)
+        c = partition_indices(LABELS, 5, partitioner, seed=4)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+
+    def test_iid_parts_are_near_equal(self) -> None:
+        sizes = [len(p) for p in partition_indices(LABELS, 7, "iid", seed=0)]
+        assert max(sizes) - min(sizes) <= 1
+
+    def test_dirichlet_with_small_alpha_is_label_skewed(self) -> None:
+        iid = partition_indices(LABELS, 6, "iid", seed=0)
+        skewed = partition_indices(LABELS, 6, "dirichlet", seed=0, alpha=0.1)
+        h_iid = np.mean([class_entropy(LABELS, p) for p in iid])
+        h_dir = np.mean([class_entropy(LABELS, p) for p in skewed])
+        assert h_iid > 0.9 * np.log(10)  # near-uniform classes per client
+        assert h_dir < 0.7 * h_iid
+
+    def test_shards_give_each_client_few_classes(self) -> None:
+        parts = partition_indices(LABELS, 5, "shards", seed=0)  # 10 shards of 60: one class each
+        for p in parts:
+            assert len(np.unique(LABELS[p])) == 2
+
+    def test_unknown_partitioner_raises_listing_choices(self) -> None:
+        with pytest.raises(ValueError, match="iid.*dirichlet.*shards"):
+            partition_indices(LABELS, 3, "pathological")
+
+    @pytest.mark.parametrize("k", [0, 601])
+    def test_impossible_partition_count_raises(self, k: int) -> None:
+        with pytest.raises(ValueError):
+            partition_indices(LABELS, k, "iid")
+
+    def test_client_split_is_the_clients_partition(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "imgs", {"train": 4, "test": 1})
+        train, _ = load_splits("imagefolder", str(tree), str(tmp_path / "cache"))
+        parts = partition_indices(train.labels, 2, "iid", seed=5)
+        one = client_split(train, 1, 2, "iid", 5, 0.5)
+        assert one.paths == tuple(train.paths[i] for i in parts[1])
+        assert np.array_equal(one.labels, train.labels[parts[1]])
+        with pytest.raises(ValueError, match="partition-id"):
+            client_split(train, 2, 2, "iid", 5, 0.5)
+
+
+class TestBundledSample:
+    def test_sample_has_10000_train_and_2000_test_images(self, session_cache: Path) -> None:
+        train, test = load_splits("cifar10-sample", "", str(session_cache))
+        assert (len(train), len(test)) == (10000, 2000)
+        assert len(train.classes) == 10 and train.classes == test.classes
+        assert "airplane" in train.classes and "truck" in train.classes
+        assert np.bincount(train.labels).tolist() == [1000] * 10
+        assert np.bincount(test.labels).tolist() == [200] * 10
+
+    def test_sample_labels_match_folder_names(self, session_cache: Path) -> None:
+        train, test = load_splits("cifar10-sample", "", str(session_cache))
+        for split, name in ((train, "train"), (test, "test")):
+            for path, label in zip(split.paths, split.labels):
+                top, cls, _ = Path(path).parts
+                assert top == name and split.classes[label] == cls
+        assert set(train.paths).isdisjoint(test.paths)
+        assert all((train.root / p).is_file() for p in train.paths[:: 997])
+
+
+class TestImageFolder:
+    def test_train_test_subfolders_are_used(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "imgs", {"train": 3, "test": 2}, classes=("b_dog", "a_cat"))
+        train, test = load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+        assert (len(train), len(test)) == (6, 4)
+        assert train.classes == ("a_cat", "b_dog")  # sorted: label = index in sorted folders
+        for path, label in zip(train.paths, train.labels):
+            assert Path(path).parts[0] == "train" and Path(path).parts[1] == train.classes[label]
+
+    def test_tree_without_splits_is_split_80_20_deterministically(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "flat", {"": 10}, classes=("x", "y"))
+        train, test = load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+        assert (len(train), len(test)) == (16, 4)
+        assert set(train.paths).isdisjoint(test.paths)
+        assert sorted(train.paths + test.paths) == sorted(str(p.relative_to(tree)) for p in tree.rglob("*.png"))
+        for path, label in zip(train.paths + test.paths, np.concatenate([train.labels, test.labels])):
+            assert train.classes[label] == Path(path).parts[0]
+        # the same tree elsewhere (a fresh listing, not the per-process cache) splits the same way
+        copy = tmp_path / "copy"
+        shutil.copytree(tree, copy)
+        train2, test2 = load_splits.__wrapped__("imagefolder", str(copy), str(tmp_path / "c2"))
+        assert (train2.paths, test2.paths) == (train.paths, test.paths)
+
+    def test_archive_with_wrapper_folder_is_extracted_and_unwrapped(self, tmp_path, make_image_tree) -> None:
+        src = make_image_tree(tmp_path / "src" / "RSSCN7", {"train": 2, "test": 1})
+        archive = tmp_path / "rsscn7.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(src, arcname="RSSCN7")
+        train, test = load_splits("imagefolder", str(archive), str(tmp_path / "cache"))
+        assert (len(train), len(test)) == (4, 2)
+        assert train.classes == ("cat", "dog")
+        assert str(tmp_path / "cache") in str(train.root)
+
+    def test_folder_of_split_archives_is_merged(self, tmp_path, make_image_tree) -> None:
+        src = make_image_tree(tmp_path / "src", {"train": 2, "test": 1})
+        folder = tmp_path / "archives"
+        folder.mkdir()
+        for split in ("train", "test"):
+            with tarfile.open(folder / f"{split}.tar.gz", "w:gz") as tar:
+                tar.add(src / split, arcname=split)
+        train, test = load_splits("cifar10", str(folder), str(tmp_path / "cache"))
+        assert (len(train), len(test)) == (4, 2)
+
+    def test_missing_data_dir_raises_file_not_found(self, tmp_path) -> None:
+        with pytest.raises(FileNotFoundError):
+            load_splits("imagefolder", str(tmp_path / "absent"), str(tmp_path / "c"))
+
+    def test_empty_data_dir_setting_raises(self, tmp_path) -> None:
+        with pytest.raises(ValueError, match="data-dir"):
+            load_splits("imagefolder", "", str(tmp_path / "c"))
+
+    def test_empty_folder_raises(self, tmp_path) -> None:
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ValueError):
+            load_splits("imagefolder", str(tmp_path / "empty"), str(tmp_path / "c"))
+
+    def test_single_class_raises(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "one", {"train": 2, "test": 1}, classes=("only",))
+        with pytest.raises(ValueError, match="class"):
+            load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+
+    def test_single_class_without_splits_raises(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "one", {"": 3}, classes=("only",))
+        with pytest.raises(ValueError):
+            load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+
+    def test_train_and_test_classes_must_agree(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "t", {"train": 1}, classes=("a", "b"))
+        make_image_tree(tree, {"test": 1}, classes=("a", "c"))
+        with pytest.raises(ValueError, match="differ"):
+            load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+
+    def test_cifar10_requires_train_and_test(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "flat", {"": 2})
+        with pytest.raises(ValueError, match="train/ and test/"):
+            load_splits("cifar10", str(tree), str(tmp_path / "c"))
+
+    def test_unknown_dataset_raises_listing_choices(self, tmp_path) -> None:
+        with pytest.raises(ValueError, match="cifar10-sample.*imagefolder"):
+            load_splits("mnist", "", str(tmp_path))
+
+    def test_non_image_files_are_ignored(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "t", {"train": 1, "test": 1})
+        (tree / "train" / "cat" / "notes.txt").write_text("not an image")
+        (tree / "train" / ".hidden").mkdir()
+        train, _ = load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+        assert len(train) == 2 and train.classes == ("cat", "dog")
+
+    def test_subset_and_describe(self, tmp_path, make_image_tree) -> None:
+        tree = make_image_tree(tmp_path / "t", {"train": 3, "test": 1})
+        train, _ = load_splits("imagefolder", str(tree), str(tmp_path / "c"))
+        sub = train.subset([0, 5])
+        assert sub.paths == (train.paths[0], train.paths[5]) and sub.labels.tolist() == [0, 1]
+        assert sub.fingerprint == train.fingerprint
+        assert describe(train) == '{"cat": 3, "dog": 3}'
+
+
+class TestCacheDir:
+    def test_explicit_dir_wins(self, tmp_path, monkeypatch) -> None:
+        monkeypatch.setenv("FEDSPARSE_CACHE", str(tmp_path / "env"))
+        assert default_cache_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+
+    def test_env_var_then_xdg(self, tmp_path, monkeypatch) -> None:
+        monkeypatch.setenv("FEDSPARSE_CACHE", str(tmp_path / "env"))
+        assert default_cache_dir() == tmp_path / "env"
+        monkeypatch.delenv("FEDSPARSE_CACHE")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert default_cache_dir() == tmp_path / "xdg" / "fedsparse"

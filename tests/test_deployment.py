@@ -1,0 +1,412 @@
+"""End-to-end IST on Flower's Deployment Engine: a real SuperLink, two SuperNodes, ``flwr run``.
+
+Everything listens on 127.0.0.1 only, on free ports picked at run time. Each Flower process
+gets its own temporary ``FLWR_HOME`` (``~/.flwr`` is never touched), its own working folder
+and a log file; ``docs/deployment.md`` has the same steps as shell commands.
+
+Every process the test starts (and everything they spawn: the SuperLink's SuperExec and its
+``flwr-serverapp``, the SuperNodes' SuperExecs and ``flwr-clientapp`` processes) carries a
+per-test token in its environment; teardown signals the started process groups plus every
+process that carries the token or descends from a started one (SIGTERM, then SIGKILL), and
+fails if any of them is still alive afterwards.
+
+The bundled CIFAR-10 sample (10,000 / 2,000 JPEGs) takes ~2.5 minutes to encode on a 2-core
+machine, so the federated run uses a class-balanced subset of it (300 train / 100 test images)
+as a ``cifar10`` data-dir; ``test_fab_code_finds_bundled_sample`` checks separately that the
+code shipped in the FAB finds the bundled archive itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # loopback only, never another address
+BIN = Path(sys.executable).parent  # the virtualenv's console scripts
+SAMPLE_ARCHIVE = REPO / "fedsparse" / "assets" / "cifar10-sample.tar.gz"
+TOKEN_VAR = "FEDSPARSE_DEPLOYMENT_TEST_TOKEN"
+CONNECTION = "fedsparse-test"  # the [superlink.<name>] entry written into the CLI's config.toml
+FAB_MAX_SIZE = 10 * 1024 * 1024  # flwr.common.constant.FAB_MAX_SIZE
+RUN_TIMEOUT = 300.0  # seconds for `flwr run`; a healthy run takes ~40 s on 2 cores
+TERM_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+def _exe(name: str) -> str:
+    path = BIN / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all held open until all are chosen)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- processes, found through /proc -------------------------------------------------------
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) of every process now visible in /proc."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _has_token(pid: int, token: str) -> bool:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{TOKEN_VAR}={token}".encode() in env.split(b"\0")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def our_live_pids(roots: list[int], token: str) -> set[int]:
+    """Live (non-zombie) processes that descend from ``roots`` or carry ``token``."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = [r for r in roots if r in table]
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    found |= {pid for pid in table if _has_token(pid, token)}
+    found.discard(os.getpid())
+    return {pid for pid in found if table.get(pid, (0, "Z"))[1] != "Z"}
+
+
+class Deployment:
+    """The processes of one test: logs, homes and working folders under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.cli_home = self._home("cli")
+
+    def _home(self, name: str) -> Path:
+        home = self.root / "flwr-home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(flwr_home),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            FEDSPARSE_CACHE=str(self.root / "cache"),
+            MPLCONFIGDIR=str(self.root / "mplconfig"),
+            PYTHONUNBUFFERED="1",
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink/SuperNode spawn flower-superexec by name
+            **{TOKEN_VAR: self.token},
+        )
+        return env
+
+    def spawn(self, name: str, args: list[str], flwr_home: Path) -> subprocess.Popen:
+        cwd = self.root / "cwd" / name  # relative paths in a run config would land here, not in the repo
+        cwd.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("wb")
+        try:
+            proc = subprocess.Popen(
+                args, cwd=cwd, env=self.env(flwr_home), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self, port: int) -> None:
+        args = [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(port),
+                "--disable-runtime-dependency-installation"]
+        self.spawn("superlink", args, self._home("superlink"))
+        self.wait_listening("superlink", port)
+
+    def start_supernode(self, partition_id: int, num_partitions: int, superlink_port: int, port: int) -> None:
+        name = f"supernode-{partition_id}"
+        args = [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{superlink_port}",
+                "--host", HOST, "--port", str(port),
+                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+        self.spawn(name, args, self._home(name))  # own FLWR_HOME: nodes install the FAB there
+
+    def wait_listening(self, name: str, port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited with {self.procs[name].returncode}\n{self.tail()}")
+            try:
+                with socket.create_connection((HOST, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s\n{self.tail()}")
+
+    def write_connection(self, superlink_port: int) -> Path:
+        """The ``[superlink.<name>]`` entry of the CLI's ``$FLWR_HOME/config.toml``."""
+        config = self.cli_home / "config.toml"
+        config.write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{superlink_port}"\ninsecure = true\n')
+        return config
+
+    def flwr(self, name: str, args: list[str], timeout: float) -> tuple[int, str]:
+        """Run the ``flwr`` CLI to completion: (exit code, output). Killed (group) on timeout."""
+        proc = self.spawn(name, [_exe("flwr"), *args], self.cli_home)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = -1
+        return rc, (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> list[str]:
+        """Stop everything this test started; returns what is still alive afterwards (should be [])."""
+        roots = [p.pid for p in self.procs.values()]
+
+        def signal_all(sig: int) -> None:
+            for proc in self.procs.values():
+                if proc.poll() is None:  # leader alive: the group is certainly ours
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            for pid in our_live_pids(roots, self.token):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+        def wait_gone(timeout: float) -> set[int]:
+            deadline = time.monotonic() + timeout
+            while True:
+                for proc in self.procs.values():
+                    proc.poll()  # reap our direct children
+                alive = our_live_pids(roots, self.token)
+                if not alive or time.monotonic() > deadline:
+                    return alive
+                time.sleep(0.2)
+
+        signal_all(signal.SIGTERM)
+        if wait_gone(TERM_GRACE):
+            signal_all(signal.SIGKILL)
+        left = wait_gone(5.0)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        return [f"{pid}: {_cmdline(pid)}" for pid in sorted(left)]
+
+    def tail(self, lines: int = 60) -> str:
+        parts = []
+        for log in sorted(self.logs.glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()
+            parts.append(f"===== {log.name} (last {min(lines, len(text))} of {len(text)} lines) =====")
+            parts.extend(text[-lines:])
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    dep = Deployment(tmp_path)
+    try:
+        yield dep
+    finally:
+        left = dep.stop()
+        assert not left, "processes still alive after SIGKILL:\n" + "\n".join(left)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def sample_subset(dest: Path, per_class: dict[str, int]) -> Path:
+    """The first ``per_class[split]`` images of every class of the bundled sample, as a class-folder tree."""
+    if not SAMPLE_ARCHIVE.is_file():
+        pytest.skip(f"bundled sample not found: {SAMPLE_ARCHIVE}")
+    taken: Counter = Counter()
+    with tarfile.open(SAMPLE_ARCHIVE) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            if taken[parts[0], parts[1]] < per_class[parts[0]]:
+                taken[parts[0], parts[1]] += 1
+                tar.extract(member, dest, filter="data")
+    assert taken, f"no train/<class>/<image> members in {SAMPLE_ARCHIVE}"
+    return dest
+
+
+def run_config_arg(values: dict[str, object]) -> str:
+    """``key=value`` pairs for ``flwr run --run-config``; strings as TOML literal strings."""
+    def fmt(v: object) -> str:
+        if isinstance(v, str):
+            assert "'" not in v, v
+            return f"'{v}'"
+        return str(v).lower() if isinstance(v, bool) else repr(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> None:
+    """Two IST rounds over a real SuperLink and two SuperNodes; each client gets only its slice."""
+    import torch
+
+    from fedsparse.config import RunConfig
+    from fedsparse.head import MLPHead
+    from fedsparse.task import initial_head
+
+    started = time.monotonic()
+    data = sample_subset(tmp_path / "data", {"train": 30, "test": 10})
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_config = {
+        "dataset": "cifar10",
+        "data-dir": str(data),
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "num-rounds": 2,
+        "local-steps": 5,
+        "hidden": "64,64",
+        "out-dir": str(out),  # resolved by the ServerApp process, i.e. against the SuperLink's cwd if relative
+        "cache-dir": str(cache),
+        "round-timeout": 120.0,
+    }
+    link_port, *node_ports = free_ports(3)
+    try:
+        deployment.start_superlink(link_port)
+        for i, port in enumerate(node_ports):
+            deployment.start_supernode(i, 2, link_port, port)
+        deployment.write_connection(link_port)
+
+        rc, log = deployment.flwr(
+            "flwr-run", ["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config_arg(run_config)],
+            timeout=RUN_TIMEOUT,
+        )
+        assert rc == 0, f"flwr run exited with {rc}"
+        match = re.search(r"Successfully started run (\d+)", log)
+        assert match, "flwr run did not start a run"
+        run_id = match.group(1)
+        # `flwr run` exits 0 even when the ServerApp raises, so check the run's final status too
+        assert "ServerApp raised an exception" not in log
+        rc_ls, ls_out = deployment.flwr(
+            "flwr-ls", ["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60.0
+        )
+        assert rc_ls == 0, f"flwr ls exited with {rc_ls}"
+        runs = json.loads(ls_out[ls_out.index("{"):])["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], runs
+
+        # --- written by the ServerApp running under the SuperLink ---
+        assert f"writing to {out}" in log
+        metrics = json.loads((out / "metrics.json").read_text())
+        cfg = RunConfig.from_run_config(metrics["config"])
+        assert cfg == RunConfig.from_run_config(run_config)
+        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+        assert "accuracy" in metrics["initial"]
+        for entry in metrics["rounds"]:
+            assert (entry["clients"], entry["failures"]) == (2, 0), entry
+
+        # --- the model changed: model.pt vs the initial head built from the same RunConfig ---
+        state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+        dims = MLPHead.from_state_dict(state).dims
+        assert dims[1:-1] == cfg.hidden_sizes and dims[-1] == 10, dims
+        initial = initial_head(cfg, dims[0], dims[-1]).state_dict()
+        assert initial.keys() == state.keys()
+        assert all(initial[k].shape == state[k].shape for k in state)
+        unchanged = [k for k in state if torch.equal(initial[k], state[k])]
+        assert not unchanged, f"tensors identical to the initial head after 2 IST rounds: {unchanged}"
+
+        # --- each client received only its slice (2 subnets: about half the model) ---
+        full = metrics["model_bytes"]
+        for entry in metrics["rounds"]:
+            down = entry["bytes_down_per_client"]
+            assert 0 < down <= full / 2 * 1.01, (down, full)
+            # client-measured bytes-received (clients.mods.message_bytes_mod), where metrics.json has it
+            for key in (k for k in entry if "bytes_received" in k or "bytes-received" in k):
+                assert 0 < entry[key] <= full / 2 * 1.01, (key, entry[key], full)
+                assert abs(entry[key] - down) <= 0.05 * down, (key, entry[key], down)
+
+        elapsed = time.monotonic() - started
+        print(f"deployment run: {elapsed:.1f}s until checked; flwr run wall {metrics.get('wall_seconds')}")
+    except BaseException:
+        print(deployment.tail())
+        raise
+
+
+def test_fab_code_finds_bundled_sample(tmp_path: Path) -> None:
+    """The FAB `flwr run` ships is small, leaves out the venv and tests, and its code (which
+    shadows the installed package on the SuperLink and SuperNodes) finds the bundled sample."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    build = subprocess.run([_exe("flwr"), "build", "--app", str(REPO)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    assert fab.stat().st_size <= FAB_MAX_SIZE
+    names = zipfile.ZipFile(io.BytesIO(fab.read_bytes())).namelist()
+    assert {"pyproject.toml", "strategies/server_app.py", "clients/client_app.py", "fedsparse/data.py"} <= set(names)
+    assert not [n for n in names if n.startswith((".venv/", ".git/")) or "/test_" in n or n.startswith("test_")], names
+
+    app = tmp_path / "app"
+    zipfile.ZipFile(fab).extractall(app)
+    # what flwr-serverapp / flwr-clientapp do: put the app folder first on sys.path, then import
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import fedsparse.data as d\n"
+        "assert d.__file__.startswith(sys.argv[1]), d.__file__\n"
+        "train, test = d.load_splits('cifar10-sample', '', sys.argv[2])\n"
+        "print(len(train), len(test))\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", code, str(app), str(tmp_path / "cache")], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stdout + probe.stderr

@@ -1,0 +1,324 @@
+"""Tests for fedsparse/ist.py: partition, slice and stitch of an MLP head's state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsparse.head import MLPHead, batch_order, train_steps
+from fedsparse.ist import (
+    SliceUpdate,
+    check_slice,
+    expected_slice_shapes,
+    hidden_sizes,
+    num_layers,
+    partition,
+    slice_state,
+    state_bytes,
+    stitch,
+    worker_indices,
+)
+
+IN_DIM, HIDDEN, CLASSES = 5, (10, 11), 3
+
+
+def random_state(seed: int, in_dim: int = IN_DIM, hidden: tuple[int, ...] = HIDDEN, classes: int = CLASSES) -> dict[str, torch.Tensor]:
+    """A full MLP state dict with seeded values (no global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = [in_dim, *hidden, classes]
+    state = {}
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        state[f"layers.{i}.weight"] = torch.randn(b, a, generator=gen)
+        state[f"layers.{i}.bias"] = torch.randn(b, generator=gen)
+    return state
+
+
+def zeroed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+def naive_stitch(state, updates):
+    """Reference stitch, one scalar at a time."""
+    out = {k: v.clone() for k, v in state.items()}
+    n = num_layers(state)
+    for up in updates:
+        for layer in range(n):
+            w_full = out[f"layers.{layer}.weight"]
+            rows = up.index[layer].tolist() if layer < n - 1 else list(range(w_full.shape[0]))
+            cols = up.index[layer - 1].tolist() if layer > 0 else list(range(w_full.shape[1]))
+            for i, r in enumerate(rows):
+                for j, c in enumerate(cols):
+                    w_full[r, c] = up.state[f"layers.{layer}.weight"][i, j]
+                if layer < n - 1:
+                    out[f"layers.{layer}.bias"][r] = up.state[f"layers.{layer}.bias"][i]
+    if updates:
+        total = sum(u.num_examples for u in updates)
+        key = f"layers.{n - 1}.bias"
+        acc = torch.zeros_like(out[key])
+        for u in updates:
+            acc += u.state[key] * (u.num_examples / total)
+        out[key] = acc
+    return out
+
+
+class TestPartition:
+    @pytest.mark.parametrize("k", [1, 2, 3, 7])
+    def test_parts_are_disjoint_cover_and_near_equal(self, k: int) -> None:
+        parts = partition(HIDDEN, k, seed=3)
+        assert len(parts) == len(HIDDEN)
+        for h, layer_parts in zip(HIDDEN, parts):
+            assert len(layer_parts) == k
+            joined = torch.cat(layer_parts)
+            assert sorted(joined.tolist()) == list(range(h))  # disjoint and covering
+            sizes = [len(p) for p in layer_parts]
+            assert max(sizes) - min(sizes) <= 1
+            assert sum(sizes) == h
+            for p in layer_parts:
+                assert p.dtype == torch.long and torch.all(p[1:] > p[:-1])
+
+    def test_partition_is_deterministic_for_a_seed(self) -> None:
+        a, b = partition(HIDDEN, 3, seed=11), partition(HIDDEN, 3, seed=11)
+        for la, lb in zip(a, b):
+            for pa, pb in zip(la, lb):
+                assert torch.equal(pa, pb)
+
+    def test_partition_differs_across_seeds(self) -> None:
+        a, b = partition((64, 64), 4, seed=0), partition((64, 64), 4, seed=1)
+        assert any(not torch.equal(pa, pb) for la, lb in zip(a, b) for pa, pb in zip(la, lb))
+
+    def test_partition_does_not_touch_global_rng(self) -> None:
+        torch.manual_seed(0)
+        expected = torch.rand(2)
+        torch.manual_seed(0)
+        partition(HIDDEN, 3, seed=5)
+        assert torch.equal(torch.rand(2), expected)
+
+    @pytest.mark.parametrize("k", [0, -1, 11])
+    def test_impossible_k_raises(self, k: int) -> None:
+        with pytest.raises(ValueError):
+            partition(HIDDEN, k, seed=0)  # 11 > min(hidden) = 10: an empty subnet
+
+    def test_worker_indices_picks_one_part_per_layer(self) -> None:
+        parts = partition(HIDDEN, 3, seed=0)
+        idx = worker_indices(parts, 2)
+        assert [t.tolist() for t in idx] == [parts[0][2].tolist(), parts[1][2].tolist()]
+
+
+class TestSliceStitch:
+    @pytest.mark.parametrize("k", [1, 2, 3, 7])
+    def test_stitch_inverts_slice(self, k: int) -> None:
+        w = random_state(0)
+        parts = partition(HIDDEN, k, seed=k)
+        updates = [
+            SliceUpdate(worker_indices(parts, j), slice_state(w, worker_indices(parts, j)), num_examples=10)
+            for j in range(k)
+        ]
+        out = stitch(zeroed(w), updates)
+        n = num_layers(w)
+        # every block some slice covers equals W: layer 0 rows, last-layer columns, middle diagonal blocks
+        for j in range(k):
+            idx = worker_indices(parts, j)
+            for layer in range(n):
+                rows = idx[layer] if layer < n - 1 else torch.arange(w[f"layers.{layer}.weight"].shape[0])
+                cols = idx[layer - 1] if layer > 0 else torch.arange(w[f"layers.{layer}.weight"].shape[1])
+                block = out[f"layers.{layer}.weight"][rows][:, cols]
+                assert torch.equal(block, w[f"layers.{layer}.weight"][rows][:, cols])
+                if layer < n - 1:
+                    assert torch.equal(out[f"layers.{layer}.bias"][rows], w[f"layers.{layer}.bias"][rows])
+        # first and last layer are covered in full; the output bias is a mean of equal copies
+        assert torch.equal(out["layers.0.weight"], w["layers.0.weight"])
+        assert torch.equal(out["layers.0.bias"], w["layers.0.bias"])
+        assert torch.equal(out["layers.1.bias"], w["layers.1.bias"])
+        assert torch.equal(out["layers.2.weight"], w["layers.2.weight"])
+        assert torch.allclose(out["layers.2.bias"], w["layers.2.bias"], atol=1e-6)
+        if k == 1:
+            assert torch.equal(out["layers.1.weight"], w["layers.1.weight"])
+
+    def test_slice_shapes_match_expected_shapes(self) -> None:
+        w = random_state(1)
+        idx = worker_indices(partition(HIDDEN, 3, seed=0), 0)  # sizes (4, 4)
+        sub = slice_state(w, idx)
+        shapes = expected_slice_shapes(w, idx)
+        assert {k: tuple(v.shape) for k, v in sub.items()} == shapes
+        assert shapes == {
+            "layers.0.weight": (4, IN_DIM),
+            "layers.0.bias": (4,),
+            "layers.1.weight": (4, 4),
+            "layers.1.bias": (4,),
+            "layers.2.weight": (CLASSES, 4),
+            "layers.2.bias": (CLASSES,),
+        }
+
+    def test_slice_is_a_copy_not_a_view(self) -> None:
+        w = random_state(2)
+        idx = worker_indices(partition(HIDDEN, 1, seed=0), 0)
+        sub = slice_state(w, idx)
+        sub["layers.2.bias"].add_(1.0)
+        sub["layers.0.weight"].add_(1.0)
+        assert torch.equal(w["layers.2.bias"], random_state(2)["layers.2.bias"])
+        assert torch.equal(w["layers.0.weight"], random_state(2)["layers.0.weight"])
+
+    def test_slice_with_wrong_number_of_index_tensors_raises(self) -> None:
+        with pytest.raises(ValueError, match="hidden index"):
+            slice_state(random_state(0), [torch.arange(3)])
+
+    def test_subnetwork_output_equals_full_network_with_other_neurons_zeroed(self) -> None:
+        w = random_state(4)
+        x = torch.randn(6, IN_DIM, generator=torch.Generator().manual_seed(9))
+        parts = partition(HIDDEN, 3, seed=2)
+        for j in range(3):
+            idx = worker_indices(parts, j)
+            sub = MLPHead.from_state_dict(slice_state(w, idx))
+            with torch.no_grad():
+                got = sub(x)
+            # the full network, by hand, with every hidden neuron outside the slice set to 0
+            h = x
+            for layer in range(3):
+                h = h @ w[f"layers.{layer}.weight"].T + w[f"layers.{layer}.bias"]
+                if layer < 2:
+                    keep = torch.zeros(HIDDEN[layer])
+                    keep[idx[layer]] = 1.0
+                    h = torch.relu(h) * keep
+            assert torch.allclose(got, h, atol=1e-5)
+
+
+class TestStitch:
+    def _updates(self, w, parts, workers, examples, shift):
+        ups = []
+        for j, n in zip(workers, examples):
+            idx = worker_indices(parts, j)
+            sub = {k: v + shift * (j + 1) for k, v in slice_state(w, idx).items()}
+            ups.append(SliceUpdate(idx, sub, n))
+        return ups
+
+    def test_stitch_matches_naive_loop(self) -> None:
+        w = random_state(5)
+        parts = partition(HIDDEN, 3, seed=1)
+        ups = self._updates(w, parts, [0, 1, 2], [3, 5, 8], shift=0.5)
+        out, ref = stitch(w, ups), naive_stitch(w, ups)
+        assert out.keys() == ref.keys()
+        for k in out:
+            assert torch.allclose(out[k], ref[k], atol=1e-6), k
+
+    def test_stitch_leaves_uncovered_blocks_and_missing_workers_unchanged(self) -> None:
+        w = random_state(6)
+        parts = partition(HIDDEN, 3, seed=4)
+        ups = self._updates(w, parts, [0, 2], [4, 4], shift=1.0)  # worker 1 did not reply
+        out = stitch(w, ups)
+        i0 = [worker_indices(parts, j)[0].tolist() for j in range(3)]
+        i1 = [worker_indices(parts, j)[1].tolist() for j in range(3)]
+        changed_mid = {(r, c) for j in (0, 2) for r in i1[j] for c in i0[j]}
+        for r in range(HIDDEN[1]):
+            for c in range(HIDDEN[0]):
+                same = bool(out["layers.1.weight"][r, c] == w["layers.1.weight"][r, c])
+                assert same != ((r, c) in changed_mid), (r, c)  # cross-worker blocks untouched
+        # the silent worker's rows, biases and output columns keep their values
+        assert torch.equal(out["layers.0.weight"][i0[1]], w["layers.0.weight"][i0[1]])
+        assert torch.equal(out["layers.0.bias"][i0[1]], w["layers.0.bias"][i0[1]])
+        assert torch.equal(out["layers.1.bias"][i1[1]], w["layers.1.bias"][i1[1]])
+        assert torch.equal(out["layers.2.weight"][:, i1[1]], w["layers.2.weight"][:, i1[1]])
+        # the repliers' slices were written
+        assert torch.equal(out["layers.0.weight"][i0[2]], w["layers.0.weight"][i0[2]] + 3.0)
+        assert torch.equal(out["layers.2.weight"][:, i1[0]], w["layers.2.weight"][:, i1[0]] + 1.0)
+
+    def test_output_bias_is_example_weighted_mean(self) -> None:
+        w = random_state(7)
+        parts = partition(HIDDEN, 3, seed=0)
+        ups = self._updates(w, parts, [0, 1, 2], [1, 3, 6], shift=1.0)
+        b = w["layers.2.bias"]
+        expected = (1 * (b + 1) + 3 * (b + 2) + 6 * (b + 3)) / 10
+        assert torch.allclose(stitch(w, ups)["layers.2.bias"], expected, atol=1e-6)
+
+    def test_output_bias_is_plain_mean_when_no_examples_are_reported(self) -> None:
+        w = random_state(7)
+        parts = partition(HIDDEN, 2, seed=0)
+        ups = self._updates(w, parts, [0, 1], [0, 0], shift=1.0)
+        b = w["layers.2.bias"]
+        assert torch.allclose(stitch(w, ups)["layers.2.bias"], ((b + 1) + (b + 2)) / 2, atol=1e-6)
+
+    def test_stitch_without_updates_returns_an_equal_copy(self) -> None:
+        w = random_state(8)
+        out = stitch(w, [])
+        assert all(torch.equal(out[k], w[k]) for k in w)
+        out["layers.0.weight"].add_(1.0)
+        assert torch.equal(w["layers.0.weight"], random_state(8)["layers.0.weight"])
+
+    def test_stitch_does_not_modify_its_input(self) -> None:
+        w = random_state(9)
+        parts = partition(HIDDEN, 2, seed=0)
+        stitch(w, self._updates(w, parts, [0, 1], [1, 1], shift=1.0))
+        ref = random_state(9)
+        assert all(torch.equal(w[k], ref[k]) for k in w)
+
+
+class TestCheckSlice:
+    def _valid(self):
+        w = random_state(0)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 1)
+        return slice_state(w, idx), expected_slice_shapes(w, idx)
+
+    def test_valid_slice_passes(self) -> None:
+        sub, shapes = self._valid()
+        check_slice(sub, shapes)  # no exception
+
+    def test_missing_key_is_rejected(self) -> None:
+        sub, shapes = self._valid()
+        del sub["layers.1.bias"]
+        with pytest.raises(ValueError, match="layers.1.bias"):
+            check_slice(sub, shapes)
+
+    def test_unexpected_key_is_rejected(self) -> None:
+        sub, shapes = self._valid()
+        sub["layers.3.weight"] = torch.zeros(1, 1)
+        with pytest.raises(ValueError, match="layers.3.weight"):
+            check_slice(sub, shapes)
+
+    def test_wrong_shape_is_rejected(self) -> None:
+        sub, shapes = self._valid()
+        sub["layers.1.weight"] = sub["layers.1.weight"][:, :-1]
+        with pytest.raises(ValueError, match="layers.1.weight"):
+            check_slice(sub, shapes)
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+    def test_non_finite_values_are_rejected(self, bad: float) -> None:
+        sub, shapes = self._valid()
+        sub["layers.2.bias"] = sub["layers.2.bias"].clone()
+        sub["layers.2.bias"][1] = bad
+        with pytest.raises(ValueError, match="layers.2.bias"):
+            check_slice(sub, shapes)
+
+
+class TestIstRound:
+    def test_one_subnet_round_equals_plain_training(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(24, IN_DIM, generator=gen)
+        y = torch.randint(0, CLASSES, (24,), generator=gen)
+        batches = batch_order(24, steps=6, batch_size=5, generator=torch.Generator().manual_seed(1))
+        w = random_state(10)
+
+        full = MLPHead(IN_DIM, HIDDEN, CLASSES)
+        full.load_state_dict(w)
+        plain_loss = train_steps(full, x, y, batches, lr=0.01)
+
+        idx = worker_indices(partition(HIDDEN, 1, seed=3), 0)
+        sub = MLPHead.from_state_dict(slice_state(w, idx))
+        ist_loss = train_steps(sub, x, y, batches, lr=0.01)
+        stitched = stitch(w, [SliceUpdate(idx, sub.state_dict(), num_examples=24)])
+
+        assert ist_loss == pytest.approx(plain_loss, rel=1e-6)
+        trained = full.state_dict()
+        for k in w:
+            assert torch.allclose(stitched[k], trained[k], atol=1e-6), k
+            assert not torch.equal(stitched[k], w[k]), f"{k} did not train"
+
+
+class TestSmallHelpers:
+    def test_layer_counts_and_widths(self) -> None:
+        w = random_state(0)
+        assert num_layers(w) == 3 and hidden_sizes(w) == list(HIDDEN)
+
+    def test_state_bytes_is_numel_times_element_size(self) -> None:
+        w = random_state(0)
+        params = IN_DIM * 10 + 10 + 10 * 11 + 11 + 11 * CLASSES + CLASSES
+        assert state_bytes(w) == params * 4
+        assert state_bytes({k: v.half() for k, v in w.items()}) == params * 2

@@ -1,0 +1,94 @@
+"""`fedsparse run` end to end on the Flower Simulation Engine (Ray), offline, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsparse.config import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedsparse(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEDSPARSE_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "fedsparse.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+
+
+def ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if "raylet" in line or "gcs_server" in line or "ray::" in line]
+
+
+@pytest.mark.slow
+def test_default_run_learns_and_writes_its_files(tmp_path):
+    before = ray_processes()
+    proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final accuracy" in proc.stdout
+
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "model.pt").stat().st_size > 0
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cfg = resolve(ROOT / "configs" / "quickstart.toml")
+    assert metrics["config"] == {**cfg.to_run_config(), "out-dir": str(out)}
+    assert cfg.num_clients >= 20 and cfg.num_rounds >= 5
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, cfg.num_rounds + 1))
+    for r in rounds:
+        assert {"round", "accuracy", "loss", "clients", "bytes_down_per_client", "bytes_up_per_client", "seconds"} <= r.keys()
+        assert r["clients"] == cfg.clients_per_round and r["failures"] == 0
+        # every client received only its slice: at most 1/K of the full model (+1% headers)
+        assert r["bytes_down_per_client"] <= metrics["model_bytes"] / cfg.clients_per_round * 1.01
+    acc = [r["accuracy"] for r in rounds]
+    chance = 1 / metrics["num_classes"]
+    assert metrics["initial"]["accuracy"] < chance + 0.05
+    assert acc[-1] > chance + 0.08, acc  # clearly above chance
+    assert acc[-1] > acc[0] and max(acc[len(acc) // 2 :]) > max(acc[: len(acc) // 2]), acc  # rising over rounds
+    assert ray_processes() == before, "the run left Ray processes behind"
+
+
+@pytest.mark.slow
+def test_fedavg_baseline_runs_on_the_same_app(tmp_path):
+    proc = fedsparse(
+        "run", "--out", str(tmp_path / "out"), "--run-config",
+        "strategy=fedavg num-clients=4 clients-per-round=2 num-rounds=2 hidden='64,64'",
+        cache=tmp_path / "cache",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == 2
+    for r in metrics["rounds"]:
+        assert r["clients"] == 2
+        # FedAvg sends the whole head (plus a small config record)
+        assert metrics["model_bytes"] <= r["bytes_down_per_client"] <= metrics["model_bytes"] * 1.01
+    assert metrics["rounds"][-1]["accuracy"] > metrics["initial"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "configs/nope.toml"], "configs/nope.toml"),
+        (["run", "--run-config", "mask-ratio=1.0"], "mask-ratio"),
+        (["run", "--run-config", "mask-ratio=-0.1"], "mask-ratio"),
+        (["run", "--run-config", "dataset=imagenet"], "cifar10-sample"),
+        (["run", "--run-config", "encoder='no_such_vit'"], "no_such_vit"),
+        (["run", "--run-config", "dataset=imagefolder data-dir='/no/such/dir'"], "/no/such/dir"),
+        (["run", "--run-config", "bogus-key=3"], "bogus-key"),
+        (["run", "--run-config", "num-rounds='many'"], "num-rounds"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, needle):
+    proc = fedsparse(*args, "--out", str(tmp_path / "out"), cache=tmp_path / "cache", timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedsparse: error:") and needle in lines[0], proc.stderr
