@@ -1,6 +1,7 @@
 """The ``fedsparse`` command.
 
     fedsparse run [CONFIG] [--run-config "k=v ..."] [--out DIR]
+    fedsparse pretrain DATA --out DIR [--epochs N] [--resume] [--max-minutes M]
     fedsparse keys
 
 Errors in user input (a missing file, an unknown key or value) end the command with one
@@ -53,6 +54,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedsparse.data import load_splits
+    from fedsparse.pretrain import PretrainConfig, load_images, pretrain
+
+    cfg = PretrainConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         mask_ratio=args.mask_ratio, seed=args.seed)
+    train, _ = load_splits("imagefolder", args.data, args.cache_dir)
+    print(f"fedsparse pretrain: {len(train)} training images under {train.root}", flush=True)
+    images = load_images([train.root / p for p in train.paths], cfg.image_size,
+                         progress=lambda i, n: print(f"decoded {i}/{n} images", flush=True))
+    budget = args.max_minutes * 60 if args.max_minutes else None
+    pretrain(images, args.out, cfg, resume=args.resume, max_seconds=budget, report=lambda s: print(s, flush=True))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, value in RunConfig().to_run_config().items():
         print(f"{key} = {value!r}")
@@ -78,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0.75 num-rounds=3\"")
     run.add_argument("--out", default="", help="output directory (sets out-dir)")
     run.set_defaults(func=cmd_run)
+    pre = sub.add_parser("pretrain", help="pretrain a small ViT as a masked autoencoder on an image folder")
+    pre.add_argument("data", help="class-folder tree or .tar.gz (its train/ split when it has one)")
+    pre.add_argument("--out", required=True, help="folder for checkpoint.pt, history.json and encoder.pth")
+    pre.add_argument("--epochs", type=int, default=10)
+    pre.add_argument("--batch-size", type=int, default=256)
+    pre.add_argument("--lr", type=float, default=1.5e-3)
+    pre.add_argument("--mask-ratio", type=float, default=0.75)
+    pre.add_argument("--image-size", type=int, default=32)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--cache-dir", default="", help="where archives are extracted")
+    pre.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    pre.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this budget")
+    pre.set_defaults(func=cmd_pretrain)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser

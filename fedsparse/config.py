@@ -29,7 +29,7 @@ class RunConfig:
     """One experiment. Defaults are the offline quickstart's, except where a comment says."""
 
     # --- data -------------------------------------------------------------------------
-    dataset: str = "cifar10-sample"  # bundled 5k/1k CIFAR-10 JPEG sample; see fedsparse/data.py
+    dataset: str = "cifar10-sample"  # bundled 10k/2k CIFAR-10 JPEG sample; see fedsparse/data.py
     data_dir: str = ""  # folder or .tar.gz for datasets read from disk
     cache_dir: str = ""  # feature + extraction cache; "" = $FEDSPARSE_CACHE or ~/.cache/fedsparse
     out_dir: str = "runs/latest"  # metrics.json, model.pt, accuracy.png
@@ -86,13 +86,12 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
         """Build from Flower's ``context.run_config`` (kebab-case keys); missing keys keep defaults."""
-        known = {f.name: f for f in fields(cls)}
+        known = {_kebab(f.name): f for f in fields(cls)}  # kebab-case only, as Flower reads them
         values: dict[str, Any] = {}
         for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known:
+            if key not in known:
                 raise ValueError(f"Unknown config key {key!r}; valid keys: {', '.join(config_keys())}")
-            values[name] = _coerce(key, value, known[name].type)
+            values[known[key].name] = _coerce(key, value, known[key].type)
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:

@@ -136,7 +136,8 @@ def infer_vit_arch(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     side = int(round(n**0.5))
     if side * side != n:
         raise ValueError(f"pos_embed has {n + 1} rows; expected 1 + a square number of patches")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith("attn.qkv.weight")})
+    block_ids = [int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()]
+    depth = 1 + max(block_ids) if block_ids else 0
     hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in state else 4 * dim
     heads = 16 if dim == 1280 else max(1, dim // 64)
     return {"img_size": side * patch, "patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_ratio": hidden / dim}
@@ -167,12 +168,15 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"checkpoint {p}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     return model
 
 
-def save_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Save an encoder with its architecture, loadable by ``load_checkpoint`` / ``encoder = <path>``."""
+def save_checkpoint(model: nn.Module, path: str | Path, half: bool = False) -> None:
+    """Save an encoder with its architecture, loadable by ``load_checkpoint`` / ``encoder = <path>``.
+
+    ``half=True`` stores the weights as fp16 (half the size); loading casts them back to fp32.
+    """
     pe = model.patch_embed
     arch = {
         "img_size": int(pe.img_size[0]),
@@ -182,7 +186,8 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
         "num_heads": int(model.blocks[0].attn.num_heads),
         "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
     }
-    torch.save({"fedsparse_arch": arch, "model": model.state_dict()}, Path(path))
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"fedsparse_arch": arch, "model": state}, Path(path))
 
 
 def _create_timm(name: str, image_size: int, weights_file: str | None) -> nn.Module:
@@ -221,7 +226,7 @@ def load_encoder(spec: str, image_size: int) -> Encoder:
     elif "@" in spec:
         name, _, path = spec.partition("@")
         model = _create_timm(name, image_size, path)
-    elif spec.endswith(CHECKPOINT_SUFFIXES) or Path(spec).expanduser().exists():
+    elif spec.endswith(CHECKPOINT_SUFFIXES) or "/" in spec or spec.startswith("~") or Path(spec).exists():
         model = load_checkpoint(spec)
     else:
         model = _create_timm(spec, image_size, None)
@@ -250,8 +255,8 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def visible_cls(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """CLS feature after the final norm, computed from the visible patches only.
+def visible_tokens(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """All output tokens (after the final norm) of a forward over the visible patches only.
 
     Args:
         model: timm VisionTransformer with a class token.
@@ -259,7 +264,8 @@ def visible_cls(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> t
         keep: [B, n_visible] long, visible patch indices (see ``fedsparse.masking``).
 
     Returns:
-        [B, D] CLS vectors.
+        [B, n_prefix + n_visible, D]: CLS (and register) tokens first, then the visible patches
+        in the order of ``keep``.
     """
     pe = model.patch_embed
     proj: nn.Conv2d = pe.proj
@@ -283,8 +289,12 @@ def visible_cls(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> t
     x = torch.cat([prefix_t.expand(x.shape[0], -1, -1), x], 1)  # (B, n_prefix + n, D)
     x = model.norm_pre(x)
     x = model.blocks(x)
-    x = model.norm(x)
-    return x[:, 0]
+    return model.norm(x)
+
+
+def visible_cls(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """CLS feature after the final norm, from the visible patches only: [B, D]."""
+    return visible_tokens(model, images, keep)[:, 0]
 
 
 def encode(

@@ -98,7 +98,11 @@ class FeatureCache:
         except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss, not a crash
             log.warning("feature cache entry %s is unreadable; recomputing", p)
             return None
-        if entry.get("key") != json.dumps(key, sort_keys=True):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("key") != json.dumps(key, sort_keys=True)
+            or not {"x", "y", "skipped"} <= entry.keys()
+        ):
             return None
         return entry["x"], entry["y"], int(entry["skipped"])
 

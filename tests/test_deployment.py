@@ -328,10 +328,12 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
             deployment.start_supernode(i, 2, link_port, port)
         deployment.write_connection(link_port)
 
+        t_run = time.monotonic()
         rc, log = deployment.flwr(
             "flwr-run", ["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config_arg(run_config)],
             timeout=RUN_TIMEOUT,
         )
+        t_run = time.monotonic() - t_run
         assert rc == 0, f"flwr run exited with {rc}"
         match = re.search(r"Successfully started run (\d+)", log)
         assert match, "flwr run did not start a run"
@@ -375,8 +377,9 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
                 assert 0 < entry[key] <= full / 2 * 1.01, (key, entry[key], full)
                 assert abs(entry[key] - down) <= 0.05 * down, (key, entry[key], down)
 
-        elapsed = time.monotonic() - started
-        print(f"deployment run: {elapsed:.1f}s until checked; flwr run wall {metrics.get('wall_seconds')}")
+        print(f"\ndeployment test: {time.monotonic() - started:.1f}s before teardown; `flwr run` {t_run:.1f}s, "
+              f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
+              + ", ".join(f"{r['seconds']:.1f}s" for r in metrics["rounds"]))
     except BaseException:
         print(deployment.tail())
         raise

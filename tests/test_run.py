@@ -17,19 +17,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fedsparse(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSPARSE_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "fedsparse.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
-    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "fedsparse.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.pid = proc.pid
+    return result
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if "raylet" in line or "gcs_server" in line or "ray::" in line]
+def processes_of_run(pid: int) -> list[str]:
+    """Ray processes of the run whose driver had ``pid``: Ray names its session folder
+    ``session_<date>_<driver pid>``, and its workers are children of the raylet."""
+    rows = [line.split(None, 2) for line in subprocess.run(
+        ["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
+    mine = {p for p, _, args in rows if f"_{pid}/" in args or f"_{pid} " in args}
+    return [args for p, ppid, args in rows if p in mine or ppid in mine]
 
 
 @pytest.mark.slow
 def test_default_run_learns_and_writes_its_files(tmp_path):
-    before = ray_processes()
     proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final accuracy" in proc.stdout
@@ -54,7 +66,7 @@ def test_default_run_learns_and_writes_its_files(tmp_path):
     assert metrics["initial"]["accuracy"] < chance + 0.05
     assert acc[-1] > chance + 0.08, acc  # clearly above chance
     assert acc[-1] > acc[0] and max(acc[len(acc) // 2 :]) > max(acc[: len(acc) // 2]), acc  # rising over rounds
-    assert ray_processes() == before, "the run left Ray processes behind"
+    assert processes_of_run(proc.pid) == [], "the run left Ray processes behind"
 
 
 @pytest.mark.slow
