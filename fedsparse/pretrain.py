@@ -91,7 +91,7 @@ class MAE(nn.Module):
         b, n = keep.shape
         tokens = visible_tokens(self.encoder, images, keep)  # (B, 1+n, D)
         x = self.decoder_embed(tokens)
-        full = self.mask_token.expand(b, self.num_patches, -1).clone()
+        full = self.mask_token.to(x.dtype).expand(b, self.num_patches, -1).clone()
         full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])  # visible back in place
         full = full + self.decoder_pos
         y = self.decoder_blocks(torch.cat([x[:, :1], full], 1))
