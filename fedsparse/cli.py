@@ -69,6 +69,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsparse.probe import probe
+
+    overrides = parse_overrides(args.run_config or "")
+    cfg = resolve(args.config or _default_config(), overrides)
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    rows = probe(cfg, encoders, args.steps)
+    for r in rows:
+        print(f"{r['encoder']}: test accuracy {r['accuracy']:.4f} (best {r['best_accuracy']:.4f}), "
+              f"{r['train_examples']} train / {r['test_examples']} test, dim {r['feature_dim']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"config": cfg.to_run_config(), "probes": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, value in RunConfig().to_run_config().items():
         print(f"{key} = {value!r}")
@@ -107,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     pre.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this budget")
     pre.set_defaults(func=cmd_pretrain)
+    prb = sub.add_parser("probe", help="train the head centrally on each encoder's features (or 'pixels')")
+    prb.add_argument("config", nargs="?", help="TOML run config for data, mask and head (default: quickstart)")
+    prb.add_argument("--encoders", default="builtin,pixels", help="comma-separated encoder specs; 'pixels' = raw pixels")
+    prb.add_argument("--steps", type=int, default=3000, help="Adam steps")
+    prb.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0\"")
+    prb.add_argument("--out", default="", help="write the results as JSON here")
+    prb.set_defaults(func=cmd_probe)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser

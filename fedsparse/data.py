@@ -169,10 +169,11 @@ def _mkdir(p: Path) -> Path:
 
 
 def _unwrap_single_folder(root: Path) -> Path:
-    """``archive/RSSCN7/<class>/...`` -> ``archive/RSSCN7``: skip lone wrapper folders."""
+    """``archive/RSSCN7/<class>/...`` -> ``archive/RSSCN7``: skip lone wrapper folders
+    (a lone ``train/`` too: a training split alone is an image folder to split)."""
     while True:
         entries = [d for d in root.iterdir() if not d.name.startswith(".")]
-        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in ("train", "test"):
+        if len(entries) != 1 or not entries[0].is_dir():
             return root
         root = entries[0]
 

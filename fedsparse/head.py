@@ -104,12 +104,14 @@ def train_steps(
     labels: torch.Tensor,
     batches: Sequence[torch.Tensor],
     lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
-    """Adam (fresh state) over the given index batches; returns the mean training loss.
+    """Adam over the given index batches; returns the mean training loss.
 
-    features: [N, D] float; labels: [N] long.
+    features: [N, D] float; labels: [N] long. A fresh Adam (as a stateless client uses
+    each round) unless ``optimizer`` carries state over from earlier calls.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     total = 0.0
     for idx in batches:

@@ -199,12 +199,13 @@ class Deployment:
         return config
 
     def flwr(self, name: str, args: list[str], timeout: float) -> tuple[int, str]:
-        """Run the ``flwr`` CLI to completion: (exit code, output). Killed (group) on timeout."""
+        """Run the ``flwr`` CLI to completion: (exit code, output); fails the test on timeout
+        (teardown then stops it with everything else)."""
         proc = self.spawn(name, [_exe("flwr"), *args], self.cli_home)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            rc = -1
+            raise AssertionError(f"`flwr {args[0]}` still running after {timeout:.0f}s") from None
         return rc, (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop(self) -> list[str]:
@@ -346,6 +347,7 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
         assert rc_ls == 0, f"flwr ls exited with {rc_ls}"
         runs = json.loads(ls_out[ls_out.index("{"):])["runs"]
         assert [r["status"] for r in runs] == ["finished:completed"], runs
+        traffic = runs[0].get("network-traffic", {})  # the SuperLink's own count of the run's bytes
 
         # --- written by the ServerApp running under the SuperLink ---
         assert f"writing to {out}" in log
@@ -376,6 +378,12 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
             for key in (k for k in entry if "bytes_received" in k or "bytes-received" in k):
                 assert 0 < entry[key] <= full / 2 * 1.01, (key, entry[key], full)
                 assert abs(entry[key] - down) <= 0.05 * down, (key, entry[key], down)
+        # Flower's count agrees: all messages of the run together carry about half a model per
+        # client and round each way (the full model to each client would be >= 1.0 x this budget)
+        budget = len(metrics["rounds"]) * 2 * full
+        for key in ("inbound-bytes", "outbound-bytes"):
+            if key in traffic:
+                assert 0 < traffic[key] <= 0.6 * budget, (key, traffic[key], budget)
 
         print(f"\ndeployment test: {time.monotonic() - started:.1f}s before teardown; `flwr run` {t_run:.1f}s, "
               f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
