@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
     prb = sub.add_parser("probe", help="train the head centrally on each encoder's features (or 'pixels')")
     prb.add_argument("config", nargs="?", help="TOML run config for data, mask and head (default: quickstart)")
-    prb.add_argument("--encoders", default="builtin,pixels", help="comma-separated encoder specs; 'pixels' = raw pixels")
+    prb.add_argument("--encoders", default="builtin,builtin-random,pixels", help="comma-separated encoder specs; 'pixels' = raw pixels")
     prb.add_argument("--steps", type=int, default=3000, help="Adam steps")
     prb.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0\"")
     prb.add_argument("--out", default="", help="write the results as JSON here")

@@ -8,8 +8,10 @@ the number of visible tokens. At mask ratio 0 it equals timm's ``forward_feature
 
 Encoders come from a spec string (the ``encoder`` run-config key):
 
-- ``builtin``: a small ViT (patch 4, dim 192, depth 6, 3 heads) for 32x32 inputs, built
-  offline; its weights are random until a pretrained one is bundled (a warning says so).
+- ``builtin``: a small ViT (patch 4, dim 192, depth 6, 3 heads) for 32x32 inputs, pretrained
+  as an MAE on CIFAR-10 by ``fedsparse pretrain`` and bundled (``BUILTIN_WEIGHTS``, fp16, 5.4 MB).
+- ``builtin-random``: the same architecture with a fixed random initialisation (a warning says
+  so), at any image size that is a multiple of 4; the baseline the pretrained one must beat.
 - ``<timm model name>``, e.g. ``vit_base_patch16_224.mae``: timm architecture with hub weights.
 - ``<timm model name>@<file>``: the same architecture, weights from a local file, loaded by
   timm's own pretrained-weights code path (what the hub path runs after downloading).
@@ -35,6 +37,7 @@ log = logging.getLogger("fedsparse")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 BUILTIN_ARCH = {"patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
 BUILTIN_SEED = 0
+BUILTIN_WEIGHTS = "builtin-vit-mae-cifar10.pth"  # in fedsparse/assets; see README "Encoders"
 PREPROCESS_STATS = {
     "paper": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -217,10 +220,16 @@ def load_encoder(spec: str, image_size: int) -> Encoder:
     """Build the encoder named by ``spec`` (see the module docstring) in eval mode."""
     spec = spec.strip()
     if spec == "builtin":
+        from fedsparse.resources import asset_path
+
+        if image_size != 32:
+            raise ValueError(f"encoder 'builtin' is pretrained at 32x32, not {image_size}; "
+                             "use image-size = 32, or 'builtin-random' for other sizes")
+        model = load_checkpoint(asset_path(BUILTIN_WEIGHTS))
+    elif spec == "builtin-random":
         model = build_builtin(image_size)
         warnings.warn(
-            "encoder 'builtin' has random weights (no pretrained builtin is bundled yet); "
-            "features carry little information beyond raw pixels",
+            "encoder 'builtin-random' has random weights; its features carry little information",
             stacklevel=2,
         )
     elif "@" in spec:

@@ -19,10 +19,23 @@ from fedsparse.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_
 WAIT_LOG_SECONDS = 10.0
 
 
-def sample_clients(grid: Grid, k: int, rng: random.Random, poll: float = 1.0) -> list[int]:
-    """``k`` connected node ids drawn with ``rng``; waits (and says so) until ``k`` are connected."""
+def sample_clients(
+    grid: Grid, k: int, rng: random.Random, timeout: float | None = None, poll: float = 1.0
+) -> list[int]:
+    """``k`` connected node ids drawn with ``rng``; waits (and says so) until ``k`` are connected.
+
+    After ``timeout`` seconds it goes on with the nodes that are connected (fewer than ``k``,
+    logged), or raises ``RuntimeError`` when there are none.
+    """
+    start = time.monotonic()
     last_log = 0.0
     while len(nodes := sorted(grid.get_node_ids())) < k:
+        waited = time.monotonic() - start
+        if timeout is not None and waited >= timeout:
+            if not nodes:
+                raise RuntimeError(f"no client connected within {timeout:.0f}s")
+            log(WARNING, "only %d of %d clients connected after %.0fs; going on with them", len(nodes), k, waited)
+            return rng.sample(nodes, len(nodes))
         if time.monotonic() - last_log > WAIT_LOG_SECONDS:
             log(INFO, "waiting for clients: %d connected, %d needed", len(nodes), k)
             last_log = time.monotonic()

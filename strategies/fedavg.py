@@ -22,7 +22,7 @@ from strategies.common import RoundStats, collect_replies, sample_clients, train
 class FedAvgBaseline(FedAvg):
     """FedAvg with K clients per round and the same accounting as :class:`strategies.ist.IST`."""
 
-    def __init__(self, clients_per_round: int, seed: int = 0) -> None:
+    def __init__(self, clients_per_round: int, seed: int = 0, wait_timeout: float | None = None) -> None:
         super().__init__(
             fraction_evaluate=0.0,
             min_train_nodes=clients_per_round,
@@ -32,6 +32,7 @@ class FedAvgBaseline(FedAvg):
             configrecord_key=CONFIG_KEY,
         )
         self.clients_per_round = clients_per_round
+        self.wait_timeout = wait_timeout
         self.rng = random.Random(derive_seed("sampling", seed))
         self.stats: RoundStats | None = None
         self.history: list[RoundStats] = []
@@ -42,7 +43,7 @@ class FedAvgBaseline(FedAvg):
         self.stats = RoundStats(server_round)
         self.history.append(self.stats)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.to_torch_state_dict().items()}
-        self._sent_to = sample_clients(grid, self.clients_per_round, self.rng)
+        self._sent_to = sample_clients(grid, self.clients_per_round, self.rng, self.wait_timeout)
         conf = ConfigRecord({**dict(config), "server-round": server_round})
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: conf})
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in self._sent_to]

@@ -32,8 +32,9 @@ class IST(Strategy):
         seed: seeds client sampling and the neuron partitions.
     """
 
-    def __init__(self, clients_per_round: int, seed: int = 0) -> None:
+    def __init__(self, clients_per_round: int, seed: int = 0, wait_timeout: float | None = None) -> None:
         self.clients_per_round = clients_per_round
+        self.wait_timeout = wait_timeout
         self.seed = seed
         self.rng = random.Random(derive_seed("sampling", seed))
         self.stats: RoundStats | None = None
@@ -49,8 +50,8 @@ class IST(Strategy):
         self.history.append(self.stats)
         state = arrays.to_torch_state_dict()
         self._global = state
-        k = self.clients_per_round
-        nodes = sample_clients(grid, k, self.rng)
+        nodes = sample_clients(grid, self.clients_per_round, self.rng, self.wait_timeout)
+        k = len(nodes)  # fewer than clients-per-round only when too few connected in time
         parts = partition(hidden_sizes(state), k, derive_seed("partition", self.seed, server_round))
         messages, self._assigned = [], {}
         for worker, node in enumerate(nodes):

@@ -13,7 +13,15 @@ from flwr.supercore import log
 
 from fedsparse.config import RunConfig
 from fedsparse.head import MLPHead, count_params, evaluate
-from fedsparse.protocol import EXTRACT_SECONDS_KEY, PEAK_RSS_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, wire_bytes
+from fedsparse.protocol import (
+    BYTES_RECEIVED_KEY,
+    BYTES_SENT_KEY,
+    EXTRACT_SECONDS_KEY,
+    PEAK_RSS_KEY,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+    wire_bytes,
+)
 from fedsparse.report import RunReport, plot_accuracy
 from fedsparse.task import initial_head, test_features
 from strategies.common import RoundStats
@@ -30,8 +38,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def make_strategy(cfg: RunConfig) -> IST | FedAvgBaseline:
     if cfg.strategy == "ist":
-        return IST(cfg.clients_per_round, cfg.seed)
-    return FedAvgBaseline(cfg.clients_per_round, cfg.seed)
+        return IST(cfg.clients_per_round, cfg.seed, wait_timeout=cfg.round_timeout)
+    return FedAvgBaseline(cfg.clients_per_round, cfg.seed, wait_timeout=cfg.round_timeout)
 
 
 def _round_entry(stats: RoundStats, accuracy: float, loss: float) -> dict:
@@ -51,6 +59,8 @@ def _round_entry(stats: RoundStats, accuracy: float, loss: float) -> dict:
         "client_train_seconds_max": stats.max_metric(TRAIN_SECONDS_KEY),
         "client_extract_seconds_max": stats.max_metric(EXTRACT_SECONDS_KEY),
         "client_peak_rss_bytes_max": stats.max_metric(PEAK_RSS_KEY),
+        "client_bytes_received_mean": stats.mean_metric(BYTES_RECEIVED_KEY),  # as measured by the clients
+        "client_bytes_sent_mean": stats.mean_metric(BYTES_SENT_KEY),
     }
 
 

@@ -71,9 +71,9 @@ def make_image_tree() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def builtin_encoder():
-    """The builtin encoder at 32x32 (its random-weights warning is asserted in test_encoder)."""
+    """The randomly initialised builtin architecture at 32x32 (warning asserted in test_encoder)."""
     from fedsparse.encoder import load_encoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return load_encoder("builtin", 32)
+        return load_encoder("builtin-random", 32)

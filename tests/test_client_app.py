@@ -52,7 +52,6 @@ def train_message(state: dict, server_round: int = 1) -> Message:
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
-@pytest.mark.filterwarnings("ignore:encoder 'builtin' has random weights")
 def test_client_trains_its_slice_and_reports(cfg):
     full = initial_head(cfg, 192, 10).state_dict()
     index = worker_indices(partition([32, 32], 2, seed=0), 1)
@@ -77,7 +76,6 @@ def test_client_trains_its_slice_and_reports(cfg):
     assert again.content[METRICS_KEY][EXTRACT_SECONDS_KEY] == 0.0
 
 
-@pytest.mark.filterwarnings("ignore:encoder 'builtin' has random weights")
 def test_client_without_partition_config_names_the_missing_key(cfg):
     # The SuperNode turns this exception into an error reply; the server then counts a failure.
     full = initial_head(cfg, 192, 10).state_dict()

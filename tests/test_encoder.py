@@ -179,9 +179,9 @@ class TestHelpers:
 
 
 class TestBuiltin:
-    def test_builtin_warns_that_weights_are_random(self) -> None:
+    def test_builtin_random_warns_that_weights_are_random(self) -> None:
         with pytest.warns(UserWarning, match="random weights"):
-            enc = load_encoder("builtin", 32)
+            enc = load_encoder("builtin-random", 32)
         assert (enc.patch_size, enc.num_patches, enc.dim, enc.image_size) == (4, 64, 192, 32)
         assert not enc.model.training
         assert not any(p.requires_grad for p in enc.model.parameters())
@@ -191,13 +191,27 @@ class TestBuiltin:
         expected = torch.rand(2)
         torch.manual_seed(0)
         with pytest.warns(UserWarning):
-            again = load_encoder("builtin", 32)
+            again = load_encoder("builtin-random", 32)
         assert torch.equal(torch.rand(2), expected)
         assert again.weights_sha == builtin_encoder.weights_sha
 
-    def test_builtin_rejects_size_not_multiple_of_patch(self) -> None:
+    def test_builtin_random_rejects_size_not_multiple_of_patch(self) -> None:
         with pytest.raises(ValueError, match="multiple"):
-            load_encoder("builtin", 30)
+            load_encoder("builtin-random", 30)
+
+    def test_builtin_loads_bundled_pretrained_weights_without_warning(self, builtin_encoder) -> None:
+        import warnings as _w
+
+        with _w.catch_warnings():
+            _w.simplefilter("error")
+            enc = load_encoder("builtin", 32)
+        assert (enc.patch_size, enc.num_patches, enc.dim) == (4, 64, 192)
+        assert enc.weights_sha != builtin_encoder.weights_sha  # not the random initialisation
+        assert load_encoder("builtin", 32).weights_sha == enc.weights_sha
+
+    def test_builtin_is_pretrained_at_32_only(self) -> None:
+        with pytest.raises(ValueError, match="builtin-random"):
+            load_encoder("builtin", 64)
 
 
 def mae_style_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

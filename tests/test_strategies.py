@@ -205,3 +205,18 @@ class TestFedAvgBaseline:
         ist = list(IST(2).configure_train(1, ArrayRecord(state), train_config(), grid))
         fed = list(FedAvgBaseline(2).configure_train(1, ArrayRecord(state), train_config(), grid))
         assert max(map(wire_bytes, ist)) <= min(map(wire_bytes, fed)) / 2
+
+
+class TestSampling:
+    def test_goes_on_with_connected_clients_after_timeout(self):
+        state = head_state()
+        strategy = IST(clients_per_round=3, wait_timeout=0.2)
+        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([7, 8])))
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 8]
+        assert all(m.content[CONFIG_KEY]["num-subnets"] == 2 for m in msgs)
+
+    def test_no_client_at_all_is_an_error(self):
+        with pytest.raises(RuntimeError, match="no client connected"):
+            IST(clients_per_round=2, wait_timeout=0.2).configure_train(
+                1, ArrayRecord(head_state()), train_config(), FakeGrid([])
+            )
