@@ -47,7 +47,7 @@ class RunConfig:
     strategy: str = "ist"
     num_clients: int = 20
     clients_per_round: int = 4
-    num_rounds: int = 8
+    num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
     # --- head and local training ------------------------------------------------------
