@@ -53,10 +53,6 @@ def test_features(cfg: RunConfig) -> tuple[Features, int]:
     return _features(cfg, test, group="test"), len(test.classes)
 
 
-def num_classes(cfg: RunConfig) -> int:
-    return len(load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)[0].classes)
-
-
 def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
     """The head every strategy starts from, initialised from ``cfg.seed``."""
     with torch.random.fork_rng(devices=[]):

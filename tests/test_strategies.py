@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsparse.head import MLPHead
-from fedsparse.ist import partition, slice_state
+from fedsparse.ist import slice_state
 from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, wire_bytes
 from strategies.fedavg import FedAvgBaseline
 from strategies.ist import IST
