@@ -19,7 +19,7 @@ from fedsparse.head import parse_hidden
 from fedsparse.masking import MASK_MODES, check_mask_ratio
 
 STRATEGIES = ("ist", "fedavg")
-PARTITIONERS = ("iid", "dirichlet", "shards")
+PARTITIONERS = ("iid", "dirichlet", "shards", "full")
 PREPROCESSING = ("paper", "imagenet")
 ENCODER_DTYPES = ("fp32", "bf16")
 

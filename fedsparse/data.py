@@ -35,7 +35,12 @@ DATASETS = {
     "cifar10-sample": "bundled CIFAR-10 sample (10,000 train / 2,000 test JPEGs), no data-dir needed",
     "cifar10": "CIFAR-10 class folders: data-dir holds train/ and test/ trees, or their .tar.gz archives",
     "imagefolder": "any class-folder tree in data-dir (folder or .tar.gz); train/ and test/ used when present",
+    "resisc45": "NWPU-RESISC45 class folders in data-dir, split 27,000/4,500 as the authors' code",
+    "aid": "AID class folders in data-dir, split 8,500/1,500 as the authors' code",
 }
+# The authors' torch.utils.data.random_split(ImageFolder(...), [train, test]) after
+# torch.manual_seed(1234); a folder holding a subset is split in the same proportions.
+AUTHOR_SPLITS = {"resisc45": (27_000, 4_500), "aid": (8_500, 1_500)}
 
 
 @dataclass(frozen=True)
@@ -196,10 +201,23 @@ def load_splits(dataset: str, data_dir: str = "", cache_dir: str = "") -> tuple[
     if dataset == "cifar10":
         raise ValueError(f"cifar10 data-dir {root} must hold train/ and test/ class-folder trees")
     full = _image_set(root, "", dataset)
+    if dataset in AUTHOR_SPLITS:
+        return author_split(full, *AUTHOR_SPLITS[dataset])
     rng = np.random.default_rng(SPLIT_SEED)
     order = rng.permutation(len(full))
     n_test = max(1, int(round(len(full) * TEST_FRACTION)))
     return full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
+
+
+def author_split(full: ImageSet, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]:
+    """``random_split(full, [n_train, n_test])`` under ``torch.manual_seed(1234)``, as the authors'
+    code; when ``full`` is not ``n_train + n_test`` images, the same proportions."""
+    import torch
+
+    n = len(full)
+    k = n_train if n == n_train + n_test else int(round(n * n_train / (n_train + n_test)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
+    return full.subset(np.sort(perm[:k])), full.subset(np.sort(perm[k:]))
 
 
 # --- partitioning ---------------------------------------------------------------------
@@ -255,9 +273,15 @@ def _dirichlet(labels: np.ndarray, k: int, rng: np.random.Generator, alpha: floa
 def client_split(
     train: ImageSet, partition_id: int, num_partitions: int, partitioner: str, seed: int, alpha: float
 ) -> ImageSet:
-    """The training images of client ``partition_id``."""
+    """The training images of client ``partition_id``.
+
+    ``partitioner = "full"`` is the authors' setting: every client (IST worker) reads the whole
+    training set, and IST is pure model parallelism. Their features share one cache entry.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    if partitioner == "full":
+        return train
     parts = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
     return train.subset(parts[partition_id])
 

@@ -210,3 +210,36 @@ class TestCacheDir:
         monkeypatch.delenv("FEDSPARSE_CACHE")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
         assert default_cache_dir() == tmp_path / "xdg" / "fedsparse"
+
+
+class TestAuthorSplits:
+    def test_split_is_torch_random_split_under_seed_1234(self, tmp_path, make_image_tree) -> None:
+        import torch
+        from torch.utils.data import random_split
+
+        from fedsparse.data import author_split
+
+        root = make_image_tree(tmp_path / "rs", {"": 7}, classes=("a", "b", "c"))
+        from fedsparse.data import _image_set
+
+        every = _image_set(root, "", "aid")
+        train, test = author_split(every, 18, 3)
+        torch.manual_seed(1234)
+        ref_train, ref_test = random_split(range(21), [18, 3])
+        assert train.paths == tuple(every.paths[i] for i in sorted(ref_train.indices))
+        assert test.paths == tuple(every.paths[i] for i in sorted(ref_test.indices))
+
+    def test_subset_folder_keeps_the_proportions(self, tmp_path, make_image_tree) -> None:
+        root = make_image_tree(tmp_path / "aid", {"": 10}, classes=("x", "y", "z"))
+        train, test = load_splits("aid", str(root), str(tmp_path / "cache"))
+        assert (len(train), len(test)) == (26, 4)  # round(30 * 8500 / 10000) = 26 (85%)
+        assert not set(train.paths) & set(test.paths)
+        train45, test45 = load_splits("resisc45", str(root), str(tmp_path / "cache"))
+        assert (len(train45), len(test45)) == (26, 4)  # 27000 / 31500 = 85.7%
+
+
+def test_full_partitioner_gives_every_client_the_whole_training_set(tmp_path, make_image_tree) -> None:
+    root = make_image_tree(tmp_path / "full", {"train": 4, "test": 1})
+    train, _ = load_splits("imagefolder", str(root), str(tmp_path / "cache"))
+    for pid in range(3):
+        assert client_split(train, pid, 3, "full", 0, 0.5).paths == train.paths
