@@ -109,15 +109,20 @@ class FeatureCache:
     def store(self, key: dict[str, Any], x: torch.Tensor, y: torch.Tensor, skipped: int) -> Path:
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=p.parent)
-        os.close(fd)
-        try:
-            torch.save({"key": json.dumps(key, sort_keys=True), "x": x.contiguous(), "y": y, "skipped": skipped}, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save({"key": json.dumps(key, sort_keys=True), "x": x.contiguous(), "y": y, "skipped": skipped}, p)
         return p
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def extract(

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from fedsparse.encoder import BUILTIN_ARCH, _vit, load_image, normalize, patchify, save_checkpoint, visible_tokens
+from fedsparse.features import atomic_torch_save
 
 log = logging.getLogger("fedsparse")
 
@@ -147,13 +146,6 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=path.parent)
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(
     images: torch.Tensor,
     out_dir: str | Path,
@@ -207,7 +199,7 @@ def pretrain(
                 report(f"epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
                        f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({rate:.0f} img/s)")
         history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "seconds": time.perf_counter() - te})
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                       "epoch": epoch + 1, "history": history, "config": asdict(cfg)}, ckpt)
         (out / "history.json").write_text(json.dumps(history, indent=1))
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < cfg.epochs:

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data import ImageSet, default_cache_dir, load_splits
+from fedsparse.data import ImageSet, load_splits
 from fedsparse.encoder import load_image, normalize
-from fedsparse.features import FeatureCache, cached_features, get_encoder
 from fedsparse.head import MLPHead, batch_order, evaluate, train_steps
-from fedsparse.task import derive_seed
+from fedsparse.task import derive_seed, features
 
 PIXELS = "pixels"  # pseudo-encoder: the normalised image itself, flattened
 
@@ -37,11 +36,7 @@ def pixel_features(images: ImageSet, image_size: int, preprocessing: str) -> tup
 def features_for(cfg: RunConfig, encoder: str, split: ImageSet, group: str) -> tuple[torch.Tensor, torch.Tensor]:
     if encoder == PIXELS:
         return pixel_features(split, cfg.image_size, cfg.preprocessing)
-    feats = cached_features(
-        get_encoder(encoder, cfg.image_size), split, FeatureCache(default_cache_dir(cfg.cache_dir)),
-        mask_ratio=cfg.mask_ratio, mask_seed=cfg.mask_seed, mask_mode=cfg.mask_mode, group=group,
-        preprocessing=cfg.preprocessing, dtype=cfg.encoder_dtype,
-    )
+    feats = features(cfg.replace(encoder=encoder), split, group)
     return feats.x, feats.y
 
 

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data import client_split, default_cache_dir, load_splits
+from fedsparse.data import ImageSet, client_split, default_cache_dir, load_splits
 from fedsparse.features import FeatureCache, Features, cached_features, get_encoder
 from fedsparse.head import MLPHead
 
@@ -25,7 +25,8 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _features(cfg: RunConfig, images, group: str) -> Features:
+def features(cfg: RunConfig, images: ImageSet, group: str) -> Features:
+    """Cached masked CLS features of ``images`` with ``cfg``'s encoder, mask, preprocessing and dtype."""
     encoder = get_encoder(cfg.encoder, cfg.image_size)
     return cached_features(
         encoder,
@@ -44,13 +45,13 @@ def client_features(cfg: RunConfig, partition_id: int, num_partitions: int) -> F
     """The masked CLS features of one client's partition (extracted once, then cached)."""
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     mine = client_split(train, partition_id, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
-    return _features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}")
+    return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}")
 
 
 def test_features(cfg: RunConfig) -> tuple[Features, int]:
     """(features of the held-out split, number of classes), for server-side evaluation."""
     _, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    return _features(cfg, test, group="test"), len(test.classes)
+    return features(cfg, test, group="test"), len(test.classes)
 
 
 def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
