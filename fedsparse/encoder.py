@@ -15,6 +15,8 @@ Encoders come from a spec string (the ``encoder`` run-config key):
 - ``<timm model name>``, e.g. ``vit_base_patch16_224.mae``: timm architecture with hub weights.
 - ``<timm model name>@<file>``: the same architecture, weights from a local file, loaded by
   timm's own pretrained-weights code path (what the hub path runs after downloading).
+- ``<timm model name>@random``: the architecture with a fixed random initialisation (seed
+  ``BUILTIN_SEED``, a warning says so), nothing fetched; for speed and memory benchmarks.
 - ``<file>`` (``.pth``, ``.pt``, ``.bin``, ``.safetensors``): a checkpoint; the architecture
   is read from fedsparse metadata in the file or inferred from the tensor shapes.
 """
@@ -37,6 +39,7 @@ log = logging.getLogger("fedsparse")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 BUILTIN_ARCH = {"patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
 BUILTIN_SEED = 0
+RANDOM_SUFFIX = "@random"  # "<timm name>@random": random weights, no download
 BUILTIN_WEIGHTS = "builtin-vit-mae-cifar10.pth"  # in fedsparse/assets; see README "Encoders"
 PREPROCESS_STATS = {
     "paper": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -193,14 +196,18 @@ def save_checkpoint(model: nn.Module, path: str | Path, half: bool = False) -> N
     torch.save({"fedsparse_arch": arch, "model": state}, Path(path))
 
 
-def _create_timm(name: str, image_size: int, weights_file: str | None) -> nn.Module:
+def _create_timm(name: str, image_size: int, weights_file: str | None, random_init: bool = False) -> nn.Module:
     import timm
 
     if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
         raise ValueError(
             f"Unknown encoder {name!r}: not 'builtin', not a timm model name, not a checkpoint file"
         )
-    kwargs: dict[str, Any] = {"pretrained": True, "num_classes": 0, "img_size": image_size}
+    kwargs: dict[str, Any] = {"pretrained": not random_init, "num_classes": 0, "img_size": image_size}
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED)
+            return timm.create_model(name, **kwargs)
     if weights_file is not None:
         if not Path(weights_file).expanduser().is_file():
             raise FileNotFoundError(f"encoder weights file not found: {weights_file}")
@@ -232,6 +239,9 @@ def load_encoder(spec: str, image_size: int) -> Encoder:
             "encoder 'builtin-random' has random weights; its features carry little information",
             stacklevel=2,
         )
+    elif spec.endswith(RANDOM_SUFFIX):
+        model = _create_timm(spec[: -len(RANDOM_SUFFIX)], image_size, None, random_init=True)
+        warnings.warn(f"encoder {spec!r} has random weights; use it for speed and memory, not accuracy", stacklevel=2)
     elif "@" in spec:
         name, _, path = spec.partition("@")
         model = _create_timm(name, image_size, path)

@@ -350,3 +350,12 @@ def test_weights_digest_changes_with_any_weight(builtin_encoder) -> None:
         other.blocks[3].mlp.fc2.bias[0] += 1e-3
     assert weights_digest(other) != builtin_encoder.weights_sha
     assert weights_digest(builtin_encoder.model) == builtin_encoder.weights_sha
+
+
+def test_timm_name_at_random_builds_seeded_random_weights_without_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="random weights"):
+        a = load_encoder("vit_tiny_patch16_224@random", 32)
+    with pytest.warns(UserWarning):
+        b = load_encoder("vit_tiny_patch16_224@random", 32)
+    assert a.weights_sha == b.weights_sha and (a.dim, a.num_patches) == (192, 4)
