@@ -44,7 +44,7 @@ class ViTShape:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def of(cls, model, image_size: int) -> "ViTShape":  # noqa: ANN001 - a timm VisionTransformer
+    def of(cls, model, image_size: int) -> "ViTShape":  # model: a timm VisionTransformer
         """The shape of a timm ``VisionTransformer``."""
         block = model.blocks[0]
         hidden = block.mlp.fc1.out_features

@@ -46,7 +46,14 @@ from fedsparse.accounting import (
 from fedsparse.config import RunConfig
 from fedsparse.data import ImageSet, default_cache_dir, load_splits
 from fedsparse.encoder import Encoder, encode, load_image, normalize
-from fedsparse.features import DECODE_CHUNK, FeatureCache, cached_features, extract, feature_key, get_encoder
+from fedsparse.features import (
+    DECODE_CHUNK,
+    FeatureCache,
+    cached_features,
+    extract,
+    feature_key,
+    get_encoder,
+)
 from fedsparse.masking import masks_for
 
 DTYPES = ("fp32", "bf16")
@@ -199,9 +206,8 @@ def memory_rows(cfg: RunConfig, ratios: list[float], n_images: int, report: Call
 
 def strategy_rows(cfg: RunConfig, report: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Bytes per client per round (all K clients, in process) and a client's training memory (fresh process)."""
-    from strategies.measure import one_round
-
     from fedsparse.task import client_features, test_features
+    from strategies.measure import one_round
 
     test, n_classes = test_features(cfg)
     in_dim = test.x.shape[1]

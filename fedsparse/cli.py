@@ -2,6 +2,9 @@
 
     fedsparse run [CONFIG] [--run-config "k=v ..."] [--out DIR]
     fedsparse pretrain DATA --out DIR [--epochs N] [--resume] [--max-minutes M]
+    fedsparse probe [CONFIG] [--encoders builtin,builtin-random,pixels]
+    fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--dtypes fp32,bf16] [--out DIR]
+    fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
     fedsparse keys
 
 Errors in user input (a missing file, an unknown key or value) end the command with one
@@ -88,6 +91,46 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratios(text: str) -> list[float]:
+    from fedsparse.masking import check_mask_ratio
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--mask-ratios must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError("--mask-ratios is empty")
+    return [check_mask_ratio(v) for v in values]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedsparse.bench import bench
+
+    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
+    out = Path(args.out)
+    print(f"fedsparse bench: {args.config or 'defaults'} ({cfg.encoder}, {cfg.image_size}px) -> {out}", flush=True)
+    bench(cfg, out, _ratios(args.mask_ratios), _names(args.dtypes), args.images, args.speed_images,
+          report=lambda s: print(s, flush=True))
+    print(f"results: {out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsparse.sweep import sweep
+
+    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
+    out = Path(args.out)
+    print(f"fedsparse sweep: {args.config or 'defaults'} -> {out}", flush=True)
+    rows = sweep(cfg, out, _ratios(args.mask_ratios), _names(args.strategies), _names(args.mask_modes),
+                 report=lambda s: print(s, flush=True))
+    print(f"{len(rows)} runs; results: {out}/sweep.csv, sweep.md, sweep.png")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, value in RunConfig().to_run_config().items():
         print(f"{key} = {value!r}")
@@ -133,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0\"")
     prb.add_argument("--out", default="", help="write the results as JSON here")
     prb.set_defaults(func=cmd_probe)
+    ben = sub.add_parser("bench", help="measure what a client pays: encoder work, memory, storage, bytes")
+    ben.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    ben.add_argument("--mask-ratios", default="0,0.5,0.75,0.9", help="comma-separated; r = 0 is always added")
+    ben.add_argument("--dtypes", default="fp32,bf16", help="encoder dtypes to time (bf16 under CPU autocast)")
+    ben.add_argument("--images", type=int, default=256, help="images per fresh extraction process (memory, storage)")
+    ben.add_argument("--speed-images", type=int, default=64, help="images per throughput measurement")
+    ben.add_argument("--run-config", default="", help="overrides, e.g. \"clients-per-round=2\"")
+    ben.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
+    ben.set_defaults(func=cmd_bench)
+    swp = sub.add_parser("sweep", help="run the experiment at each mask ratio: the paper's accuracy/storage table")
+    swp.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    swp.add_argument("--mask-ratios", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated")
+    swp.add_argument("--strategies", default="ist", help="any of ist, fedavg, centralized (comma-separated)")
+    swp.add_argument("--mask-modes", default="per-image",
+                     help="per-image (fixed masks), shared, random (drawn anew every round: the ablation)")
+    swp.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=10\"")
+    swp.add_argument("--out", default="runs/sweep", help="folder for sweep.csv, sweep.md, sweep.png and the runs")
+    swp.set_defaults(func=cmd_sweep)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser
