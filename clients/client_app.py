@@ -53,11 +53,11 @@ def train_tensor_bytes(model: MLPHead, batch_size: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = _partition(context)
-    feats = client_features(cfg, partition_id, num_partitions)
-
-    model = MLPHead.from_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     conf: ConfigRecord = msg.content[CONFIG_KEY]
     server_round = int(conf.get("server-round", 0))
+    feats = client_features(cfg, partition_id, num_partitions, server_round)
+
+    model = MLPHead.from_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     steps = int(conf.get("local-steps", cfg.local_steps))
     batch_size = int(conf.get("batch-size", cfg.batch_size))
     lr = float(conf.get("lr", cfg.lr))

@@ -16,7 +16,9 @@ from typing import Sequence
 
 import torch
 
-MASK_MODES = ("per-image", "shared")
+# per-image: one fixed mask per image; shared: one fixed mask per group (client);
+# random: a fresh per-image mask every round (the ablation; features cannot be cached).
+MASK_MODES = ("per-image", "shared", "random")
 
 
 def check_mask_ratio(ratio: float) -> float:
@@ -65,7 +67,7 @@ def fixed_mask(num_patches: int, ratio: float, mask_seed: int, key: str) -> torc
 
 def mask_key(mode: str, image_id: str, group: str) -> str:
     """The key a mask is drawn from: the image in ``per-image`` mode, the group in ``shared``."""
-    if mode == "per-image":
+    if mode in ("per-image", "random"):  # random varies the seed by round, not the key
         return image_id
     if mode == "shared":
         return f"shared:{group}"

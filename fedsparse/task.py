@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import torch
 
 from fedsparse.config import RunConfig
 from fedsparse.data import ImageSet, client_split, default_cache_dir, load_splits
-from fedsparse.features import FeatureCache, Features, cached_features, get_encoder
+from fedsparse.features import FeatureCache, Features, cached_features, extract, get_encoder
 from fedsparse.head import MLPHead
 
 log = logging.getLogger("fedsparse")
@@ -25,31 +26,49 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def features(cfg: RunConfig, images: ImageSet, group: str) -> Features:
-    """Cached masked CLS features of ``images`` with ``cfg``'s encoder, mask, preprocessing and dtype."""
+def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | None = None) -> Features:
+    """Masked CLS features of ``images`` with ``cfg``'s encoder, mask, preprocessing and dtype.
+
+    Fixed masks (``per-image``, ``shared``) are served from the feature cache. With
+    ``mask-mode = random`` and a ``server_round``, the masks are drawn anew for that round
+    (seed derived from ``mask-seed`` and the round) and the features are extracted, uncached;
+    without a round (the server's test set) random mode uses the fixed per-image masks.
+    """
     encoder = get_encoder(cfg.encoder, cfg.image_size)
+    mode, seed = cfg.mask_mode, cfg.mask_seed
+    if mode == "random":
+        if server_round is None:
+            mode = "per-image"
+        else:
+            seed = derive_seed("mask", cfg.mask_seed, server_round)
+            t0 = time.perf_counter()
+            x, y, skipped = extract(encoder, images, mask_ratio=cfg.mask_ratio, mask_seed=seed, mask_mode="per-image",
+                                    group=group, preprocessing=cfg.preprocessing, dtype=cfg.encoder_dtype)
+            return Features(x, y, time.perf_counter() - t0, False, skipped)
     return cached_features(
         encoder,
         images,
         FeatureCache(default_cache_dir(cfg.cache_dir)),
         mask_ratio=cfg.mask_ratio,
-        mask_seed=cfg.mask_seed,
-        mask_mode=cfg.mask_mode,
+        mask_seed=seed,
+        mask_mode=mode,
         group=group,
         preprocessing=cfg.preprocessing,
         dtype=cfg.encoder_dtype,
     )
 
 
-def client_features(cfg: RunConfig, partition_id: int, num_partitions: int) -> Features:
-    """The masked CLS features of one client's partition (extracted once, then cached)."""
+def client_features(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int | None = None) -> Features:
+    """The masked CLS features of one client's partition (extracted once and cached, except
+    with ``mask-mode = random``, where ``server_round`` seeds fresh masks)."""
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     mine = client_split(train, partition_id, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
-    return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}")
+    return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}", server_round=server_round)
 
 
 def test_features(cfg: RunConfig) -> tuple[Features, int]:
-    """(features of the held-out split, number of classes), for server-side evaluation."""
+    """(features of the held-out split, number of classes), for server-side evaluation; its
+    masks are fixed in every mode."""
     _, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     return features(cfg, test, group="test"), len(test.classes)
 

@@ -1,0 +1,47 @@
+"""fedsparse.task: a client's features per mask mode, the server's test features."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fedsparse.config import RunConfig
+from fedsparse.task import client_features, test_features
+
+
+@pytest.fixture
+def cfg(tmp_path, make_image_tree):
+    root = make_image_tree(tmp_path / "data", {"train": 6, "test": 2})
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", mask_ratio=0.75,
+                     num_clients=2, clients_per_round=2, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def test_fixed_masks_extract_once_then_hit_the_cache_in_every_round(cfg):
+    first = client_features(cfg, 0, 2, server_round=1)
+    again = client_features(cfg, 0, 2, server_round=2)
+    assert (first.cache_hit, again.cache_hit) == (False, True)
+    assert torch.equal(first.x, again.x)
+
+
+def test_random_masks_are_drawn_anew_every_round_and_never_cached(cfg):
+    c = cfg.replace(mask_mode="random")
+    r1, r2, r1_again = (client_features(c, 0, 2, server_round=r) for r in (1, 2, 1))
+    assert not any(f.cache_hit for f in (r1, r2, r1_again)) and r1.seconds > 0
+    assert not torch.allclose(r1.x, r2.x)  # other masks, other CLS vectors
+    assert torch.equal(r1.x, r1_again.x)  # but reproducible from (mask-seed, round)
+    assert torch.equal(r1.y, r2.y)
+
+
+def test_random_mode_evaluates_on_fixed_test_masks(cfg):
+    fixed, n_classes = test_features(cfg)
+    rand, _ = test_features(cfg.replace(mask_mode="random"))
+    assert n_classes == 2 and torch.equal(fixed.x, rand.x)
