@@ -53,6 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"(initial {metrics['initial'].get('accuracy', float('nan')):.4f}, best {max(r['accuracy'] for r in rounds):.4f}); "
             f"bytes down per client = {ratio:.3f} x full model ({cfg.strategy}, {cfg.clients_per_round} clients per round)"
         )
+    mem = metrics.get("memory", {})
+    if mem.get("available"):
+        print(f"memory: peak summed RSS {mem['peak_summed_rss_bytes'] / 2**30:.2f} GiB "
+              f"(PSS {mem['peak_summed_pss_bytes'] / 2**30:.2f} GiB) over up to {mem['peak_processes']} processes")
     print(f"results: {cfg.out_dir}/metrics.json, model.pt, accuracy.png")
     return 0
 

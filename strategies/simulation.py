@@ -4,7 +4,9 @@
 ``flwr run .`` loads from ``pyproject.toml``, with the run config handed to both sides
 the way Flower does it: from an app directory's ``[tool.flwr.app.config]`` (written to a
 temporary directory, so an installed fedsparse needs no source checkout). Ray is shut
-down afterwards, so the run leaves no process behind.
+down afterwards, so the run leaves no process behind. The summed RSS and PSS of the whole
+process tree (Ray's processes included) is sampled during the run and added to
+``metrics.json`` under ``memory``.
 
 NOTE: this uses ``flwr.simulation.run_simulation._run_simulation``: the public
 ``run_simulation`` hands every app an empty run config (flwr 1.42). The import is checked
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.config import RunConfig
+from fedsparse.memory import ProcessTreeMonitor
 
 
 def _toml_value(v: Any) -> str:
@@ -85,20 +88,22 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedsparse-app-"))
+    monitor = ProcessTreeMonitor(interval=1.0)
     try:
         write_app_dir(cfg, app_dir)
-        _run_simulation(
-            num_supernodes=cfg.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=server_app,
-            backend_name="ray",
-            backend_config=backend_config,
-            server_app_context=context,
-            app_dir=str(app_dir),
-            run=run,
-            is_app=True,
-        )
+        with monitor:
+            _run_simulation(
+                num_supernodes=cfg.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=backend_config,
+                server_app_context=context,
+                app_dir=str(app_dir),
+                run=run,
+                is_app=True,
+            )
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -106,4 +111,10 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     metrics_path = Path(cfg.out_dir) / "metrics.json"
     if not metrics_path.is_file():
         raise RuntimeError(f"the run ended without writing {metrics_path}; see the log above")
-    return json.loads(metrics_path.read_text())
+    metrics = json.loads(metrics_path.read_text())
+    # Memory of the whole run: this process, Ray's GCS and raylet, and every worker.
+    metrics["memory"] = monitor.summary()
+    tmp = metrics_path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, metrics_path)
+    return metrics

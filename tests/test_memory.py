@@ -1,0 +1,48 @@
+"""ProcessTreeMonitor: the summed memory of this process and its descendants."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from fedsparse.memory import ProcessTreeMonitor, process_tree, rss_pss
+
+HOLD_200MB = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(30)"
+
+
+def test_tree_includes_children_and_grandchildren():
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+                              "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(child.stdout.readline())
+        tree = process_tree()
+        assert child.pid in tree and grandchild in tree
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_monitor_sees_a_child_holding_200_mb():
+    own_rss, _ = rss_pss(os.getpid())
+    with ProcessTreeMonitor(interval=0.05) as mon:
+        child = subprocess.Popen([sys.executable, "-c", HOLD_200MB], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().startswith("ok")
+            time.sleep(0.3)
+        finally:
+            child.kill()
+            child.wait()
+    summary = mon.summary()
+    assert summary["peak_processes"] >= 2
+    assert summary["peak_summed_rss_bytes"] >= own_rss + 190 * 2**20
+    assert 0 < summary["peak_summed_pss_bytes"] <= summary["peak_summed_rss_bytes"]
+    assert len(summary["samples"]) >= 3
+
+
+def test_exited_process_counts_zero():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert rss_pss(p.pid) == (0, 0)
