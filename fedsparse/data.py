@@ -30,10 +30,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SAMPLE_ARCHIVE = "cifar10-sample.tar.gz"  # in fedsparse/assets, see fedsparse.resources
 TEST_FRACTION = 0.2  # imagefolder without train/ and test/ subfolders
 SPLIT_SEED = 1234  # the authors' random_split seed
+HUB_CIFAR10 = "uoft-cs/cifar10"  # dataset "cifar10" without data-dir; FEDSPARSE_HUB_CIFAR10 overrides
+HUB_CONNECT_TIMEOUT = 5.0  # seconds for the reachability check before the hub loader's own retries
+OFFLINE_CHOICES = (
+    "offline, set data-dir to a local CIFAR-10 class-folder tree (train/ and test/) or a .tar.gz of it, "
+    "or use dataset cifar10-sample"
+)
 
 DATASETS = {
     "cifar10-sample": "bundled CIFAR-10 sample (10,000 train / 2,000 test JPEGs), no data-dir needed",
-    "cifar10": "CIFAR-10 class folders: data-dir holds train/ and test/ trees, or their .tar.gz archives",
+    "cifar10": "CIFAR-10: data-dir holds train/ and test/ class folders or their .tar.gz archives; "
+    "empty data-dir = uoft-cs/cifar10 from the hub through flwr-datasets (extra 'hub'), saved once into the cache",
     "imagefolder": "any class-folder tree in data-dir (folder or .tar.gz); train/ and test/ used when present",
     "resisc45": "NWPU-RESISC45 class folders in data-dir, split 27,000/4,500 as the authors' code",
     "aid": "AID class folders in data-dir, split 8,500/1,500 as the authors' code",
@@ -191,6 +198,8 @@ def load_splits(dataset: str, data_dir: str = "", cache_dir: str = "") -> tuple[
     cache = default_cache_dir(cache_dir)
     if dataset == "cifar10-sample":
         root = extract_archive(asset_path(SAMPLE_ARCHIVE), cache)
+    elif dataset == "cifar10" and not data_dir:
+        root = hub_image_tree(os.environ.get("FEDSPARSE_HUB_CIFAR10") or HUB_CIFAR10, cache)
     else:
         root = _unwrap_single_folder(_locate_root(data_dir, cache, dataset))
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -207,6 +216,149 @@ def load_splits(dataset: str, data_dir: str = "", cache_dir: str = "") -> tuple[
     order = rng.permutation(len(full))
     n_test = max(1, int(round(len(full) * TEST_FRACTION)))
     return full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test]))
+
+
+# --- hub data sets (flwr-datasets), saved once as class folders -------------------------
+
+
+def hub_image_tree(name: str, cache_dir: Path) -> Path:
+    """Hub data set ``name`` as class folders ``<cache>/hub/<slug>/{train,test}/<class>/<row>.<ext>``.
+
+    Loaded through flwr-datasets (imported here only) on the first call and written once,
+    atomically (a temporary folder renamed into place); later calls read the folders without
+    network. ``name`` is a hub id (``uoft-cs/cifar10``) or the absolute (or ``./``) path of a
+    local folder that ``datasets.load_dataset`` reads, e.g. a mirror of the hub repository or an
+    image folder with train/ and test/: the same code path.
+    Image bytes are copied as stored (PNG for CIFAR-10) where the data set keeps them.
+    """
+    if _is_local(name):
+        local = Path(name).expanduser().resolve()
+        slug = f"{local.name}-{hashlib.sha256(str(local).encode()).hexdigest()[:8]}"
+    else:
+        slug = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name).strip("-.")
+    target = cache_dir / "hub" / slug
+    if target.is_dir():
+        return target
+    hf_cache = _mkdir(cache_dir / "hub") / f".hf-{slug}"  # datasets' own download and Arrow cache
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        splits = load_hub_splits(name, str(hf_cache))
+        for split in ("train", "test"):
+            if split not in splits:
+                raise ValueError(f"hub data set {name} has no {split!r} split (splits: {', '.join(splits)})")
+            n = _write_split(splits[split], tmp / split, name)
+            log.info("hub %s: wrote %d %s images into the cache", name, n, split)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(hf_cache, ignore_errors=True)  # the class folders are what we keep
+    return target
+
+
+def load_hub_splits(name: str, hf_cache_dir: str):
+    """``{"train": Dataset, "test": Dataset}`` of ``name`` through flwr-datasets, unshuffled.
+
+    The one function that touches flwr-datasets, huggingface ``datasets`` and the network
+    (``hf_cache_dir`` takes their downloads); errors come back as one-line ``ValueError``s
+    naming the offline choices.
+    """
+    FederatedDataset = _federated_dataset_class(name)  # not installed: say so before anything else
+    if not _is_local(name):
+        _check_hub_reachable(name)
+    fds = FederatedDataset(dataset=name, partitioners={"train": 1}, shuffle=False, cache_dir=hf_cache_dir)
+    try:
+        return {split: fds.load_split(split) for split in ("train", "test")}
+    except Exception as err:
+        # ConnectionError (what datasets raises offline), requests' errors and DatasetNotFoundError are
+        # OSErrors; httpx's transport errors (huggingface_hub >= 1.0) are not
+        if not isinstance(err, OSError) and type(err).__module__.split(".")[0] not in HUB_ERROR_MODULES:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        cause = f"{type(err).__name__}: {first}"
+        raise ValueError(f"cannot load {name} from the hub ({cause}); {OFFLINE_CHOICES}") from None
+
+
+HUB_ERROR_MODULES = ("httpx", "httpcore", "huggingface_hub", "datasets", "requests", "urllib3", "fsspec", "aiohttp")
+
+
+def _federated_dataset_class(name: str):
+    """flwr-datasets' ``FederatedDataset``, imported only here; one line where it is not installed."""
+    try:
+        from flwr_datasets import FederatedDataset
+    except ImportError:
+        raise ValueError(
+            f"dataset cifar10 without data-dir loads {name} from the hub through flwr-datasets, which is not "
+            f"installed: pip install 'fedsparse[hub]'; {OFFLINE_CHOICES}"
+        ) from None
+    return FederatedDataset
+
+
+def _is_local(name: str) -> bool:
+    """A local path rather than a hub id (``owner/name``)."""
+    return Path(name).expanduser().is_absolute() or name.startswith(("./", "../", "~"))
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds, with one line, where the hub cannot be reached (the hub client would retry
+    for about 25 s first). Skipped behind a proxy and in the hub libraries' offline modes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise ValueError(f"cannot reach the hub ({host}: {err}) to load {name}; {OFFLINE_CHOICES}") from None
+
+
+IMAGE_COLUMNS = ("img", "image")  # uoft-cs/cifar10 and datasets' imagefolder
+
+
+def _write_split(split, out: Path, name: str) -> int:
+    """Write every row of a ``datasets.Dataset`` split as ``out/<class>/<idx>.<ext>``."""
+    features = split.features
+    image_col = next((c for c in IMAGE_COLUMNS if c in features), None)
+    names = getattr(features.get("label"), "names", None)
+    if image_col is None or not names:
+        raise ValueError(
+            f"hub data set {name}: expected an image column ({' or '.join(IMAGE_COLUMNS)}) and a class "
+            f"'label', got columns {list(features)}"
+        )
+    if hasattr(split, "cast_column"):  # keep the stored bytes: no decode and re-encode
+        from datasets import Image as ImageFeature
+
+        split = split.cast_column(image_col, ImageFeature(decode=False))
+    for c in names:
+        _mkdir(out / c)
+    n = 0
+    for idx, row in enumerate(split):
+        img, folder = row[image_col], out / names[row["label"]]
+        data = img.get("bytes") if isinstance(img, dict) else None
+        if data is None and isinstance(img, dict) and img.get("path"):
+            data = Path(img["path"]).read_bytes()
+        if data is not None:
+            ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else None
+            if ext is not None:
+                (folder / f"{idx:05d}{ext}").write_bytes(data)
+                n += 1
+                continue
+            import io
+
+            from PIL import Image
+
+            img = Image.open(io.BytesIO(data))
+        img.convert("RGB").save(folder / f"{idx:05d}.png")
+        n += 1
+    return n
 
 
 def author_split(full: ImageSet, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]:
