@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.mods import message_bytes_mod
+from clients.mods import fault_injection_mod, message_bytes_mod
 from fedsparse.config import RunConfig
 from fedsparse.head import MLPHead, batch_order, train_steps
 from fedsparse.protocol import (
@@ -31,7 +31,7 @@ from fedsparse.protocol import (
 )
 from fedsparse.task import client_features, derive_seed
 
-app = ClientApp(mods=[message_bytes_mod])
+app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
 
 def _partition(context: Context) -> tuple[int, int]:

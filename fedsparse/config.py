@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedsparse.faults import FAULT_MODES
 from fedsparse.head import parse_hidden
 from fedsparse.masking import MASK_MODES, check_mask_ratio
 
@@ -47,9 +48,13 @@ class RunConfig:
     strategy: str = "ist"
     num_clients: int = 20
     clients_per_round: int = 4
+    subnets_per_round: int = 0  # G for IST: 0 = one subnet per client (G = K); ignored by fedavg
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
+    # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
+    fault_rate: float = 0.0  # probability that a client fails in a round, drawn from (seed, round, partition)
+    fault_mode: str = "raise"  # raise, nan, hang or mix
     # --- head and local training ------------------------------------------------------
     hidden: str = "1024,1024"
     local_steps: int = 20  # the paper repartitions every 20 iterations
@@ -64,6 +69,7 @@ class RunConfig:
         _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
         check_mask_ratio(self.mask_ratio)
         parse_hidden(self.hidden)
         for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size"):
@@ -76,12 +82,27 @@ class RunConfig:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients ({self.num_clients})"
             )
+        if self.subnets_per_round < 0:
+            raise ValueError(f"subnets-per-round must be >= 0 (0 = one per client), got {self.subnets_per_round}")
+        if self.subnets_per_round > self.clients_per_round:
+            raise ValueError(
+                f"subnets-per-round ({self.subnets_per_round}) exceeds clients-per-round ({self.clients_per_round})"
+            )
+        if not 0.0 <= self.fault_rate < 1.0:
+            raise ValueError(f"fault-rate must be in [0, 1), got {self.fault_rate}")
         if not self.encoder:
             raise ValueError("encoder must not be empty; use 'builtin', a timm model name or a checkpoint path")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return parse_hidden(self.hidden)
+
+    @property
+    def num_subnets(self) -> int:
+        """G, the IST subnets per round: ``subnets-per-round``, or K when it is 0 (1 for fedavg)."""
+        if self.strategy == "fedavg":
+            return 1
+        return self.subnets_per_round or self.clients_per_round
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":

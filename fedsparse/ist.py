@@ -16,6 +16,11 @@ Stitching writes every slice back by index, leaves unassigned blocks and the sli
 workers that did not reply unchanged, and averages the output bias over the replies,
 weighted by their number of examples. This is the "clean" bias policy of GIST rather than
 the authors' code, which never syncs biases (see ``shared/notes/paper-ist-mae.md``).
+
+Subnets and clients: with G subnets for K clients (G <= K), the clients are dealt into G
+groups (``client_groups``), every member of a group trains the same subnet, and the group's
+replies are averaged, weighted by examples (``merge_by_subnet``), before stitching. G = K is
+plain IST; G = 1 is FedAvg on the full head.
 """
 
 from __future__ import annotations
@@ -115,13 +120,79 @@ def check_slice(sub: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[in
             raise ValueError(f"slice {key} holds NaN or Inf")
 
 
+def client_groups(k: int, g: int) -> list[int]:
+    """The subnet of each of a round's ``k`` clients, for ``g`` subnets (1 <= g <= k).
+
+    Clients are dealt round-robin in the order the server sampled them (a seeded random
+    order, so groups are a deterministic function of the seed and the round): client ``i``
+    trains subnet ``i % g``. Group sizes differ by at most one, and with ``g == k`` client
+    ``i`` trains subnet ``i``, exactly as plain IST.
+    """
+    if not 1 <= g <= k:
+        raise ValueError(f"need 1 <= subnets <= clients, got {g} subnets for {k} clients")
+    return [i % g for i in range(k)]
+
+
 @dataclass
 class SliceUpdate:
-    """One worker's trained slice: its hidden indices, its sub-state and its example count."""
+    """One worker's trained slice: its hidden indices, its sub-state and its example count.
+
+    ``subnet`` names the subnet the slice belongs to; updates of the same subnet are
+    averaged by ``merge_by_subnet``. ``None`` = a subnet of its own.
+    """
 
     index: list[torch.Tensor]
     state: Mapping[str, torch.Tensor]
     num_examples: int
+    subnet: int | None = None
+
+
+def _weights(counts: Sequence[int]) -> list[float]:
+    """Example weights (negative counts count as 0); equal weights when no example is reported."""
+    total = sum(max(0, int(n)) for n in counts)
+    if total > 0:
+        return [max(0, int(n)) / total for n in counts]
+    return [1.0 / len(counts)] * len(counts)
+
+
+def merge_updates(updates: Sequence[SliceUpdate]) -> SliceUpdate:
+    """The example-weighted mean of updates of one subnet (same index), as one update.
+
+    Its ``num_examples`` is the group's total, so that stitching weighs the output bias of
+    every client by its own examples. One update is returned as it is.
+    """
+    if not updates:
+        raise ValueError("merge_updates needs at least one update")
+    if len(updates) == 1:
+        return updates[0]
+    first = updates[0]
+    for up in updates[1:]:
+        if len(up.index) != len(first.index) or any(not torch.equal(a, b) for a, b in zip(up.index, first.index)):
+            raise ValueError("merge_updates got updates of different subnets")
+    weights = _weights([u.num_examples for u in updates])
+    state: State = {}
+    for key, ref in first.state.items():
+        ref = torch.as_tensor(ref)
+        acc = torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+        for w, u in zip(weights, updates):
+            acc += w * torch.as_tensor(u.state[key], dtype=acc.dtype)
+        state[key] = acc
+    total = sum(max(0, int(u.num_examples)) for u in updates)
+    return SliceUpdate(first.index, state, total, first.subnet)
+
+
+def merge_by_subnet(updates: Sequence[SliceUpdate]) -> list[SliceUpdate]:
+    """One merged update per subnet (in order of first appearance); a subnet none of whose
+    clients replied has no update, so stitching leaves it unchanged."""
+    groups: dict[object, list[SliceUpdate]] = {}
+    for i, up in enumerate(updates):
+        groups.setdefault(("own", i) if up.subnet is None else up.subnet, []).append(up)
+    return [merge_updates(group) for group in groups.values()]
+
+
+def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when no tensor of ``state`` holds NaN or Inf."""
+    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in state.values())
 
 
 def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate]) -> State:
@@ -142,13 +213,9 @@ def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate]) ->
             w[r.unsqueeze(1), c.unsqueeze(0)] = w_new
             if rows is not None:
                 out[f"layers.{layer}.bias"][rows] = torch.as_tensor(up.state[f"layers.{layer}.bias"], dtype=w.dtype)
-    total = sum(max(0, int(u.num_examples)) for u in updates)
     if updates:
         key = f"layers.{n - 1}.bias"
-        if total > 0:
-            weights = [max(0, int(u.num_examples)) / total for u in updates]
-        else:
-            weights = [1.0 / len(updates)] * len(updates)
+        weights = _weights([u.num_examples for u in updates])
         out[key] = sum(w * torch.as_tensor(u.state[key], dtype=out[key].dtype) for w, u in zip(weights, updates))
     return out
 

@@ -15,7 +15,9 @@ class RunReport:
     """The content of ``metrics.json``.
 
     ``rounds`` holds one dict per training round with at least: round, accuracy, loss,
-    clients (replies used), failures, bytes_down_per_client, bytes_up_per_client, seconds.
+    clients (replies used), sampled, subnets, failures (failed_error + failed_invalid +
+    failed_lost), bytes_down_per_client, bytes_up_per_client, bytes_down_total,
+    bytes_up_total, seconds (the round) and elapsed (since the run started).
     """
 
     config: dict[str, Any]

@@ -86,8 +86,8 @@ def preflight(cfg: RunConfig) -> None:
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     if cfg.num_clients > len(train):
         raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")
-    if cfg.strategy == "ist" and min(cfg.hidden_sizes) < cfg.clients_per_round:
+    if cfg.strategy == "ist" and min(cfg.hidden_sizes) < cfg.num_subnets:
         raise ValueError(
-            f"hidden layers {cfg.hidden} are too narrow to split among {cfg.clients_per_round} clients per round"
+            f"hidden layers {cfg.hidden} are too narrow to split into {cfg.num_subnets} subnets per round"
         )
     get_encoder(cfg.encoder, cfg.image_size)

@@ -52,8 +52,12 @@ class RoundStats:
     bytes_down: list[int] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
     sent: int = 0
+    subnets: int = 0
     replies: int = 0
-    failures: int = 0
+    failures: int = 0  # errors + invalid + lost
+    errors: int = 0  # the client answered with an error (it raised)
+    invalid: int = 0  # malformed reply: missing or mis-shaped arrays, NaN/Inf, bad num-examples
+    lost: int = 0  # no answer within round-timeout
     client_metrics: list[dict[str, float]] = field(default_factory=list)
 
     def record_sent(self, messages: Iterable[Message]) -> list[Message]:
@@ -116,17 +120,27 @@ def collect_replies(
             state, n, metrics = parse_reply(reply, expected_for[node])
         except ValueError as err:
             stats.failures += 1
-            log(WARNING, "round %d: dropping reply of node %s: %s", stats.round, node, err)
+            if reply.has_error():
+                stats.errors += 1
+            else:
+                stats.invalid += 1
+            log(WARNING, "round %d: dropping reply of node %s: %s", stats.round, node, _one_line(str(err)))
             continue
         stats.client_metrics.append(metrics)
         good.append((node, state, n))
     lost = len(set(expected_for) - seen)
     if lost:
         stats.failures += lost
+        stats.lost += lost
         log(WARNING, "round %d: %d client(s) did not reply in time", stats.round, lost)
     stats.replies = len(good)
-    log(INFO, "round %d: %d/%d replies used", stats.round, len(good), len(expected_for))
     return good
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A client's error reason (possibly a traceback) as one short log line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def train_metrics(stats: RoundStats, good: list) -> MetricRecord:

@@ -2,24 +2,29 @@
 
 Flower's own ``FedAvg`` does the averaging; this subclass only samples exactly K clients
 with the same seeded sampler as IST, measures the bytes it sends and receives, and drops
-malformed replies (logged, counted) before FedAvg sees them.
+malformed replies (logged, counted; NaN/Inf included) before FedAvg sees them.
+``subnets-per-round`` does not apply: FedAvg is IST with one subnet.
 """
 
 from __future__ import annotations
 
 import random
+from logging import WARNING
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
 
+from fedsparse.ist import all_finite
 from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES_KEY
 from fedsparse.task import derive_seed
 from strategies.common import RoundStats, collect_replies, sample_clients, train_metrics
+from strategies.progress import LiveReplies
 
 
-class FedAvgBaseline(FedAvg):
+class FedAvgBaseline(LiveReplies, FedAvg):
     """FedAvg with K clients per round and the same accounting as :class:`strategies.ist.IST`."""
 
     def __init__(self, clients_per_round: int, seed: int = 0, wait_timeout: float | None = None) -> None:
@@ -40,7 +45,7 @@ class FedAvgBaseline(FedAvg):
         self._sent_to: list[int] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.stats = RoundStats(server_round)
+        self.stats = RoundStats(server_round, subnets=1)
         self.history.append(self.stats)
         self._shapes = {k: tuple(v.shape) for k, v in arrays.to_torch_state_dict().items()}
         self._sent_to = sample_clients(grid, self.clients_per_round, self.rng, self.wait_timeout)
@@ -58,4 +63,7 @@ class FedAvgBaseline(FedAvg):
         if not kept:
             return None, train_metrics(self.stats, good)
         arrays, _ = super().aggregate_train(server_round, kept)
+        if arrays is not None and not all_finite(arrays.to_torch_state_dict()):
+            log(WARNING, "round %d: the averaged head is not finite; keeping the previous head", server_round)
+            return None, train_metrics(self.stats, good)
         return arrays, train_metrics(self.stats, good)

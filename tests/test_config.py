@@ -82,7 +82,7 @@ class TestValidation:
             ("dataset", "imagenet", ["cifar10-sample", "cifar10", "imagefolder"]),
             ("strategy", "fedprox", ["ist", "fedavg"]),
             ("partitioner", "pathological", ["iid", "dirichlet", "shards"]),
-            ("mask-mode", "random", ["per-image", "shared"]),
+            ("mask-mode", "sometimes", ["per-image", "shared", "random"]),
             ("preprocessing", "zscore", ["paper", "imagenet"]),
             ("encoder-dtype", "fp16", ["fp32", "bf16"]),
         ],
@@ -175,3 +175,32 @@ class TestOverridesAndFiles:
     def test_runconfig_round_trips_through_run_config_dict(self) -> None:
         cfg = RunConfig().replace(mask_ratio=0.9, strategy="fedavg", hidden="64")
         assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+class TestSubnetsAndFaults:
+    def test_defaults(self) -> None:
+        cfg = RunConfig()
+        assert (cfg.subnets_per_round, cfg.fault_rate, cfg.fault_mode) == (0, 0.0, "raise")
+        assert cfg.num_subnets == cfg.clients_per_round  # 0 = one subnet per client
+
+    def test_num_subnets(self) -> None:
+        assert RunConfig.from_run_config({"clients-per-round": 8, "subnets-per-round": 2}).num_subnets == 2
+        assert RunConfig.from_run_config({"strategy": "fedavg", "subnets-per-round": 2}).num_subnets == 1
+
+    @pytest.mark.parametrize(
+        "overrides, fragment",
+        [
+            ({"subnets-per-round": -1}, "subnets-per-round"),
+            ({"clients-per-round": 4, "subnets-per-round": 5}, "subnets-per-round"),
+            ({"fault-rate": 1.0}, "fault-rate"),
+            ({"fault-rate": -0.1}, "fault-rate"),
+            ({"fault-mode": "explode"}, "fault-mode"),
+        ],
+    )
+    def test_out_of_range_values_raise(self, overrides, fragment) -> None:
+        with pytest.raises(ValueError, match=fragment):
+            RunConfig.from_run_config(overrides)
+
+    @pytest.mark.parametrize("mode", ["raise", "nan", "hang", "mix"])
+    def test_fault_modes(self, mode: str) -> None:
+        assert RunConfig.from_run_config({"fault-rate": 0.3, "fault-mode": mode}).fault_mode == mode

@@ -8,9 +8,13 @@ import torch
 from fedsparse.head import MLPHead, batch_order, train_steps
 from fedsparse.ist import (
     SliceUpdate,
+    all_finite,
     check_slice,
+    client_groups,
     expected_slice_shapes,
     hidden_sizes,
+    merge_by_subnet,
+    merge_updates,
     num_layers,
     partition,
     slice_state,
@@ -322,3 +326,111 @@ class TestSmallHelpers:
         params = IN_DIM * 10 + 10 + 10 * 11 + 11 + 11 * CLASSES + CLASSES
         assert state_bytes(w) == params * 4
         assert state_bytes({k: v.half() for k, v in w.items()}) == params * 2
+
+
+class TestSubnetGroups:
+    """subnets-per-round: G subnets for K clients, each group's replies averaged before stitching."""
+
+    @pytest.mark.parametrize("k, g", [(1, 1), (4, 1), (4, 2), (7, 3), (5, 5)])
+    def test_groups_are_near_equal_and_cover_every_subnet(self, k: int, g: int) -> None:
+        groups = client_groups(k, g)
+        assert len(groups) == k and set(groups) == set(range(g))
+        sizes = [groups.count(s) for s in range(g)]
+        assert max(sizes) - min(sizes) <= 1
+
+    def test_one_group_per_client_is_the_identity(self) -> None:
+        assert client_groups(6, 6) == list(range(6))
+
+    @pytest.mark.parametrize("k, g", [(3, 0), (3, 4), (0, 0)])
+    def test_impossible_groups_raise(self, k: int, g: int) -> None:
+        with pytest.raises(ValueError):
+            client_groups(k, g)
+
+    def test_merge_is_the_example_weighted_mean(self) -> None:
+        w = random_state(0)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 1)
+        sub = slice_state(w, idx)
+        ups = [SliceUpdate(idx, {k: v + d for k, v in sub.items()}, n, subnet=1) for d, n in [(1.0, 10), (4.0, 30)]]
+        merged = merge_updates(ups)
+        assert merged.num_examples == 40 and merged.subnet == 1
+        for k in sub:
+            assert torch.allclose(merged.state[k], sub[k] + 3.25), k  # (1*10 + 4*30) / 40
+
+    def test_merge_of_one_update_returns_it_unchanged(self) -> None:
+        w = random_state(0)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 0)
+        up = SliceUpdate(idx, slice_state(w, idx), 7, subnet=0)
+        assert merge_updates([up]) is up
+
+    def test_merge_rejects_different_subnets(self) -> None:
+        w = random_state(0)
+        parts = partition(HIDDEN, 2, seed=0)
+        ups = [SliceUpdate(worker_indices(parts, j), slice_state(w, worker_indices(parts, j)), 1) for j in (0, 1)]
+        with pytest.raises(ValueError, match="different subnets"):
+            merge_updates(ups)
+
+    def _round(self, w, k, g, examples, seed=3, fail=()):
+        """One aggregation as the IST strategy does it: client i trains subnet groups[i]
+        (here: adds i + 1 to every value) unless it is in ``fail``."""
+        parts = partition(HIDDEN, g, seed=seed)
+        groups = client_groups(k, g)
+        ups = []
+        for i, (subnet, n) in enumerate(zip(groups, examples)):
+            if i in fail:
+                continue
+            idx = worker_indices(parts, subnet)
+            ups.append(SliceUpdate(idx, {key: v + (i + 1) for key, v in slice_state(w, idx).items()}, n, subnet))
+        return parts, groups, stitch(w, merge_by_subnet(ups))
+
+    def test_one_subnet_is_fedavg_on_the_full_head(self) -> None:
+        w = random_state(11)
+        examples = [5, 10, 20, 15]
+        _, _, out = self._round(w, k=4, g=1, examples=examples)
+        # FedAvg: example-weighted average of the four full models w + (i + 1)
+        fedavg = {key: sum(n * (v + i + 1) for i, n in enumerate(examples)) / sum(examples) for key, v in w.items()}
+        for key in w:
+            assert torch.allclose(out[key], fedavg[key], atol=1e-5), key
+
+    def test_one_subnet_per_client_is_plain_ist(self) -> None:
+        w = random_state(12)
+        examples = [3, 5, 8]
+        parts, _, grouped = self._round(w, k=3, g=3, examples=examples)
+        plain = stitch(w, [
+            SliceUpdate(worker_indices(parts, j), {key: v + (j + 1) for key, v in slice_state(w, worker_indices(parts, j)).items()}, n)
+            for j, n in enumerate(examples)
+        ])
+        assert all(torch.equal(grouped[key], plain[key]) for key in w)
+
+    def test_group_replies_are_averaged_before_stitching(self) -> None:
+        w = random_state(13)
+        examples = [1, 2, 3, 4, 5]  # K = 5, G = 2: clients 0, 2, 4 train subnet 0; clients 1, 3 subnet 1
+        parts, groups, out = self._round(w, k=5, g=2, examples=examples)
+        assert groups == [0, 1, 0, 1, 0]
+        for subnet, members in ((0, [0, 2, 4]), (1, [1, 3])):
+            idx = worker_indices(parts, subnet)
+            shift = sum(examples[i] * (i + 1) for i in members) / sum(examples[i] for i in members)
+            got, orig = slice_state(out, idx), slice_state(w, idx)
+            for key in got:
+                if key != "layers.2.bias":
+                    assert torch.allclose(got[key], orig[key] + shift, atol=1e-5), (subnet, key)
+        # the output bias is the mean over every client, weighted by its own examples
+        shift = sum(n * (i + 1) for i, n in enumerate(examples)) / sum(examples)
+        assert torch.allclose(out["layers.2.bias"], w["layers.2.bias"] + shift, atol=1e-5)
+
+    def test_a_group_that_failed_as_a_whole_leaves_its_subnet_unchanged(self) -> None:
+        w = random_state(14)
+        parts, groups, out = self._round(w, k=4, g=2, examples=[1, 1, 1, 1], fail={1, 3})  # all of subnet 1
+        assert groups == [0, 1, 0, 1]
+        idx = worker_indices(parts, 1)
+        got, orig = slice_state(out, idx), slice_state(w, idx)
+        for key in got:
+            if key != "layers.2.bias":
+                assert torch.equal(got[key], orig[key]), key
+        idx0 = worker_indices(parts, 0)
+        assert torch.allclose(slice_state(out, idx0)["layers.0.weight"], slice_state(w, idx0)["layers.0.weight"] + 2.0)
+
+    def test_all_finite(self) -> None:
+        w = random_state(0)
+        assert all_finite(w)
+        w["layers.1.bias"][0] = float("nan")
+        assert not all_finite(w)

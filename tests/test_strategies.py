@@ -220,3 +220,222 @@ class TestSampling:
             IST(clients_per_round=2, wait_timeout=0.2).configure_train(
                 1, ArrayRecord(head_state()), train_config(), FakeGrid([])
             )
+
+
+class TestSubnetsPerRound:
+    def test_group_members_get_the_same_slice_and_groups_cover_the_hidden_layer(self):
+        state = head_state()
+        strategy = IST(clients_per_round=6, seed=1, subnets_per_round=2)
+        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(10))))
+        assert len(msgs) == 6
+        by_subnet = {}
+        for m in msgs:
+            conf = m.content[CONFIG_KEY]
+            assert conf["num-subnets"] == 2
+            by_subnet.setdefault(conf["subnet"], []).append(m)
+        assert sorted(len(v) for v in by_subnet.values()) == [3, 3]
+        for members in by_subnet.values():
+            first = members[0].content[ARRAYS_KEY].to_torch_state_dict()
+            for m in members[1:]:
+                other = m.content[ARRAYS_KEY].to_torch_state_dict()
+                assert all(torch.equal(first[k], other[k]) for k in first)
+        h1 = torch.cat([strategy._assigned[ms[0].metadata.dst_node_id][0] for ms in by_subnet.values()])
+        assert torch.equal(h1.sort().values, torch.arange(10))
+
+    @pytest.mark.parametrize("k, g", [(8, 1), (8, 2), (8, 4), (8, 8)])
+    def test_bytes_per_client_follow_the_subnet_size(self, k, g):
+        state = MLPHead(192, (1024, 1024), 10).state_dict()
+        full = wire_bytes(ArrayRecord(state))
+        strategy = IST(clients_per_round=k, subnets_per_round=g)
+        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(k))))
+        for m in msgs:
+            assert wire_bytes(m.content[ARRAYS_KEY]) <= full / g * 1.01
+        if g > 1:  # and not much less: the slice of one subnet out of g
+            assert min(wire_bytes(m.content[ARRAYS_KEY]) for m in msgs) >= full / g**2
+        assert strategy.history[-1].bytes_down == [wire_bytes(m) for m in msgs]
+
+    def test_default_is_one_subnet_per_client_and_identical_to_plain_ist(self):
+        state = head_state()
+        a, b = IST(3, seed=4), IST(3, seed=4, subnets_per_round=3)
+        ma = list(a.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(5))))
+        mb = list(b.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(5))))
+        assert [m.content[CONFIG_KEY]["subnet"] for m in ma] == [0, 1, 2]
+        for x, y in zip(ma, mb):
+            assert x.metadata.dst_node_id == y.metadata.dst_node_id
+            sx, sy = x.content[ARRAYS_KEY].to_torch_state_dict(), y.content[ARRAYS_KEY].to_torch_state_dict()
+            assert all(torch.equal(sx[k], sy[k]) for k in sx)
+
+    def test_one_subnet_aggregates_like_the_fedavg_baseline(self):
+        state = head_state()
+        ist = IST(clients_per_round=3, seed=0, subnets_per_round=1)
+        fed = FedAvgBaseline(clients_per_round=3, seed=0)
+        grid = FakeGrid([5, 6, 7])
+        mi = list(ist.configure_train(1, ArrayRecord(state), train_config(), grid))
+        mf = list(fed.configure_train(1, ArrayRecord(state), train_config(), grid))
+        assert [m.metadata.dst_node_id for m in mi] == [m.metadata.dst_node_id for m in mf]
+        for m in mi:  # the "slice" of the only subnet is the whole head
+            sent = m.content[ARRAYS_KEY].to_torch_state_dict()
+            assert all(torch.equal(sent[k], state[k]) for k in state)
+        gen = torch.Generator().manual_seed(0)
+        trained = [{k: v + torch.randn(v.shape, generator=gen) for k, v in state.items()} for _ in range(3)]
+        examples = [10, 25, 5]
+        ai, _ = ist.aggregate_train(1, [reply_to(m, s, n) for m, s, n in zip(mi, trained, examples)])
+        af, _ = fed.aggregate_train(1, [reply_to(m, s, n) for m, s, n in zip(mf, trained, examples)])
+        si, sf = ai.to_torch_state_dict(), af.to_torch_state_dict()
+        for k in state:
+            assert torch.allclose(si[k], sf[k], atol=1e-6), k
+
+    def test_a_whole_failed_group_leaves_its_subnet_unchanged(self):
+        state = head_state()
+        strategy = IST(clients_per_round=4, seed=3, subnets_per_round=2)
+        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([1, 2, 3, 4])))
+        subnet = {m.metadata.dst_node_id: m.content[CONFIG_KEY]["subnet"] for m in msgs}
+        replies, raised = [], False
+        for m in msgs:
+            sent = m.content[ARRAYS_KEY].to_torch_state_dict()
+            if subnet[m.metadata.dst_node_id] == 0:
+                replies.append(reply_to(m, perturbed(sent, 2.0)))
+            elif not raised:  # subnet 1: one member raised ...
+                replies.append(Message(Error(code=1, reason="boom"), reply_to=m))
+                raised = True
+            else:  # ... and the other sent NaN
+                replies.append(reply_to(m, perturbed(sent, float("nan"))))
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        new = arrays.to_torch_state_dict()
+        assert metrics["failures"] == 2 and metrics["replies"] == 2
+        for node, s in subnet.items():
+            got, orig = slice_state(new, strategy._assigned[node]), slice_state(state, strategy._assigned[node])
+            for k in got:
+                if k != "layers.2.bias":
+                    assert torch.allclose(got[k], orig[k] + (2.0 if s == 0 else 0.0)), (node, k)
+        assert all(torch.isfinite(v).all() for v in new.values())
+
+    def test_subnets_beyond_clients_are_rejected(self):
+        with pytest.raises(ValueError, match="subnets-per-round"):
+            IST(clients_per_round=2, subnets_per_round=3)
+
+
+class QueueGrid(FakeGrid):
+    """A Grid with push/pull: each pull releases at most ``per_pull`` replies; nodes in
+    ``silent`` never answer; ``reply`` builds a node's reply."""
+
+    def __init__(self, nodes, reply, per_pull=1, silent=()):
+        super().__init__(nodes)
+        self.reply, self.per_pull, self.silent = reply, per_pull, set(silent)
+        self.ready, self.pulls = [], 0
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.ready)}-{i}-{id(m)}"
+            ids.append(m.metadata.message_id)
+            if m.metadata.dst_node_id not in self.silent:
+                self.ready.append(self.reply(m))
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        wanted = set(message_ids)
+        out = [r for r in self.ready if r.metadata.reply_to_message_id in wanted][: self.per_pull]
+        for r in out:
+            self.ready.remove(r)
+        return out
+
+
+class TestPollingGrid:
+    def test_replies_are_reported_as_they_arrive(self):
+        from strategies.progress import PollingGrid
+
+        state = head_state()
+        calls = []
+        grid = QueueGrid([1, 2, 3], lambda m: reply_to(m, state))
+        polling = PollingGrid(grid, lambda *a: calls.append(a), poll=0.001)
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+        replies = list(polling.send_and_receive(msgs, timeout=5))
+        assert len(replies) == 3
+        assert calls == [(0, 3, 0, False), (1, 3, 0, False), (2, 3, 0, False), (3, 3, 0, False), (3, 3, 0, True)]
+        assert list(polling.get_node_ids()) == [1, 2, 3]
+
+    def test_timeout_returns_what_arrived_and_counts_errors(self):
+        from strategies.progress import PollingGrid
+
+        calls = []
+
+        def reply(m):
+            return Message(Error(code=1, reason="x"), reply_to=m)
+
+        grid = QueueGrid([1, 2, 3], reply, per_pull=5, silent={3})
+        polling = PollingGrid(grid, lambda *a: calls.append(a), poll=0.01)
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+        replies = list(polling.send_and_receive(msgs, timeout=0.2))
+        assert len(replies) == 2 and calls[:2] == [(0, 3, 0, False), (2, 3, 2, False)] and calls[-1] == (2, 3, 2, True)
+        assert grid.pulls >= 5  # it kept polling until the deadline
+
+    def test_nothing_to_send_returns_at_once(self):
+        from strategies.progress import PollingGrid
+
+        calls = []
+        assert list(PollingGrid(QueueGrid([], None), lambda *a: calls.append(a)).send_and_receive([], timeout=9)) == []
+        assert calls == []
+
+
+class TestProgress:
+    def _run(self, strategy, nodes, rounds=2, **grid_kw):
+        state = head_state()
+        grid = QueueGrid(nodes, lambda m: reply_to(m, perturbed(m.content[ARRAYS_KEY].to_torch_state_dict(), 0.1)), **grid_kw)
+        seen = []
+        strategy.on_replies = lambda *a: seen.append(a)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=rounds, timeout=0.3)
+        return seen
+
+    def test_start_reports_replies_per_round_through_the_polling_grid(self):
+        seen = self._run(IST(clients_per_round=3, seed=0), [1, 2, 3, 4])
+        assert [a for a in seen if a[-1]] == [(1, 3, 3, 0, True), (2, 3, 3, 0, True)]
+        assert [a[:3] for a in seen if not a[-1]] == [(r, d, 3) for r in (1, 2) for d in range(4)]
+
+    def test_fedavg_reports_too_and_lost_clients_time_out(self):
+        strategy = FedAvgBaseline(clients_per_round=2, seed=0)
+        seen = self._run(strategy, [1, 2], rounds=1, silent={2})
+        assert seen[-1] == (1, 1, 2, 0, True)
+        assert strategy.history[-1].lost == 1 and strategy.history[-1].failures == 1
+
+    def test_round_line_is_one_line_and_live_only_on_a_tty(self, caplog):
+        import io
+
+        from strategies.progress import RoundLine, format_round
+
+        entry = {"round": 3, "clients": 3, "sampled": 4, "failures": 1, "failed_error": 0, "failed_invalid": 1,
+                 "failed_lost": 0, "accuracy": 0.4567, "bytes_down_per_client": 12345.0,
+                 "bytes_up_per_client": 12400.0, "seconds": 1.25, "elapsed": 30.5}
+        text = format_round(entry, 10)
+        assert "\n" not in text
+        for part in ("round 3/10", "clients 3/4 done", "1 failed: 1 invalid", "accuracy 0.4567", "12.3 kB down",
+                     "elapsed 30.5s"):
+            assert part in text, text
+        piped = io.StringIO()
+        RoundLine(10, stream=piped).replies(3, 1, 4, 0, False)
+        assert piped.getvalue() == ""  # not a TTY: no live line
+        tty = io.StringIO()
+        line = RoundLine(10, stream=tty, live=True)
+        line.replies(3, 1, 4, 0, False)
+        line.replies(3, 2, 4, 1, False)
+        line.replies(3, 2, 4, 1, True)
+        out = tty.getvalue()
+        assert "\n" not in out and out.count("\r") == 3 and "clients 2/4 done (1 failed)" in out
+        assert out.endswith("\r\x1b[2K")  # wiped before the round's log lines
+
+    def test_quiet_filter_drops_only_flowers_per_round_lines(self):
+        import logging
+
+        from strategies.progress import QuietFlowerRounds
+
+        f = QuietFlowerRounds()
+
+        def rec(msg, level=logging.INFO):
+            return logging.LogRecord("flwr", level, __file__, 1, msg, None, None)
+
+        assert not f.filter(rec("[ROUND %s/%s]"))
+        assert not f.filter(rec("Global evaluation"))
+        assert f.filter(rec("round %d: %d client(s) did not reply in time", logging.WARNING))
+        assert f.filter(rec("%s"))
+        assert f.filter(rec("", logging.WARNING))
