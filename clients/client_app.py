@@ -7,16 +7,14 @@ on its partition's cached CLS features, and sends the arrays back with its metri
 
 from __future__ import annotations
 
-import resource
 import time
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod
+from fedsparse.accounting import head_train_tensor_bytes, peak_rss_bytes
 from fedsparse.config import RunConfig
-from fedsparse.head import MLPHead, batch_order, train_steps
 from fedsparse.protocol import (
     ARRAYS_KEY,
     CACHE_HIT_KEY,
@@ -29,7 +27,7 @@ from fedsparse.protocol import (
     TRAIN_LOSS_KEY,
     TRAIN_SECONDS_KEY,
 )
-from fedsparse.task import client_features, derive_seed
+from fedsparse.task import client_features, train_slice
 
 app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
@@ -42,13 +40,6 @@ def _partition(context: Context) -> tuple[int, int]:
                          "'partition-id=<i> num-partitions=<n>'") from None
 
 
-def train_tensor_bytes(model: MLPHead, batch_size: int) -> int:
-    """Analytic tensor memory of local training (fp32): weights, grads and two Adam moments
-    (4 x params) plus forward activations kept for backward (batch x sum of layer widths)."""
-    params = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * params + batch_size * sum(model.dims))
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
@@ -57,15 +48,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(conf.get("server-round", 0))
     feats = client_features(cfg, partition_id, num_partitions, server_round)
 
-    model = MLPHead.from_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
-    steps = int(conf.get("local-steps", cfg.local_steps))
+    state = msg.content[ARRAYS_KEY].to_torch_state_dict()
     batch_size = int(conf.get("batch-size", cfg.batch_size))
-    lr = float(conf.get("lr", cfg.lr))
-
-    gen = torch.Generator().manual_seed(derive_seed("batches", cfg.seed, server_round, partition_id))
     t0 = time.perf_counter()
-    loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen), lr)
+    trained, loss = train_slice(cfg, state, feats, server_round, partition_id, steps=int(conf.get("local-steps", cfg.local_steps)),
+                                batch_size=batch_size, lr=float(conf.get("lr", cfg.lr)))
     train_seconds = time.perf_counter() - t0
+    dims = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in range(len(state) // 2)]
 
     metrics = MetricRecord(
         {
@@ -74,9 +63,9 @@ def train(msg: Message, context: Context) -> Message:
             TRAIN_SECONDS_KEY: train_seconds,
             EXTRACT_SECONDS_KEY: feats.seconds,
             CACHE_HIT_KEY: int(feats.cache_hit),
-            PEAK_RSS_KEY: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            TENSOR_BYTES_KEY: train_tensor_bytes(model, batch_size),
+            PEAK_RSS_KEY: peak_rss_bytes(),
+            TENSOR_BYTES_KEY: head_train_tensor_bytes(dims, batch_size),
         }
     )
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(trained), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

@@ -5,6 +5,7 @@
     fedsparse probe [CONFIG] [--encoders builtin,builtin-random,pixels]
     fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--dtypes fp32,bf16] [--out DIR]
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
+    fedsparse overhead [CONFIG] [--clients-per-round 10,100,1000] [--rounds 3] [--out DIR]
     fedsparse keys
 
 Errors in user input (a missing file, an unknown key or value) end the command with one
@@ -135,6 +136,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from fedsparse.overhead import overhead
+
+    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
+    try:
+        ks = [int(v) for v in _names(args.clients_per_round)]
+    except ValueError:
+        raise ValueError(f"--clients-per-round must be comma-separated integers, got {args.clients_per_round!r}") from None
+    out = Path(args.out)
+    print(f"fedsparse overhead: {args.config or 'defaults'}, K in {ks}, {args.rounds} rounds -> {out}", flush=True)
+    overhead(cfg, out, ks, args.rounds, tuple(_names(args.engines)), report=lambda s: print(s, flush=True))
+    print(f"results: {out}/overhead.json, overhead.md")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, value in RunConfig().to_run_config().items():
         print(f"{key} = {value!r}")
@@ -198,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=10\"")
     swp.add_argument("--out", default="runs/sweep", help="folder for sweep.csv, sweep.md, sweep.png and the runs")
     swp.set_defaults(func=cmd_sweep)
+    ovh = sub.add_parser("overhead", help="time the same IST rounds as a plain loop, in-process Flower, and the Simulation Engine")
+    ovh.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    ovh.add_argument("--clients-per-round", default="10,100,1000", help="comma-separated K values")
+    ovh.add_argument("--rounds", type=int, default=3, help="rounds per engine (the first is reported apart)")
+    ovh.add_argument("--engines", default="plain,in-process,simulation", help="any of plain, in-process, simulation")
+    ovh.add_argument("--run-config", default="", help="overrides, e.g. \"num-clients=1000\"")
+    ovh.add_argument("--out", default="runs/overhead", help="folder for overhead.json and overhead.md")
+    ovh.set_defaults(func=cmd_overhead)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser

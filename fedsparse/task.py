@@ -15,7 +15,7 @@ import torch
 from fedsparse.config import RunConfig
 from fedsparse.data import ImageSet, client_split, default_cache_dir, load_splits
 from fedsparse.features import FeatureCache, Features, cached_features, extract, get_encoder
-from fedsparse.head import MLPHead
+from fedsparse.head import MLPHead, batch_order, train_steps
 
 log = logging.getLogger("fedsparse")
 
@@ -71,6 +71,27 @@ def test_features(cfg: RunConfig) -> tuple[Features, int]:
     masks are fixed in every mode."""
     _, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     return features(cfg, test, group="test"), len(test.classes)
+
+
+def train_slice(
+    cfg: RunConfig,
+    state: dict[str, torch.Tensor],
+    feats: Features,
+    server_round: int,
+    partition_id: int,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """A client's local training: Adam on ``feats`` for ``steps`` steps of the (sub-)head in
+    ``state``, on batches seeded by (seed, round, partition). Returns (trained state, mean loss)."""
+    model = MLPHead.from_state_dict(state)
+    steps = cfg.local_steps if steps is None else steps
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    gen = torch.Generator().manual_seed(derive_seed("batches", cfg.seed, server_round, partition_id))
+    loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen),
+                       cfg.lr if lr is None else lr)
+    return model.state_dict(), loss
 
 
 def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:

@@ -67,6 +67,9 @@ def test_default_run_learns_and_writes_its_files(tmp_path):
     assert acc[-1] > chance + 0.08, acc  # clearly above chance
     assert acc[-1] > acc[0] and max(acc[len(acc) // 2 :]) > max(acc[: len(acc) // 2]), acc  # rising over rounds
     assert processes_of_run(proc.pid) == [], "the run left Ray processes behind"
+    mem = metrics["memory"]  # the whole process tree: driver, Ray's GCS and raylet, workers
+    assert mem["peak_processes"] >= 4 and mem["peak_summed_rss_bytes"] > 1 << 30
+    assert "peak summed RSS" in proc.stdout
 
 
 @pytest.mark.slow
