@@ -434,8 +434,22 @@ def client_split(
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     if partitioner == "full":
         return train
-    parts = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
+    parts = _cached_partition(train, num_partitions, partitioner, seed, alpha)
     return train.subset(parts[partition_id])
+
+
+_PARTITIONS: dict[tuple, list[np.ndarray]] = {}
+
+
+def _cached_partition(train: ImageSet, num_partitions: int, partitioner: str, seed: int, alpha: float) -> list[np.ndarray]:
+    """``partition_indices`` once per process and setting: a simulation worker serves many
+    clients, and a Dirichlet split of 50,000 labels among 1,000 clients takes ~0.1 s."""
+    key = (train.fingerprint, len(train), num_partitions, partitioner, seed, alpha)
+    if key not in _PARTITIONS:
+        if len(_PARTITIONS) >= 4:
+            _PARTITIONS.pop(next(iter(_PARTITIONS)))
+        _PARTITIONS[key] = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
+    return _PARTITIONS[key]
 
 
 def describe(dataset: ImageSet) -> str:
