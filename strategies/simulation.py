@@ -6,7 +6,9 @@ the way Flower does it: from an app directory's ``[tool.flwr.app.config]`` (writ
 temporary directory, so an installed fedsparse needs no source checkout). Ray is shut
 down afterwards, so the run leaves no process behind. The summed RSS and PSS of the whole
 process tree (Ray's processes included) is sampled during the run and added to
-``metrics.json`` under ``memory``.
+``metrics.json`` under ``memory``. Flower's per-node message polling is replaced by one
+pass per poll for the run (``strategies.vce_patch``; ``fast_message_dispatch`` in
+``metrics.json`` says whether it was installed).
 
 NOTE: this uses ``flwr.simulation.run_simulation._run_simulation``: the public
 ``run_simulation`` hands every app an empty run config (flwr 1.42). The import is checked
@@ -24,6 +26,7 @@ from typing import Any
 
 from fedsparse.config import RunConfig
 from fedsparse.memory import ProcessTreeMonitor
+from strategies.vce_patch import patched_vce
 
 
 def _toml_value(v: Any) -> str:
@@ -91,7 +94,7 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     monitor = ProcessTreeMonitor(interval=1.0)
     try:
         write_app_dir(cfg, app_dir)
-        with monitor:
+        with patched_vce() as fast_dispatch, monitor:
             _run_simulation(
                 num_supernodes=cfg.num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -114,6 +117,7 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     metrics = json.loads(metrics_path.read_text())
     # Memory of the whole run: this process, Ray's GCS and raylet, and every worker.
     metrics["memory"] = monitor.summary()
+    metrics["fast_message_dispatch"] = fast_dispatch
     tmp = metrics_path.with_suffix(".json.part")
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, metrics_path)

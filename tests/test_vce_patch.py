@@ -1,0 +1,69 @@
+"""The one-pass message dispatch that replaces Flower's per-node polling in simulation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from queue import Queue
+from types import SimpleNamespace
+
+from strategies.vce_patch import fast_add_messages_to_queue, patched_vce
+
+
+class FakeState:
+    """The parts of Flower's InMemoryLinkState the dispatch touches."""
+
+    def __init__(self, messages: dict[str, int], expired: set[str] = frozenset()):
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            mid: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at="")) for mid, node in messages.items()
+        }
+        self.expired = set(expired)
+        self.checked: list[set[str]] = []
+
+    def _check_stored_messages(self, ids: set[str]) -> None:
+        self.checked.append(set(ids))
+        for mid in ids & self.expired:
+            del self.message_ins_store[mid]
+
+
+def run_once(state: FakeState, nodes: set[int], expect: int) -> list:
+    queue: Queue = Queue()
+    stop = threading.Event()
+    t = threading.Thread(target=fast_add_messages_to_queue, args=(state, queue, dict.fromkeys(nodes), stop))
+    t.start()
+    deadline = time.monotonic() + 10
+    while queue.qsize() < expect and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.35)  # three more passes: nothing may be queued twice
+    stop.set()
+    t.join()
+    return [queue.get() for _ in range(queue.qsize())]
+
+
+def test_each_message_for_a_simulated_node_is_queued_once_and_marked_delivered():
+    state = FakeState({"a": 1, "b": 2, "c": 3, "x": 99})
+    out = run_once(state, {1, 2, 3}, expect=3)
+    assert sorted(m.metadata.dst_node_id for m in out) == [1, 2, 3]
+    assert all(m.metadata.delivered_at for m in out)
+    assert state.message_ins_store["x"].metadata.delivered_at == ""  # not a simulated node: left alone
+    assert state.checked == [{"a", "b", "c"}]  # validated once, in one call, then nothing pending
+
+
+def test_messages_flowers_check_rejects_are_not_delivered():
+    state = FakeState({"a": 1, "b": 2}, expired={"b"})
+    out = run_once(state, {1, 2}, expect=1)
+    assert [m.metadata.dst_node_id for m in out] == [1]
+    assert "b" not in state.message_ins_store
+
+
+def test_patch_installs_and_restores_flowers_function(monkeypatch):
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    with patched_vce() as installed:
+        assert installed and vce_api.add_messages_to_queue is not original
+    assert vce_api.add_messages_to_queue is original
+    monkeypatch.setenv("FEDSPARSE_FLOWER_POLLING", "flower")
+    with patched_vce() as installed:
+        assert not installed and vce_api.add_messages_to_queue is original
