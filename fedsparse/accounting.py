@@ -100,5 +100,16 @@ def extraction_tensor_bytes(shape: ViTShape, mask_ratio: float, batch_size: int,
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size so far: ``VmHWM`` of its address space.
+
+    NOTE: not ``getrusage().ru_maxrss`` where ``/proc`` exists: Linux carries the high-water
+    mark of the address space a process had before ``exec`` into ``ru_maxrss``, so a fresh
+    ``python`` forked from a 3 GB parent reports 3 GB from its first line.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

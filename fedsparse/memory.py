@@ -122,3 +122,41 @@ class ProcessTreeMonitor:
             "interval_seconds": self.interval,
             "samples": [vars(s) for s in self.samples[::step]],
         }
+
+
+def rss_anon(pid: int | None = None) -> int:
+    """Anonymous resident memory of a process in bytes (``RssAnon``: heap, tensors, stacks),
+    without the file-backed pages of mapped libraries, which the kernel shares and may evict."""
+    try:
+        for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakAnonSampler:
+    """Peak of this process's ``RssAnon`` while the block runs, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedsparse-anon", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_anon())
+            if self._stop.wait(self.interval):
+                break
+
+    def __enter__(self) -> "PeakAnonSampler":
+        self.peak = rss_anon()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())

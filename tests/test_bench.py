@@ -41,6 +41,7 @@ def test_bench_writes_its_files_with_fresh_process_memory_and_wire_bytes(cfg, tm
     assert [m["mask_ratio"] for m in mem] == [0.0, 0.5, 0.9]  # r = 0 added as the reference
     for m in mem:
         assert m["extract_peak_rss"] >= m["rss_after_encoder"] >= m["rss_after_imports"] > 50 * 2**20
+        assert m["extract_peak_anon"] >= m["anon_after_encoder"] >= m["anon_after_imports"] > 0
         assert m["cls_cache_file_bytes"] > m["cls_tensor_bytes_analytic"] == 24 * 192 * 4
     stored = [m["masked_images_bytes_analytic"] for m in mem]
     assert stored == sorted(stored, reverse=True) and stored[0] == 24 * 32 * 32 * 3
@@ -52,7 +53,7 @@ def test_bench_writes_its_files_with_fresh_process_memory_and_wire_bytes(cfg, tm
     assert fedavg["bytes_down_vs_fedavg"] == 1.0
     assert ist["bytes_down_vs_fedavg"] <= 1 / 3 + 0.01  # at most FedAvg's divided by K
     assert ist["bytes_up_per_client"] < fedavg["bytes_up_per_client"] / 2
-    assert ist["train_peak_rss"] > 50 * 2**20
+    assert ist["train_peak_rss"] > 50 * 2**20 and ist["train_peak_anon"] > 0
     assert "| ist |" in (tmp_path / "out" / "bench.md").read_text()
 
 

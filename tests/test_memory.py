@@ -46,3 +46,15 @@ def test_exited_process_counts_zero():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert rss_pss(p.pid) == (0, 0)
+
+
+def test_peak_anon_sampler_sees_a_short_lived_allocation():
+    from fedsparse.memory import PeakAnonSampler, rss_anon
+
+    before = rss_anon()
+    with PeakAnonSampler(interval=0.001) as s:
+        block = bytearray(150 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.05)
+        del block
+    assert before > 0 and s.peak >= before + 140 * 2**20
