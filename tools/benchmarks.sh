@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every measurement in BENCHMARKS.md, in the order it was run (offline; about 80 minutes on
-# 2 cores). Results go to runs/benchmarks/<step>/. Run from the repository root.
+# Every measurement in BENCHMARKS.md (offline). Results go to runs/benchmarks/<step>/.
+# Run from the repository root, on an otherwise idle machine for the timings.
 set -euo pipefail
 FS=${FS:-.venv/bin/fedsparse}
 OUT=${OUT:-runs/benchmarks}
@@ -16,17 +16,18 @@ $FS bench configs/quickstart.toml --mask-ratios 0,0.5,0.75,0.9 --images 512 --sp
 step "bench: ViT-B/16 (random weights) at 224x224 on RSSCN7"
 $FS bench configs/bench-vitb.toml --mask-ratios 0,0.5,0.75,0.9 --images 256 --speed-images 32 --out "$OUT/bench-vitb"
 
-step "sweep: the paper's table on the offline CIFAR-10 config, 10 ratios, IST and the centralized head"
-$FS sweep configs/cifar10-offline.toml --strategies ist,centralized --out "$OUT/sweep-offline"
-
-step "baselines at r = 0.5: FedAvg next to IST and the centralized head"
-$FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/sweep-offline"
-
-step "ablation: fixed masks vs masks drawn anew every round (quickstart)"
-$FS sweep configs/quickstart.toml --mask-ratios 0.5,0.75 --mask-modes per-image,random --out "$OUT/ablation"
-
 step "scale: 1,000 clients, 100 per round"
 $FS run configs/scale.toml --out "$OUT/scale"
 
 step "overhead: plain loop vs in-process Flower vs Simulation Engine"
 $FS overhead configs/scale.toml --clients-per-round 10,100,1000 --rounds 3 --out "$OUT/overhead"
+
+step "baselines at r = 0.5 on the paper's IST setup: IST, FedAvg and the centralized head"
+$FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/baselines"
+
+step "sweep: accuracy and storage at the 10 mask ratios, IST and the centralized head"
+$FS sweep configs/quickstart.toml --strategies ist,centralized --out "$OUT/sweep-quickstart"
+$FS sweep configs/cifar10-offline.toml --strategies ist,centralized --out "$OUT/sweep-offline"
+
+step "ablation: fixed masks vs masks drawn anew every round"
+$FS sweep configs/quickstart.toml --mask-ratios 0.5 --mask-modes per-image,random --run-config "num-rounds=15" --out "$OUT/ablation"
