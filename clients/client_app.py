@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from clients.mods import fault_injection_mod, message_bytes_mod
 from fedsparse.accounting import head_train_tensor_bytes, peak_rss_bytes
 from fedsparse.config import RunConfig
+from fedsparse.head import state_dims
 from fedsparse.protocol import (
     ARRAYS_KEY,
     CACHE_HIT_KEY,
@@ -54,7 +55,6 @@ def train(msg: Message, context: Context) -> Message:
     trained, loss = train_slice(cfg, state, feats, server_round, partition_id, steps=int(conf.get("local-steps", cfg.local_steps)),
                                 batch_size=batch_size, lr=float(conf.get("lr", cfg.lr)))
     train_seconds = time.perf_counter() - t0
-    dims = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in range(len(state) // 2)]
 
     metrics = MetricRecord(
         {
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
             EXTRACT_SECONDS_KEY: feats.seconds,
             CACHE_HIT_KEY: int(feats.cache_hit),
             PEAK_RSS_KEY: peak_rss_bytes(),
-            TENSOR_BYTES_KEY: head_train_tensor_bytes(dims, batch_size),
+            TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(state), batch_size),
         }
     )
     content = RecordDict({ARRAYS_KEY: ArrayRecord(trained), METRICS_KEY: metrics})

@@ -53,6 +53,7 @@ from fedsparse.features import (
     feature_key,
     get_encoder,
 )
+from fedsparse.head import state_dims
 from fedsparse.masking import masks_for
 from fedsparse.memory import PeakAnonSampler, rss_anon
 
@@ -227,7 +228,7 @@ def strategy_rows(cfg: RunConfig, report: Callable[[str], None] = print) -> list
         trip = one_round(c, in_dim, n_classes)
         fresh = _worker("train", {"config": c.to_run_config(), "in_dim": in_dim, "n_classes": n_classes})
         sliced = trip.sent[0].content["arrays"].to_torch_state_dict()
-        dims = [sliced["layers.0.weight"].shape[1]] + [sliced[f"layers.{i}.weight"].shape[0] for i in range(len(sliced) // 2)]
+        dims = list(state_dims(sliced))
         rows.append({
             "strategy": strategy, "clients_per_round": cfg.clients_per_round,
             "bytes_down_per_client": sum(trip.bytes_down) / len(trip.bytes_down),

@@ -91,6 +91,15 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished temp folder into place; a concurrent writer that got there first wins."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # lost a race only if the winner finished
+            raise
+
+
 def extract_archive(archive: Path, cache_dir: Path) -> Path:
     """Extract ``archive`` once into ``cache_dir/extracted/<digest>``; safe across processes."""
     target = cache_dir / "extracted" / f"{archive.name.split('.')[0]}-{_file_digest(archive)}"
@@ -104,11 +113,7 @@ def extract_archive(archive: Path, cache_dir: Path) -> Path:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as err:
             raise ValueError(f"cannot read archive {archive}: {err}") from None
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # lost a race only if the winner finished
-                raise
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,11 +253,7 @@ def hub_image_tree(name: str, cache_dir: Path) -> Path:
                 raise ValueError(f"hub data set {name} has no {split!r} split (splits: {', '.join(splits)})")
             n = _write_split(splits[split], tmp / split, name)
             log.info("hub %s: wrote %d %s images into the cache", name, n, split)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # lost a race only if the winner finished
-                raise
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(hf_cache, ignore_errors=True)  # the class folders are what we keep

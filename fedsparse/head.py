@@ -75,6 +75,12 @@ class MLPHead(nn.Module):
         return head
 
 
+def state_dims(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """Layer widths ``(in, hidden..., out)`` of the MLP whose state dict is ``state``."""
+    n_layers = len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
+    return (state["layers.0.weight"].shape[1], *(state[f"layers.{i}.weight"].shape[0] for i in range(n_layers)))
+
+
 def count_params(dims: Sequence[int]) -> int:
     """Parameters of an MLP with layer widths ``dims`` (weights + biases)."""
     return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from fedsparse.config import RunConfig
 from fedsparse.plain import plain_rounds
-from fedsparse.task import client_features
+from fedsparse.task import client_features, distinct_partitions
 
 
 @contextmanager
@@ -51,7 +51,7 @@ def _later_mean(rounds: list[dict[str, Any]]) -> float:
 def warm_cache(cfg: RunConfig, report: Callable[[str], None] = print) -> float:
     """Extract every client's features once (cache hits afterwards); returns seconds."""
     t0 = time.perf_counter()
-    parts = 1 if cfg.partitioner == "full" else cfg.num_clients
+    parts = distinct_partitions(cfg)
     for pid in range(parts):
         client_features(cfg, pid, cfg.num_clients)
         if (pid + 1) % max(1, parts // 10) == 0 or pid + 1 == parts:

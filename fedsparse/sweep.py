@@ -34,6 +34,7 @@ from fedsparse.accounting import (
 from fedsparse.config import RunConfig
 from fedsparse.data import load_splits
 from fedsparse.features import get_encoder
+from fedsparse.task import distinct_partitions
 
 STRATEGIES = ("ist", "fedavg", "centralized")
 MODES = ("per-image", "shared", "random")
@@ -89,7 +90,7 @@ def centralized(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     fcfg = cfg.replace(mask_mode="per-image") if cfg.mask_mode == "random" else cfg
     # All the clients' data, from the same cache entries the federated runs use.
-    parts = 1 if cfg.partitioner == "full" else cfg.num_clients
+    parts = distinct_partitions(cfg)
     tr = [client_features(fcfg, i, cfg.num_clients) for i in range(parts)]
     te, _ = test_features(fcfg)
     x, y = torch.cat([f.x for f in tr]), torch.cat([f.y for f in tr])
@@ -113,7 +114,7 @@ def row_for(cfg: RunConfig, strategy: str, metrics: dict[str, Any], shape: ViTSh
     acc = [r["accuracy"] for r in rounds]
     fed = strategy != "centralized"
     # Encoder work of one client: once per partition with fixed masks, every round with random ones.
-    per_client = n_train / (1 if cfg.partitioner == "full" else cfg.num_clients)
+    per_client = n_train / distinct_partitions(cfg)
     extractions = cfg.num_rounds if cfg.mask_mode == "random" else 1
     return {
         "dataset": cfg.dataset,

@@ -58,6 +58,12 @@ def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | N
     )
 
 
+def distinct_partitions(cfg: RunConfig) -> int:
+    """How many different client data sets there are: 1 with ``partitioner = "full"`` (every
+    client reads the whole training set), else one per client."""
+    return 1 if cfg.partitioner == "full" else cfg.num_clients
+
+
 def client_features(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int | None = None) -> Features:
     """The masked CLS features of one client's partition (extracted once and cached, except
     with ``mask-mode = random``, where ``server_round`` seeds fresh masks)."""

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsparse.config import RunConfig
@@ -51,6 +51,12 @@ class RoundTrip:
         return [wire_bytes(m) for m in self.replies]
 
 
+def _ensure_task_identity() -> None:
+    """Flower stamps messages with the running task's identity; outside a run there is none."""
+    if TaskIdentity._run_id is None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
 def client_context(cfg: RunConfig, partition_id: int, node_id: int) -> Context:
     """The Context a SuperNode would hand the ClientApp for ``partition_id``."""
     return Context(
@@ -66,14 +72,13 @@ def one_round(cfg: RunConfig, in_dim: int, n_classes: int, answer: int | None = 
     """Configure round 1 of ``cfg.strategy`` for ``cfg.clients_per_round`` clients and let the
     ClientApp answer (all of them, or only the first ``answer``). Node ``i + 1`` holds partition ``i``."""
     from clients.client_app import app as client_app
-    from strategies.server_app import make_strategy
+    from strategies.server_app import make_strategy, train_config_record
 
-    if TaskIdentity._run_id is None:  # Flower stamps messages with the task's identity
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    _ensure_task_identity()
     head = initial_head(cfg, in_dim, n_classes)
     strategy = make_strategy(cfg)
     nodes = list(range(1, cfg.clients_per_round + 1))
-    conf = ConfigRecord({"local-steps": cfg.local_steps, "lr": cfg.lr, "batch-size": cfg.batch_size})
+    conf = train_config_record(cfg)
     sent = list(strategy.configure_train(1, ArrayRecord(head.state_dict()), conf, LocalGrid(nodes)))
     replies = []
     for msg in sent[: len(sent) if answer is None else answer]:
@@ -88,15 +93,14 @@ def local_rounds(cfg: RunConfig, report: Callable[[str], None] = print) -> dict[
     from clients.client_app import app as client_app
     from fedsparse.head import MLPHead, evaluate
     from fedsparse.task import test_features
-    from strategies.server_app import make_strategy
+    from strategies.server_app import make_strategy, train_config_record
 
-    if TaskIdentity._run_id is None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    _ensure_task_identity()
     test, n_classes = test_features(cfg)
     arrays = ArrayRecord(initial_head(cfg, test.x.shape[1], n_classes).state_dict())
     strategy = make_strategy(cfg)
     grid = LocalGrid(list(range(1, cfg.num_clients + 1)))
-    conf = ConfigRecord({"local-steps": cfg.local_steps, "lr": cfg.lr, "batch-size": cfg.batch_size})
+    conf = train_config_record(cfg)
     rounds, t_start = [], time.perf_counter()
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()

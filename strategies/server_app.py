@@ -38,6 +38,11 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, RunConfig.from_run_config(context.run_config))
 
 
+def train_config_record(cfg: RunConfig) -> ConfigRecord:
+    """What every training message carries besides the arrays: local steps, lr, batch size."""
+    return ConfigRecord({"local-steps": cfg.local_steps, "lr": cfg.lr, "batch-size": cfg.batch_size})
+
+
 def make_strategy(cfg: RunConfig) -> IST | FedAvgBaseline:
     if cfg.strategy == "ist":
         return IST(cfg.clients_per_round, cfg.seed, wait_timeout=cfg.round_timeout,
@@ -114,7 +119,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         report.write(out)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    train_config = ConfigRecord({"local-steps": cfg.local_steps, "lr": cfg.lr, "batch-size": cfg.batch_size})
+    train_config = train_config_record(cfg)
     quiet = QuietFlowerRounds()  # our round line replaces Flower's five per round
     FLOWER_LOGGER.addFilter(quiet)
     try:
