@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from fedsparse.faults import FAULT_MODES
 from fedsparse.head import parse_hidden
+from fedsparse.ist import SCALINGS
 from fedsparse.masking import MASK_MODES, check_mask_ratio
 
 STRATEGIES = ("ist", "fedavg")
@@ -49,6 +50,7 @@ class RunConfig:
     num_clients: int = 20
     clients_per_round: int = 4
     subnets_per_round: int = 0  # G for IST: 0 = one subnet per client (G = K); ignored by fedavg
+    ist_scaling: str = "none"  # none (as the authors) or width: subnets trained at full-width scale
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
@@ -70,6 +72,7 @@ class RunConfig:
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
+        _check_choice("ist-scaling", self.ist_scaling, SCALINGS)
         check_mask_ratio(self.mask_ratio)
         parse_hidden(self.hidden)
         for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size"):

@@ -21,6 +21,16 @@ Subnets and clients: with G subnets for K clients (G <= K), the clients are deal
 groups (``client_groups``), every member of a group trains the same subnet, and the group's
 replies are averaged, weighted by examples (``merge_by_subnet``), before stitching. G = K is
 plain IST; G = 1 is FedAvg on the full head.
+
+Scaling (``ist-scaling``): a subnet's middle and last layers sum over 1/G of the inputs they
+sum over in the stitched head, so a head stitched from subnets trained apart produces
+pre-activations about G times those each subnet learned (the authors' IST evaluates it as is;
+Yuan's original IST hid the mismatch with batch-statistics BatchNorm). With ``"width"`` the
+server sends every weight that reads a partitioned hidden layer multiplied by
+``full width / slice width`` and divides the trained block by the same factor when stitching
+(inverted-dropout scaling in weight space; the ReLU network is positively homogeneous, so the
+client trains exactly the rescaled sub-network and needs no change). ``"none"`` is the
+authors' behaviour.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from typing import Mapping, Sequence
 import torch
 
 State = dict[str, torch.Tensor]
+
+SCALINGS = ("none", "width")
 
 
 def num_layers(state: Mapping[str, torch.Tensor]) -> int:
@@ -74,8 +86,23 @@ def _rows_cols(index: Sequence[torch.Tensor], layer: int, n_layers: int) -> tupl
     return rows, cols
 
 
-def slice_state(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]) -> State:
-    """The sub-network of the worker owning ``index`` (one index tensor per hidden layer)."""
+def _check_scaling(scaling: str) -> None:
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown IST scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def input_scale(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor], layer: int, scaling: str) -> float:
+    """Factor on ``layer``'s slice under ``scaling``: ``in width / slice in width`` for a layer
+    that reads a partitioned hidden layer with ``"width"``, else 1."""
+    _check_scaling(scaling)
+    if scaling == "none" or layer == 0:
+        return 1.0
+    return int(state[f"layers.{layer}.weight"].shape[1]) / len(index[layer - 1])
+
+
+def slice_state(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor], scaling: str = "none") -> State:
+    """The sub-network of the worker owning ``index`` (one index tensor per hidden layer),
+    its weights scaled as ``scaling`` says (see the module docstring)."""
     n = num_layers(state)
     if len(index) != n - 1:
         raise ValueError(f"expected {n - 1} hidden index tensors, got {len(index)}")
@@ -87,7 +114,8 @@ def slice_state(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]
             w, b = w.index_select(0, rows), b.index_select(0, rows)
         if cols is not None:
             w = w.index_select(1, cols)
-        out[f"layers.{layer}.weight"] = w.clone()
+        scale = input_scale(state, index, layer, scaling)
+        out[f"layers.{layer}.weight"] = w * scale if scale != 1.0 else w.clone()
         out[f"layers.{layer}.bias"] = b.clone()
     return out
 
@@ -195,18 +223,23 @@ def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in state.values())
 
 
-def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate]) -> State:
-    """Write trained slices back into a copy of the full ``state``.
+def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], scaling: str = "none") -> State:
+    """Write trained slices back into a copy of the full ``state``, undoing the factor that
+    ``slice_state`` applied under the same ``scaling``.
 
     Blocks no update covers keep their values; the output bias becomes the
     example-weighted mean of the updates' output biases (unchanged with no updates).
     """
+    _check_scaling(scaling)
     n = num_layers(state)
     out: State = {k: v.detach().clone() for k, v in state.items()}
     for up in updates:
         for layer in range(n):
             rows, cols = _rows_cols(up.index, layer, n)
             w_new = torch.as_tensor(up.state[f"layers.{layer}.weight"], dtype=out[f"layers.{layer}.weight"].dtype)
+            scale = input_scale(state, up.index, layer, scaling)
+            if scale != 1.0:
+                w_new = w_new / scale
             w = out[f"layers.{layer}.weight"]
             r = rows if rows is not None else torch.arange(w.shape[0])
             c = cols if cols is not None else torch.arange(w.shape[1])

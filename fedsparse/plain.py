@@ -49,9 +49,9 @@ def plain_rounds(cfg: RunConfig, report: Callable[[str], None] = print) -> dict[
         for pid, subnet in zip(clients, client_groups(len(clients), g)):
             feats = client_features(cfg, pid, cfg.num_clients, rnd)
             index = worker_indices(parts, subnet)
-            trained, _ = train_slice(cfg, slice_state(state, index), feats, rnd, pid)
+            trained, _ = train_slice(cfg, slice_state(state, index, cfg.ist_scaling), feats, rnd, pid)
             updates.append(SliceUpdate(index, trained, len(feats.y), subnet))
-        state = stitch(state, merge_by_subnet(updates))
+        state = stitch(state, merge_by_subnet(updates), cfg.ist_scaling)
         accuracy, loss = evaluate(MLPHead.from_state_dict(state), test.x, test.y)
         rounds.append({"round": rnd, "accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - t0})
         report(f"plain round {rnd}/{cfg.num_rounds}: accuracy {accuracy:.4f}, {rounds[-1]['seconds']:.2f}s")

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsparse.ist import (
+    SCALINGS,
     SliceUpdate,
     all_finite,
     client_groups,
@@ -47,13 +48,22 @@ class IST(LiveReplies, Strategy):
         wait_timeout: how long to wait for K clients to connect before going on with fewer.
         subnets_per_round: G; 0 = one subnet per client (G = K). Capped at the number of
             clients actually sampled in a round.
+        scaling: ``"none"`` (the authors') or ``"width"`` (see ``fedsparse.ist``).
     """
 
     def __init__(
-        self, clients_per_round: int, seed: int = 0, wait_timeout: float | None = None, subnets_per_round: int = 0
+        self,
+        clients_per_round: int,
+        seed: int = 0,
+        wait_timeout: float | None = None,
+        subnets_per_round: int = 0,
+        scaling: str = "none",
     ) -> None:
         if not 0 <= subnets_per_round <= clients_per_round:
             raise ValueError(f"subnets-per-round must be in [0, {clients_per_round}], got {subnets_per_round}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"ist-scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        self.scaling = scaling
         self.clients_per_round = clients_per_round
         self.subnets_per_round = subnets_per_round
         self.wait_timeout = wait_timeout
@@ -68,7 +78,8 @@ class IST(LiveReplies, Strategy):
     def summary(self) -> None:
         g = self.subnets_per_round or self.clients_per_round
         kind = "pure IST" if g == self.clients_per_round else ("FedAvg on the full head" if g == 1 else "grouped IST")
-        log(INFO, "IST: %d clients and %d subnets per round (%s), seed %d", self.clients_per_round, g, kind, self.seed)
+        log(INFO, "IST: %d clients and %d subnets per round (%s), seed %d, scaling %s",
+            self.clients_per_round, g, kind, self.seed, self.scaling)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.stats = RoundStats(server_round)
@@ -85,7 +96,7 @@ class IST(LiveReplies, Strategy):
             index = worker_indices(parts, subnet)
             conf = ConfigRecord({**dict(config), "server-round": server_round, "subnet": subnet, "num-subnets": g})
             indices.append(index)
-            contents.append(RecordDict({ARRAYS_KEY: ArrayRecord(slice_state(state, index)), CONFIG_KEY: conf}))
+            contents.append(RecordDict({ARRAYS_KEY: ArrayRecord(slice_state(state, index, self.scaling)), CONFIG_KEY: conf}))
         messages, self._assigned, self._subnet = [], {}, {}
         for node, subnet in zip(nodes, client_groups(k, g)):
             self._assigned[node] = indices[subnet]
@@ -98,7 +109,7 @@ class IST(LiveReplies, Strategy):
         expected = {node: expected_slice_shapes(self._global, index) for node, index in self._assigned.items()}
         good = collect_replies(self.stats, replies, expected)
         updates = [SliceUpdate(self._assigned[node], state, n, self._subnet[node]) for node, state, n in good]
-        new_state = stitch(self._global, merge_by_subnet(updates))
+        new_state = stitch(self._global, merge_by_subnet(updates), self.scaling)
         if not all_finite(new_state):  # replies are checked one by one; this catches an overflow in the mean
             log(WARNING, "round %d: the stitched head is not finite; keeping the previous head", server_round)
             new_state = self._global

@@ -46,7 +46,7 @@ def train_config_record(cfg: RunConfig) -> ConfigRecord:
 def make_strategy(cfg: RunConfig) -> IST | FedAvgBaseline:
     if cfg.strategy == "ist":
         return IST(cfg.clients_per_round, cfg.seed, wait_timeout=cfg.round_timeout,
-                   subnets_per_round=cfg.subnets_per_round)
+                   subnets_per_round=cfg.subnets_per_round, scaling=cfg.ist_scaling)
     return FedAvgBaseline(cfg.clients_per_round, cfg.seed, wait_timeout=cfg.round_timeout)
 
 

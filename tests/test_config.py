@@ -85,6 +85,7 @@ class TestValidation:
             ("mask-mode", "sometimes", ["per-image", "shared", "random"]),
             ("preprocessing", "zscore", ["paper", "imagenet"]),
             ("encoder-dtype", "fp16", ["fp32", "bf16"]),
+            ("ist-scaling", "dropout", ["none", "width"]),
         ],
     )
     def test_unknown_choice_raises_listing_valid_choices(self, key, value, choices) -> None:

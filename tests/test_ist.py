@@ -7,12 +7,14 @@ import torch
 
 from fedsparse.head import MLPHead, batch_order, train_steps
 from fedsparse.ist import (
+    SCALINGS,
     SliceUpdate,
     all_finite,
     check_slice,
     client_groups,
     expected_slice_shapes,
     hidden_sizes,
+    input_scale,
     merge_by_subnet,
     merge_updates,
     num_layers,
@@ -184,6 +186,71 @@ class TestSliceStitch:
                     keep[idx[layer]] = 1.0
                     h = torch.relu(h) * keep
             assert torch.allclose(got, h, atol=1e-5)
+
+
+class TestWidthScaling:
+    """``scaling = "width"``: weights reading a partitioned layer go out scaled by full / slice width."""
+
+    def test_factors_are_full_over_slice_width_and_one_for_the_first_layer(self) -> None:
+        w = random_state(0)
+        parts = partition(HIDDEN, 3, seed=0)  # hidden 10 -> 4, 3, 3; hidden 11 -> 4, 4, 3
+        for j in range(3):
+            idx = worker_indices(parts, j)
+            assert input_scale(w, idx, 0, "width") == 1.0
+            assert input_scale(w, idx, 1, "width") == pytest.approx(10 / len(idx[0]))
+            assert input_scale(w, idx, 2, "width") == pytest.approx(11 / len(idx[1]))
+            assert all(input_scale(w, idx, layer, "none") == 1.0 for layer in range(3))
+        assert {len(worker_indices(parts, j)[0]) for j in range(3)} == {3, 4}  # uneven parts get their own factor
+
+    def test_subnetwork_is_the_full_network_under_inverted_dropout(self) -> None:
+        """Subnet j's forward = the full network with the other neurons zeroed and the kept ones
+        scaled by full / kept width (inverted dropout), biases not scaled."""
+        w = random_state(4)
+        x = torch.randn(6, IN_DIM, generator=torch.Generator().manual_seed(9))
+        parts = partition(HIDDEN, 3, seed=2)
+        for j in range(3):
+            idx = worker_indices(parts, j)
+            with torch.no_grad():
+                got = MLPHead.from_state_dict(slice_state(w, idx, "width"))(x)
+            h = x
+            for layer in range(3):
+                h = h @ w[f"layers.{layer}.weight"].T + w[f"layers.{layer}.bias"]
+                if layer < 2:
+                    keep = torch.zeros(HIDDEN[layer])
+                    keep[idx[layer]] = HIDDEN[layer] / len(idx[layer])
+                    h = torch.relu(h) * keep
+            assert torch.allclose(got, h, atol=1e-5)
+
+    @pytest.mark.parametrize("k", [1, 2, 3])
+    def test_stitch_undoes_the_factor(self, k: int) -> None:
+        w = random_state(5)
+        parts = partition(HIDDEN, k, seed=k)
+        updates = [SliceUpdate(worker_indices(parts, j), slice_state(w, worker_indices(parts, j), "width"), 10)
+                   for j in range(k)]
+        width = stitch(w, updates, "width")
+        plain = stitch(w, [SliceUpdate(u.index, slice_state(w, u.index), 10) for u in updates])
+        for key in w:
+            assert torch.allclose(width[key], plain[key], atol=1e-6), key
+            assert torch.allclose(width[key], w[key], atol=1e-6), key
+        if k > 1:  # the slices really were scaled on the way out
+            assert not torch.allclose(updates[0].state["layers.1.weight"], slice_state(w, updates[0].index)["layers.1.weight"])
+
+    def test_a_trained_block_is_written_back_divided_by_its_factor(self) -> None:
+        w = random_state(6)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 1)
+        sub = slice_state(w, idx, "width")
+        sub["layers.2.weight"] = torch.full_like(sub["layers.2.weight"], 3.0)
+        out = stitch(w, [SliceUpdate(idx, sub, 1)], "width")
+        assert torch.allclose(out["layers.2.weight"][:, idx[1]], torch.full((CLASSES, len(idx[1])), 3.0 * len(idx[1]) / 11))
+
+    def test_unknown_scaling_is_a_one_line_error(self) -> None:
+        assert SCALINGS == ("none", "width")
+        w = random_state(0)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 0)
+        with pytest.raises(ValueError, match="unknown IST scaling 'half'"):
+            slice_state(w, idx, "half")
+        with pytest.raises(ValueError, match="unknown IST scaling"):
+            stitch(w, [], "half")
 
 
 class TestStitch:

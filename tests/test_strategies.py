@@ -171,6 +171,27 @@ class TestISTAggregate:
         assert stats.bytes_down == [wire_bytes(m) for m in self.msgs]
 
 
+class TestISTWidthScaling:
+    def test_slices_go_out_scaled_and_come_back_unscaled(self):
+        state = head_state()
+        strategy = IST(clients_per_round=2, seed=3, scaling="width")
+        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([7, 8])))
+        for m in msgs:
+            index = strategy._assigned[m.metadata.dst_node_id]
+            sub = m.content[ARRAYS_KEY].to_torch_state_dict()
+            want = slice_state(state, index, "width")
+            assert all(torch.equal(sub[k], want[k]) for k in sub)
+            assert torch.allclose(sub["layers.1.weight"], slice_state(state, index)["layers.1.weight"] * 10 / len(index[0]))
+        # clients that return what they got leave the head unchanged
+        arrays, _ = strategy.aggregate_train(1, [reply_to(m, m.content[ARRAYS_KEY].to_torch_state_dict()) for m in msgs])
+        new = arrays.to_torch_state_dict()
+        assert all(torch.allclose(new[k], state[k], atol=1e-6) for k in state)
+
+    def test_unknown_scaling_is_rejected(self):
+        with pytest.raises(ValueError, match="ist-scaling must be one of none, width"):
+            IST(clients_per_round=2, scaling="dropout")
+
+
 class TestFedAvgBaseline:
     def test_sends_full_model_and_averages(self):
         state = head_state()
