@@ -10,6 +10,7 @@ processes may race on an entry without corrupting it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,9 +20,14 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cross-process lock, concurrent misses extract twice
+    fcntl = None  # type: ignore[assignment]
 
 from fedsparse.data import ImageSet
 from fedsparse.encoder import Encoder, encode, load_encoder, load_image, normalize
@@ -106,6 +112,23 @@ class FeatureCache:
             return None
         return entry["x"], entry["y"], int(entry["skipped"])
 
+    @contextlib.contextmanager
+    def lock(self, key: dict[str, Any]) -> Iterator[None]:
+        """Hold an exclusive lock on ``key``'s entry, across processes (``flock`` on
+        ``<root>/locks/<digest>.lock``), so that clients missing the same entry at once extract
+        it once: the others wait and then read it. A no-op where ``fcntl`` does not exist."""
+        if fcntl is None:
+            yield
+            return
+        p = self.root.parent / "locks" / self.path(key).with_suffix(".lock").name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def store(self, key: dict[str, Any], x: torch.Tensor, y: torch.Tensor, skipped: int) -> Path:
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -181,17 +204,24 @@ def cached_features(
     dtype: str = "fp32",
     progress: Callable[[int, int], None] | None = None,
 ) -> Features:
-    """Features of ``images`` from ``cache``, extracting and storing them on a miss."""
+    """Features of ``images`` from ``cache``, extracting and storing them on a miss.
+
+    A miss is extracted under ``cache.lock(key)``: a second process (e.g. the other IST worker
+    with ``partitioner = "full"``) that misses the same entry meanwhile waits and reads it.
+    """
     key = feature_key(encoder, images, mask_ratio, mask_seed, mask_mode, group, preprocessing, dtype)
     hit = cache.load(key)
-    if hit is not None:
-        x, y, skipped = hit
-        return Features(x, y, 0.0, True, skipped)
-    t0 = time.perf_counter()
-    x, y, skipped = extract(
-        encoder, images, mask_ratio=mask_ratio, mask_seed=mask_seed, mask_mode=mask_mode, group=group,
-        preprocessing=preprocessing, dtype=dtype, progress=progress,
-    )
-    seconds = time.perf_counter() - t0
-    cache.store(key, x, y, skipped)
-    return Features(x, y, seconds, False, skipped)
+    if hit is None:
+        with cache.lock(key):
+            hit = cache.load(key)  # stored while we waited?
+            if hit is None:
+                t0 = time.perf_counter()
+                x, y, skipped = extract(
+                    encoder, images, mask_ratio=mask_ratio, mask_seed=mask_seed, mask_mode=mask_mode, group=group,
+                    preprocessing=preprocessing, dtype=dtype, progress=progress,
+                )
+                seconds = time.perf_counter() - t0
+                cache.store(key, x, y, skipped)
+                return Features(x, y, seconds, False, skipped)
+    x, y, skipped = hit
+    return Features(x, y, 0.0, True, skipped)

@@ -87,6 +87,34 @@ class TestFeatureCache:
         cached_features(builtin_encoder, train, cache, **MASK)
         assert [p.suffix for p in entries(cache)] == [".pt"]
 
+    def test_concurrent_misses_extract_once(self, builtin_encoder, train, cache, monkeypatch) -> None:
+        """Two clients (threads here; flock works the same across processes) miss the same entry
+        at once: one extracts, the other waits for the lock and reads the stored entry."""
+        import threading
+        import time
+
+        import fedsparse.features as features_mod
+
+        calls, real = [], features_mod.extract
+
+        def slow_extract(*args, **kwargs):
+            calls.append(threading.get_ident())
+            time.sleep(0.5)  # long enough for the other thread to miss and block on the lock
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(features_mod, "extract", slow_extract)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(cached_features(builtin_encoder, train, cache, **MASK)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(calls) == 1
+        assert sorted(r.cache_hit for r in results) == [False, True]
+        assert torch.equal(results[0].x, results[1].x)
+        assert [p.suffix for p in entries(cache)] == [".pt"]  # the lock file lives outside the entries
+
     @pytest.mark.parametrize(
         "change",
         [
