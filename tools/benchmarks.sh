@@ -23,11 +23,13 @@ step "overhead: plain loop vs in-process Flower vs Simulation Engine"
 $FS overhead configs/scale.toml --clients-per-round 10,100,1000 --rounds 3 --out "$OUT/overhead"
 
 step "baselines at r = 0.5 on the paper's IST setup: IST, FedAvg and the centralized head"
-$FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/baselines"
+$FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/sweep-offline"
 
-step "sweep: accuracy and storage at the 10 mask ratios, IST and the centralized head"
-$FS sweep configs/quickstart.toml --strategies ist,centralized --out "$OUT/sweep-quickstart"
+step "sweep: accuracy and storage at the 10 mask ratios, IST and the centralized head (reuses r = 0.5)"
 $FS sweep configs/cifar10-offline.toml --strategies ist,centralized --out "$OUT/sweep-offline"
+
+step "IST with width scaling at r = 0.5"
+$FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist --run-config "ist-scaling=width" --out "$OUT/ist-width"
 
 step "ablation: fixed masks vs masks drawn anew every round"
 $FS sweep configs/quickstart.toml --mask-ratios 0.5 --mask-modes per-image,random --run-config "num-rounds=15" --out "$OUT/ablation"
