@@ -54,7 +54,7 @@ class MLPHead(nn.Module):
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "MLPHead":
         """Build a head whose shape is read off ``state`` (e.g. a received IST slice)."""
-        n_layers = len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
+        n_layers = num_layers(state)
         if n_layers < 1:
             raise ValueError("state dict holds no 'layers.<i>.weight' entries")
         try:
@@ -75,10 +75,14 @@ class MLPHead(nn.Module):
         return head
 
 
+def num_layers(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of linear layers in an MLP state dict (its ``layers.<i>.weight`` entries)."""
+    return len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
+
+
 def state_dims(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
     """Layer widths ``(in, hidden..., out)`` of the MLP whose state dict is ``state``."""
-    n_layers = len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
-    return (state["layers.0.weight"].shape[1], *(state[f"layers.{i}.weight"].shape[0] for i in range(n_layers)))
+    return (state["layers.0.weight"].shape[1], *(state[f"layers.{i}.weight"].shape[0] for i in range(num_layers(state))))
 
 
 def count_params(dims: Sequence[int]) -> int:
