@@ -40,14 +40,11 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fedsparse.head import num_layers
+
 State = dict[str, torch.Tensor]
 
 SCALINGS = ("none", "width")
-
-
-def num_layers(state: Mapping[str, torch.Tensor]) -> int:
-    """Number of linear layers in an MLP state dict."""
-    return len([k for k in state if k.startswith("layers.") and k.endswith(".weight")])
 
 
 def hidden_sizes(state: Mapping[str, torch.Tensor]) -> list[int]:
@@ -86,15 +83,16 @@ def _rows_cols(index: Sequence[torch.Tensor], layer: int, n_layers: int) -> tupl
     return rows, cols
 
 
-def _check_scaling(scaling: str) -> None:
+def check_scaling(scaling: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``scaling`` is one of ``SCALINGS``."""
     if scaling not in SCALINGS:
-        raise ValueError(f"unknown IST scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+        raise ValueError(f"unknown IST scaling {scaling!r}; ist-scaling must be one of {', '.join(SCALINGS)}")
 
 
 def input_scale(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor], layer: int, scaling: str) -> float:
     """Factor on ``layer``'s slice under ``scaling``: ``in width / slice in width`` for a layer
     that reads a partitioned hidden layer with ``"width"``, else 1."""
-    _check_scaling(scaling)
+    check_scaling(scaling)
     if scaling == "none" or layer == 0:
         return 1.0
     return int(state[f"layers.{layer}.weight"].shape[1]) / len(index[layer - 1])
@@ -230,7 +228,7 @@ def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], sc
     Blocks no update covers keep their values; the output bias becomes the
     example-weighted mean of the updates' output biases (unchanged with no updates).
     """
-    _check_scaling(scaling)
+    check_scaling(scaling)
     n = num_layers(state)
     out: State = {k: v.detach().clone() for k, v in state.items()}
     for up in updates:

@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsparse.ist import (
-    SCALINGS,
     SliceUpdate,
     all_finite,
+    check_scaling,
     client_groups,
     expected_slice_shapes,
     hidden_sizes,
@@ -61,8 +61,7 @@ class IST(LiveReplies, Strategy):
     ) -> None:
         if not 0 <= subnets_per_round <= clients_per_round:
             raise ValueError(f"subnets-per-round must be in [0, {clients_per_round}], got {subnets_per_round}")
-        if scaling not in SCALINGS:
-            raise ValueError(f"ist-scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        check_scaling(scaling)
         self.scaling = scaling
         self.clients_per_round = clients_per_round
         self.subnets_per_round = subnets_per_round
