@@ -22,6 +22,7 @@ import resource
 from dataclasses import dataclass
 
 from fedsparse.masking import num_visible
+from fedsparse.memory import proc_status_bytes
 
 BYTES_PER_FP32 = 4
 BYTES_PER_PIXEL_VALUE = 1  # 8-bit images
@@ -106,10 +107,7 @@ def peak_rss_bytes() -> int:
     mark of the address space a process had before ``exec`` into ``ru_maxrss``, so a fresh
     ``python`` forked from a 3 GB parent reports 3 GB from its first line.
     """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -124,16 +124,22 @@ class ProcessTreeMonitor:
         }
 
 
-def rss_anon(pid: int | None = None) -> int:
-    """Anonymous resident memory of a process in bytes (``RssAnon``: heap, tensors, stacks),
-    without the file-backed pages of mapped libraries, which the kernel shares and may evict."""
+def proc_status_bytes(field: str, pid: int | None = None) -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/status`` (e.g. ``VmHWM``, ``RssAnon``) in bytes; None
+    where it cannot be read."""
     try:
         for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_anon(pid: int | None = None) -> int:
+    """Anonymous resident memory of a process in bytes (``RssAnon``: heap, tensors, stacks),
+    without the file-backed pages of mapped libraries, which the kernel shares and may evict."""
+    return proc_status_bytes("RssAnon", pid) or 0
 
 
 class PeakAnonSampler:
