@@ -165,7 +165,7 @@ def extraction_worker(payload: dict[str, Any]) -> dict[str, Any]:
     key = feature_key(encoder, images, cfg.mask_ratio, cfg.mask_seed, cfg.mask_mode, "bench", cfg.preprocessing,
                       cfg.encoder_dtype)
     entry = cache.store(key, x, y, skipped)
-    return {"cache_file_bytes": entry.stat().st_size,"rss_after_imports": baseline, "rss_after_encoder": loaded, "peak_rss": peak_rss_bytes(),
+    return {"cache_file_bytes": entry.stat().st_size, "rss_after_imports": baseline, "rss_after_encoder": loaded, "peak_rss": peak_rss_bytes(),
             "anon_after_imports": anon_baseline, "anon_after_encoder": anon_loaded, "peak_anon": anon.peak,
             "seconds": seconds, "features": list(x.shape)}
 
