@@ -1,7 +1,7 @@
 """The ``fedsparse`` command.
 
     fedsparse run [CONFIG] [--run-config "k=v ..."] [--out DIR]
-    fedsparse pretrain DATA --out DIR [--epochs N] [--resume] [--max-minutes M]
+    fedsparse pretrain DATA --out DIR [--epochs N] [--device auto] [--dtype fp32] [--resume] [--max-minutes M]
     fedsparse probe [CONFIG] [--encoders builtin,builtin-random,pixels]
     fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--dtypes fp32,bf16] [--out DIR]
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
@@ -66,10 +66,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedsparse.data import load_splits
     from fedsparse.pretrain import PretrainConfig, load_images, pretrain
 
+    from fedsparse.pretrain import resolve_device
+
     cfg = PretrainConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         mask_ratio=args.mask_ratio, seed=args.seed)
+                         warmup_epochs=args.warmup_epochs, mask_ratio=args.mask_ratio, seed=args.seed,
+                         device=resolve_device(args.device), dtype=args.dtype)
     train, _ = load_splits("imagefolder", args.data, args.cache_dir)
-    print(f"fedsparse pretrain: {len(train)} training images under {train.root}", flush=True)
+    print(f"fedsparse pretrain: {len(train)} training images under {train.root}, on {cfg.device} ({cfg.dtype})", flush=True)
     images = load_images([train.root / p for p in train.paths], cfg.image_size,
                          progress=lambda i, n: print(f"decoded {i}/{n} images", flush=True))
     budget = args.max_minutes * 60 if args.max_minutes else None
@@ -181,11 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="folder for checkpoint.pt, history.json and encoder.pth")
     pre.add_argument("--epochs", type=int, default=10)
     pre.add_argument("--batch-size", type=int, default=256)
-    pre.add_argument("--lr", type=float, default=1.5e-3)
+    pre.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
+    pre.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay to the last epoch")
     pre.add_argument("--mask-ratio", type=float, default=0.75)
     pre.add_argument("--image-size", type=int, default=32)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--cache-dir", default="", help="where archives are extracted")
+    pre.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")
+    pre.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: train under autocast")
     pre.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     pre.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this budget")
     pre.set_defaults(func=cmd_pretrain)

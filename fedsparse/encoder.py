@@ -192,7 +192,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, half: bool = False) -> N
         "num_heads": int(model.blocks[0].attn.num_heads),
         "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim,
     }
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"fedsparse_arch": arch, "model": state}, Path(path))
 
 
@@ -355,6 +355,6 @@ def normalize(images: torch.Tensor, preprocessing: str) -> torch.Tensor:
         mean, std = PREPROCESS_STATS[preprocessing]
     except KeyError:
         raise ValueError(f"Unknown preprocessing {preprocessing!r}; valid: {', '.join(PREPROCESS_STATS)}") from None
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     return (images - m) / s

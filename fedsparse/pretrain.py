@@ -7,9 +7,15 @@ patches from the encoded visible ones plus mask tokens, and the loss is the mean
 error on the masked patches of per-patch normalised pixels (``norm_pix_loss``). AdamW with
 linear warm-up and cosine decay, flips and padded random crops as augmentation.
 
-Training writes ``<out>/checkpoint.pt`` (everything needed to resume) every epoch and at
-interrupts, and ``<out>/encoder.pth`` (encoder only, loadable with ``encoder = <path>``) at
-the end. ``--resume`` continues from ``checkpoint.pt``.
+It runs on the CPU or a GPU (``device``; ``dtype = "bf16"`` trains under autocast). The
+random draws (epoch order, flips, crops, masks) come from one CPU generator whatever the
+device, so a run is the same sequence of batches on either and resumes anywhere.
+
+Training writes ``<out>/checkpoint.pt`` (everything needed to resume) at the end of an epoch
+once ``checkpoint_seconds`` have passed since the last one (every epoch on a CPU, where an
+epoch takes minutes; about once a minute on a GPU) and at the end, ``<out>/history.json``
+every epoch, and ``<out>/encoder.pth`` (encoder only, fp16, loadable with ``encoder = <path>``)
+at the end. ``--resume`` continues from ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,27 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     preprocessing: str = "paper"
     seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"; resolve_device("auto") picks one
+    dtype: str = "fp32"  # "bf16": forward under autocast (weights and optimizer stay fp32)
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    return name
 
 
 def sincos_pos_embed(dim: int, side: int) -> torch.Tensor:
@@ -95,9 +122,9 @@ class MAE(nn.Module):
         full = full + self.decoder_pos
         y = self.decoder_blocks(torch.cat([x[:, :1], full], 1))
         pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]  # (B, N, p*p*3)
-        masked = torch.ones(b, self.num_patches, dtype=torch.bool)
+        masked = torch.ones(b, self.num_patches, dtype=torch.bool, device=keep.device)
         masked.scatter_(1, keep, False)
-        err = ((pred - target) ** 2).mean(-1)
+        err = ((pred.float() - target) ** 2).mean(-1)
         return (err * masked).sum() / masked.sum()
 
 
@@ -123,19 +150,25 @@ def load_images(paths: list[Path], image_size: int, progress: Callable[[int, int
 
 
 def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random horizontal flips and padded random crops on a uint8 batch [B,3,S,S] -> float in [0,1]."""
+    """Random horizontal flips and padded random crops on a uint8 batch [B,3,S,S] -> float in [0,1].
+
+    The draws come from ``gen`` (a CPU generator); the pixels stay on ``batch``'s device.
+    """
+    b, s = len(batch), batch.shape[-1]
+    flip = (torch.rand(b, generator=gen) < 0.5).to(batch.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
     x = batch.float().div_(255)
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x[flip] = x[flip].flip(-1)
-    s = x.shape[-1]
-    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (len(x),), generator=gen)
-    dy = torch.randint(0, 2 * pad + 1, (len(x),), generator=gen)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(len(x))])
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, 3, S+2p, S+2p)
+    ar = torch.arange(s, device=batch.device)
+    rows = (dy[:, None] + ar)[:, None, :, None]  # (B, 1, S, 1)
+    cols = (dx[:, None] + ar)[:, None, None, :]  # (B, 1, 1, S)
+    return padded[torch.arange(b, device=batch.device)[:, None, None, None], torch.arange(3, device=batch.device)[None, :, None, None], rows, cols]
 
 
 def random_keep(b: int, n: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    """Fresh random visible-patch ids per image (training masks are not fixed): [B, n_keep]."""
+    """Fresh random visible-patch ids per image (training masks are not fixed): [B, n_keep], on the CPU."""
     keep = max(1, int(n * (1 - ratio)))
     return torch.rand(b, n, generator=gen).argsort(1)[:, :keep].sort(1).values
 
@@ -153,19 +186,25 @@ def pretrain(
     resume: bool = False,
     max_seconds: float | None = None,
     report: Callable[[str], None] = print,
+    checkpoint_seconds: float = 60.0,
 ) -> Path:
     """Train, checkpointing each epoch; returns the path of the encoder checkpoint.
 
     Args:
-        images: uint8 [N, 3, S, S] training images.
-        max_seconds: stop (after a checkpoint) once this much wall time has passed; ``--resume`` continues.
+        images: uint8 [N, 3, S, S] training images (moved to ``cfg.device`` once).
+        max_seconds: stop after the epoch that passes this much wall time, writing
+            ``checkpoint.pt`` and the encoder so far; ``--resume`` continues.
+        checkpoint_seconds: least time between two ``checkpoint.pt`` writes (epoch ends only).
     """
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"Unknown pretraining dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    device = torch.device(resolve_device(cfg.device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = MAE(cfg.image_size)
+    model = MAE(cfg.image_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU: the same draws on every device
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -178,34 +217,43 @@ def pretrain(
         gen.set_state(state["generator"])
         start_epoch, history = state["epoch"], state["history"]
         report(f"resumed from {ckpt} at epoch {start_epoch}")
-    t0 = time.perf_counter()
+    images = images.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    t0 = last_ckpt = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = torch.randperm(len(images), generator=gen)
-        losses, te = [], time.perf_counter()
+        order = torch.randperm(len(images), generator=gen).to(device)
+        loss_sum, window, te = torch.zeros((), device=device), torch.zeros((), device=device), time.perf_counter()
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, warmup, cfg.lr)
             x01 = augment(images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], gen)
-            keep = random_keep(len(x01), model.num_patches, cfg.mask_ratio, gen)
-            loss = model(normalize(x01, cfg.preprocessing), keep, norm_pix_target(x01, model.patch_size))
+            keep = random_keep(len(x01), model.num_patches, cfg.mask_ratio, gen).to(device)
+            with autocast:
+                loss = model(normalize(x01, cfg.preprocessing), keep, norm_pix_target(x01, model.patch_size))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            loss_sum += loss.detach()  # summed on the device: no host sync per step
+            window += loss.detach()
             if (i + 1) % 50 == 0 or i + 1 == steps_per_epoch:
+                n = (i % 50) + 1
                 rate = (i + 1) * cfg.batch_size / (time.perf_counter() - te)
                 report(f"epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
-                       f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({rate:.0f} img/s)")
-        history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "seconds": time.perf_counter() - te})
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                      "epoch": epoch + 1, "history": history, "config": asdict(cfg)}, ckpt)
+                       f"loss {float(window) / n:.4f} ({rate:.0f} img/s)")
+                window.zero_()
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "seconds": time.perf_counter() - te})
         (out / "history.json").write_text(json.dumps(history, indent=1))
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < cfg.epochs:
-            report(f"stopping after epoch {epoch + 1} (time budget); continue with --resume")
-            return ckpt
+        stop = max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < cfg.epochs
+        if stop or epoch + 1 == cfg.epochs or time.perf_counter() - last_ckpt >= checkpoint_seconds:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                               "epoch": epoch + 1, "history": history, "config": asdict(cfg)}, ckpt)
+            last_ckpt = time.perf_counter()
+        if stop:
+            report(f"stopping after epoch {epoch + 1} of {cfg.epochs} (time budget); continue with --resume")
+            break
     enc_path = out / "encoder.pth"
     save_checkpoint(model.encoder, enc_path, half=True)
-    report(f"wrote {enc_path} ({enc_path.stat().st_size / 1e6:.1f} MB)")
+    report(f"wrote {enc_path} ({enc_path.stat().st_size / 1e6:.1f} MB) after epoch {len(history)} of {cfg.epochs}")
     return enc_path
