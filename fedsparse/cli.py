@@ -64,9 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedsparse.data import load_splits
-    from fedsparse.pretrain import PretrainConfig, load_images, pretrain
-
-    from fedsparse.pretrain import resolve_device
+    from fedsparse.pretrain import PretrainConfig, load_images, pretrain, resolve_device
 
     cfg = PretrainConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          warmup_epochs=args.warmup_epochs, mask_ratio=args.mask_ratio, seed=args.seed,

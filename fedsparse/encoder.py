@@ -29,7 +29,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import torch
 from torch import nn
@@ -334,8 +334,9 @@ def encode(
     return torch.cat(out)
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor | None:
-    """An RGB image as float [3, S, S] in [0, 1], resized (bilinear, antialiased); None if unreadable."""
+def load_image(path: Path | BinaryIO, image_size: int) -> torch.Tensor | None:
+    """An RGB image (a file, or its bytes in a file object) as float [3, S, S] in [0, 1], resized
+    (bilinear, antialiased); None if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Sequence
 
 import torch
 from torch import nn
@@ -135,8 +135,11 @@ def norm_pix_target(images01: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (t - mean) / (var + 1e-6).sqrt()
 
 
-def load_images(paths: list[Path], image_size: int, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Decode images into one uint8 tensor [N, 3, S, S]; unreadable files are skipped."""
+def load_images(
+    paths: Sequence[Path | BinaryIO], image_size: int, progress: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Decode images (files, or file objects holding their bytes) into one uint8 tensor [N, 3, S, S];
+    unreadable ones are skipped."""
     out = []
     for i, p in enumerate(paths):
         img = load_image(p, image_size)
