@@ -8,13 +8,26 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedsparse.config import RunConfig
 from fedsparse.faults import draw_fault, hang_seconds, poison
 from fedsparse.protocol import ARRAYS_KEY, BYTES_RECEIVED_KEY, BYTES_SENT_KEY, CONFIG_KEY, METRICS_KEY, wire_bytes
+
+
+@lru_cache(maxsize=4)
+def _run_config(items: tuple) -> RunConfig:
+    return RunConfig.from_run_config(dict(items))
+
+
+def run_config_of(context: Context) -> RunConfig:
+    """The run's ``RunConfig``, built once per process and run config (a simulation worker
+    serves many clients of the same run)."""
+    return _run_config(tuple(sorted(context.run_config.items())))
 
 
 def message_bytes_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -57,22 +70,20 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     too late to count. Only train messages are touched; with ``fault-rate`` 0 (the
     default) this is a no-op.
     """
-    run_config = context.run_config
-    rate = float(run_config.get("fault-rate", 0.0))
-    if rate <= 0 or not msg.metadata.message_type.startswith(MessageType.TRAIN):
+    cfg = run_config_of(context)
+    if cfg.fault_rate <= 0 or not msg.metadata.message_type.startswith(MessageType.TRAIN):
         return call_next(msg, context)
     conf = msg.content.config_records.get(CONFIG_KEY)
     server_round = int(conf.get("server-round", 0)) if conf is not None else 0
     partition_id = int(context.node_config.get("partition-id", context.node_id))
-    fault = draw_fault(int(run_config.get("seed", 0)), server_round, partition_id, rate,
-                       str(run_config.get("fault-mode", "raise")))
+    fault = draw_fault(cfg.seed, server_round, partition_id, cfg.fault_rate, cfg.fault_mode)
     where = f"round {server_round}, partition {partition_id}"
     if fault is None:
         return call_next(msg, context)
     if fault == "raise":
         return _raised(msg, InjectedFault(f"injected fault ({where})"))
     if fault == "hang":
-        time.sleep(hang_seconds(float(run_config.get("round-timeout", 600.0))))
+        time.sleep(hang_seconds(cfg.round_timeout))
         return _raised(msg, InjectedFault(f"injected hang ({where}) ended"))
     reply = call_next(msg, context)  # "nan": a client whose training diverged
     if not reply.has_error() and ARRAYS_KEY in reply.content.array_records:

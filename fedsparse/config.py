@@ -15,13 +15,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedsparse.data.partition import PARTITIONERS
 from fedsparse.faults import FAULT_MODES
-from fedsparse.head import parse_hidden
-from fedsparse.ist import SCALINGS
-from fedsparse.masking import MASK_MODES, check_mask_ratio
+from fedsparse.model.head import parse_hidden
+from fedsparse.model.ist import SCALINGS
+from fedsparse.inputs.masking import MASK_MODES, check_mask_ratio
 
-STRATEGIES = ("ist", "fedavg")
-PARTITIONERS = ("iid", "dirichlet", "shards", "full")
 PREPROCESSING = ("paper", "imagenet")
 ENCODER_DTYPES = ("fp32", "bf16")
 
@@ -53,6 +52,8 @@ class RunConfig:
     ist_scaling: str = "none"  # none (as the authors) or width: subnets trained at full-width scale
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
+    eval_every: int = 1  # evaluate the head every N rounds (the last round always)
+    resume: bool = False  # continue from out-dir/checkpoint.pt (same config; num-rounds may grow)
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
     # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
     fault_rate: float = 0.0  # probability that a client fails in a round, drawn from (seed, round, partition)
@@ -70,12 +71,12 @@ class RunConfig:
         _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
         _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
-        _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
         _check_choice("ist-scaling", self.ist_scaling, SCALINGS)
         check_mask_ratio(self.mask_ratio)
         parse_hidden(self.hidden)
-        for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size"):
+        for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size",
+                     "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "dirichlet_alpha", "round_timeout", "client_cpus"):
@@ -136,7 +137,7 @@ def config_keys() -> list[str]:
 
 
 def _dataset_names() -> tuple[str, ...]:
-    from fedsparse.data import DATASETS  # local import: data imports heavy deps lazily
+    from fedsparse.data.datasets import DATASETS  # local import: data imports heavy deps lazily
 
     return tuple(DATASETS)
 
@@ -149,6 +150,8 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) ->
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     """Check a run-config value against the field's annotated type (a string here)."""
     kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):

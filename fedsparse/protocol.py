@@ -22,6 +22,9 @@ TENSOR_BYTES_KEY = "train-tensor-bytes"
 EXTRACT_SECONDS_KEY = "extract-seconds"
 CACHE_HIT_KEY = "feature-cache-hit"
 TRAIN_SECONDS_KEY = "train-seconds"
+CLIENT_TASK_KEY = "client-task"  # what a client does with a task (fedsparse.algorithms.base)
+CLIENT_ID_KEY = "partition-id"  # a query reply: who the node is
+NUM_PARTITIONS_KEY = "num-partitions"
 
 
 def wire_bytes(obj: Any) -> int:

@@ -6,24 +6,19 @@ wrappers around these functions, and so are the tests and benchmarks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data import ImageSet, client_split, default_cache_dir, load_splits
-from fedsparse.features import FeatureCache, Features, cached_features, extract, get_encoder
-from fedsparse.head import MLPHead, batch_order, train_steps
+from fedsparse.data.datasets import ImageSet, default_cache_dir, load_splits
+from fedsparse.data.partition import client_split
+from fedsparse.inputs.features import FeatureCache, Features, cached_features, extract, get_encoder
+from fedsparse.seeds import derive_seed
+from fedsparse.model.head import MLPHead, batch_order, train_steps
 
 log = logging.getLogger("fedsparse")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes (SHA-256, not ``hash``)."""
-    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | None = None) -> Features:
@@ -110,6 +105,9 @@ def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, in the calling process, on what would otherwise fail inside the run:
     the data (paths, class folders), the encoder (name, file, weights) and the head shape."""
+    from fedsparse.algorithms import make_algorithm
+
+    make_algorithm(cfg)  # an unknown strategy is a one-line error here
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     if cfg.num_clients > len(train):
         raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")

@@ -1,12 +1,11 @@
 """Progress of a run: replies counted as they arrive, and one line per round.
 
-Flower's ``Strategy.start`` calls ``grid.send_and_receive``, which blocks until every reply
-is in or the round times out. ``PollingGrid`` wraps the run's Grid and does the same with
-``push_messages`` and a ``pull_messages`` poll (what Flower's own Grids do inside), calling
-back each time replies arrive. Our strategies pass it to ``Strategy.start``
-(``LiveReplies``), so ``RoundLine`` can show "clients done" live on a terminal, and print
-one line per round (round, clients done / sampled, failures, accuracy, bytes, elapsed)
-through Flower's logger, which ``flwr run`` streams too.
+A Grid's ``send_and_receive`` blocks until every reply is in or the round times out.
+``PollingGrid`` wraps the run's Grid and does the same with ``push_messages`` and a
+``pull_messages`` poll (what Flower's own Grids do inside), calling back each time replies
+arrive and giving up early when the run is being stopped. ``RoundLine`` shows "clients
+done" live on a terminal, and prints the engine's lines (one per round) through Flower's
+logger, which ``flwr run`` streams too.
 
 The live part is a single terminal line rewritten in place (carriage return), only when
 the stream is a TTY, and wiped before anything else is logged in the round; where the
@@ -15,8 +14,8 @@ output is a file or a pipe there is exactly one line per round.
 
 from __future__ import annotations
 
-import logging
 import sys
+import threading
 import time
 from logging import INFO
 from typing import Any, Callable, Iterable, TextIO
@@ -37,10 +36,12 @@ TICK_SECONDS = 1.0  # the callback also runs this often while nothing arrives
 class PollingGrid(Grid):
     """A Grid that forwards everything to ``grid``; ``send_and_receive`` reports replies as they come."""
 
-    def __init__(self, grid: Grid, on_replies: ReplyCallback | None = None, poll: float = POLL_SECONDS) -> None:
+    def __init__(self, grid: Grid, on_replies: ReplyCallback | None = None, poll: float = POLL_SECONDS,
+                 stop: threading.Event | None = None) -> None:
         self.grid = grid
         self.on_replies = on_replies
         self.poll = poll
+        self.stop = stop  # set: stop waiting (the run is being interrupted)
 
     # --- plain delegation -------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -93,7 +94,7 @@ class PollingGrid(Grid):
                 if got or time.monotonic() - last_report >= TICK_SECONDS:  # a tick keeps "elapsed" moving
                     self._report(len(replies), total, errors, False)
                     last_report = time.monotonic()
-                if not pending:
+                if not pending or (self.stop is not None and self.stop.is_set()):
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -106,39 +107,6 @@ class PollingGrid(Grid):
     def _report(self, done: int, total: int, errors: int, finished: bool) -> None:
         if self.on_replies is not None:
             self.on_replies(done, total, errors, finished)
-
-
-class LiveReplies:
-    """Mixin for a Strategy: ``start`` runs on a ``PollingGrid``; set ``on_replies`` to watch.
-
-    ``on_replies(round, done, total, errors, finished)`` is called from the ServerApp's
-    thread each time replies arrive, and once when the round's wait is over.
-    """
-
-    on_replies: Callable[[int, int, int, int, bool], None] | None = None
-    stats: Any = None
-
-    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Any:
-        return super().start(PollingGrid(grid, self._replies_arrived), *args, **kwargs)  # type: ignore[misc]
-
-    def _replies_arrived(self, done: int, total: int, errors: int, finished: bool) -> None:
-        if self.on_replies is not None and self.stats is not None:
-            self.on_replies(self.stats.round, done, total, errors, finished)
-
-
-def format_round(entry: dict, num_rounds: int) -> str:
-    """The one line of a finished round, from its ``metrics.json`` entry."""
-    failed = entry.get("failures", 0)
-    detail = ""
-    if failed:
-        kinds = [f"{entry.get(f'failed_{k}', 0)} {k}" for k in ("error", "invalid", "lost") if entry.get(f"failed_{k}")]
-        detail = f": {', '.join(kinds)}" if kinds else ""
-    return (
-        f"round {entry['round']}/{num_rounds} | clients {entry['clients']}/{entry['sampled']} done, "
-        f"{failed} failed{detail} | accuracy {entry['accuracy']:.4f} | "
-        f"{entry['bytes_down_per_client'] / 1e3:.1f} kB down, {entry['bytes_up_per_client'] / 1e3:.1f} kB up per client | "
-        f"round {entry['seconds']:.1f}s, elapsed {entry['elapsed']:.1f}s"
-    )
 
 
 class RoundLine:
@@ -175,26 +143,7 @@ class RoundLine:
             self.stream.flush()
             self._shown = False
 
-    def round_done(self, entry: dict) -> None:
+    def say(self, text: str) -> None:
+        """A finished line (a round's, or the engine's), through Flower's logger."""
         self.clear()
-        log(INFO, "%s", format_round(entry, self.num_rounds))
-
-
-# Flower's Strategy.start logs five lines per round ("[ROUND r/N]", the aggregated train
-# MetricRecord, "Global evaluation", the evaluation MetricRecord, blank lines); the round
-# line above says the same in one. Their format strings, as flwr 1.42 writes them:
-_FLOWER_ROUND_LINES = frozenset({
-    "",
-    "[ROUND %s/%s]",
-    "\t└──> Aggregated MetricRecord: %s",
-    "Global evaluation",
-    "\t└──> MetricRecord: %s",
-    "Initial global evaluation results: %s",
-})
-
-
-class QuietFlowerRounds(logging.Filter):
-    """Drops Flower's own per-round INFO lines (used while ``run_server`` runs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == INFO and isinstance(record.msg, str) and record.msg in _FLOWER_ROUND_LINES)
+        log(INFO, "%s", text)

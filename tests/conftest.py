@@ -72,7 +72,7 @@ def make_image_tree() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def builtin_encoder():
     """The randomly initialised builtin architecture at 32x32 (warning asserted in test_encoder)."""
-    from fedsparse.encoder import load_encoder
+    from fedsparse.inputs.encoder import load_encoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -1,4 +1,4 @@
-"""Analytic costs (fedsparse.accounting) against counters and hand counts."""
+"""Analytic costs (fedsparse.accounting.costs) against counters and hand counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fedsparse.accounting import (
+from fedsparse.accounting.costs import (
     ViTShape,
     cls_cache_bytes,
     encoder_macs,
@@ -15,10 +15,10 @@ from fedsparse.accounting import (
     masked_images_bytes,
     peak_rss_bytes,
 )
-from fedsparse.bench import counted_macs
-from fedsparse.encoder import load_encoder
-from fedsparse.head import MLPHead
-from fedsparse.masking import masked_image_bytes
+from fedsparse.commands.bench import counted_macs
+from fedsparse.inputs.encoder import load_encoder
+from fedsparse.model.head import MLPHead
+from fedsparse.inputs.masking import masked_image_bytes
 
 VIT_B16 = ViTShape(image_size=224, patch_size=16, dim=768, depth=12)
 
@@ -77,6 +77,6 @@ def test_peak_rss_of_a_fresh_process_is_its_own_not_its_parents():
 
     block = torch.ones(128 * 2**20)  # this (parent) process now holds 512 MiB more
     assert block[-1] == 1
-    out = subprocess.run([sys.executable, "-c", "from fedsparse.accounting import peak_rss_bytes; print(peak_rss_bytes())"],
+    out = subprocess.run([sys.executable, "-c", "from fedsparse.accounting.costs import peak_rss_bytes; print(peak_rss_bytes())"],
                          capture_output=True, text=True, check=True)
     assert int(out.stdout) < peak_rss_bytes() - 400 * 2**20

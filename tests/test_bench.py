@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from fedsparse.bench import bench, encoder_rows
+from fedsparse.commands.bench import bench, encoder_rows
 from fedsparse.config import RunConfig
 
 

@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app
 from fedsparse.config import RunConfig
-from fedsparse.ist import partition, slice_state, worker_indices
+from fedsparse.model.ist import partition, slice_state, worker_indices
 from fedsparse.protocol import (
     ARRAYS_KEY,
     BYTES_RECEIVED_KEY,

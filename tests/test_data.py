@@ -9,13 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsparse.data import (
-    client_split,
-    default_cache_dir,
-    describe,
-    load_splits,
-    partition_indices,
-)
+from fedsparse.data.datasets import default_cache_dir, describe, load_splits
+from fedsparse.data.partition import client_split, partition_indices
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
 PARTITIONERS = ["iid", "dirichlet", "shards"]
@@ -217,10 +212,10 @@ class TestAuthorSplits:
         import torch
         from torch.utils.data import random_split
 
-        from fedsparse.data import author_split
+        from fedsparse.data.datasets import author_split
 
         root = make_image_tree(tmp_path / "rs", {"": 7}, classes=("a", "b", "c"))
-        from fedsparse.data import _image_set
+        from fedsparse.data.datasets import _image_set
 
         every = _image_set(root, "", "aid")
         train, test = author_split(every, 18, 3)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fedsparse.data as data
-from fedsparse.cli import main
-from fedsparse.data import HUB_CIFAR10, load_splits
+import fedsparse.data.datasets as data
+from fedsparse.commands.cli import main
+from fedsparse.data.datasets import HUB_CIFAR10, load_splits
 
 CLASSES = ("airplane", "automobile", "bird")
 # (train labels, test labels), in the data set's row order

@@ -304,7 +304,7 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
     import torch
 
     from fedsparse.config import RunConfig
-    from fedsparse.head import MLPHead
+    from fedsparse.model.head import MLPHead
     from fedsparse.task import initial_head
 
     started = time.monotonic()
@@ -413,7 +413,7 @@ def test_fab_code_finds_bundled_sample(tmp_path: Path) -> None:
     # what flwr-serverapp / flwr-clientapp do: put the app folder first on sys.path, then import
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import fedsparse.data as d\n"
+        "import fedsparse.data.datasets as d\n"
         "assert d.__file__.startswith(sys.argv[1]), d.__file__\n"
         "train, test = d.load_splits('cifar10-sample', '', sys.argv[2])\n"
         "print(len(train), len(test))\n"

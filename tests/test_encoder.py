@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsparse.encoder import (
+from fedsparse.inputs.encoder import (
     encode,
     load_checkpoint,
     load_encoder,
@@ -19,7 +19,7 @@ from fedsparse.encoder import (
     visible_cls,
     weights_digest,
 )
-from fedsparse.masking import masks_for, num_visible
+from fedsparse.inputs.masking import masks_for, num_visible
 
 
 def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -16,8 +16,8 @@ from flwr.supercore.task_identity import TaskIdentity
 import clients.mods as mods
 from clients.mods import fault_injection_mod
 from fedsparse.faults import FAULT_MODES, HANG_MARGIN_SECONDS, draw_fault, hang_seconds, poison
-from fedsparse.head import MLPHead, batch_order, evaluate, train_steps
-from fedsparse.ist import all_finite
+from fedsparse.model.head import MLPHead, batch_order, evaluate, train_steps
+from fedsparse.model.ist import all_finite
 from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_LOSS_KEY
 from strategies.fedavg import FedAvgBaseline
 from strategies.ist import IST

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsparse.data import load_splits
-from fedsparse.encoder import encode, load_encoder, load_image, normalize, save_checkpoint
-from fedsparse.features import FeatureCache, cached_features, extract, feature_key
-from fedsparse.masking import masks_for
+from fedsparse.data.datasets import load_splits
+from fedsparse.inputs.encoder import encode, load_encoder, load_image, normalize, save_checkpoint
+from fedsparse.inputs.features import FeatureCache, cached_features, extract, feature_key
+from fedsparse.inputs.masking import masks_for
 
 MASK = dict(mask_ratio=0.5, mask_seed=1234)
 
@@ -93,7 +93,7 @@ class TestFeatureCache:
         import threading
         import time
 
-        import fedsparse.features as features_mod
+        import fedsparse.inputs.features as features_mod
 
         calls, real = [], features_mod.extract
 

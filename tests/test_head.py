@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsparse.head import MLPHead, batch_order, count_params, evaluate, parse_hidden, train_steps
+from fedsparse.model.head import MLPHead, batch_order, count_params, evaluate, parse_hidden, train_steps
 
 
 def seeded_head(in_dim: int = 4, hidden=(6, 5), classes: int = 3, seed: int = 0) -> MLPHead:

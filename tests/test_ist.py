@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsparse.head import MLPHead, batch_order, train_steps
-from fedsparse.ist import (
+from fedsparse.model.head import MLPHead, batch_order, train_steps
+from fedsparse.model.ist import (
     SCALINGS,
     SliceUpdate,
     all_finite,

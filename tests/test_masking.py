@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fedsparse.masking import (
+from fedsparse.inputs.masking import (
     check_mask_ratio,
     fixed_mask,
     mask_key,
@@ -106,7 +106,7 @@ class TestReproducibility:
 
     def test_masks_identical_across_processes(self) -> None:
         code = (
-            "import json, sys; from fedsparse.masking import masks_for, seed_for;"
+            "import json, sys; from fedsparse.inputs.masking import masks_for, seed_for;"
             "ids = json.loads(sys.argv[1]);"
             "print(json.dumps({'per': masks_for(ids, 196, 0.75, 1234).tolist(),"
             " 'shared': masks_for(ids, 196, 0.5, 7, 'shared', 'client-3').tolist(),"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from fedsparse.memory import ProcessTreeMonitor, process_tree, rss_pss
+from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree, rss_pss
 
 HOLD_200MB = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(30)"
 
@@ -49,7 +49,7 @@ def test_exited_process_counts_zero():
 
 
 def test_peak_anon_sampler_sees_a_short_lived_allocation():
-    from fedsparse.memory import PeakAnonSampler, rss_anon
+    from fedsparse.accounting.memory import PeakAnonSampler, rss_anon
 
     before = rss_anon()
     with PeakAnonSampler(interval=0.001) as s:

@@ -1,4 +1,4 @@
-"""MAE pretraining (fedsparse.pretrain): augmentation, devices, checkpoints, resume, time budget."""
+"""MAE pretraining (fedsparse.inputs.pretrain): augmentation, devices, checkpoints, resume, time budget."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedsparse.encoder import load_encoder
-from fedsparse.pretrain import MAE, PretrainConfig, augment, norm_pix_target, pretrain, random_keep, resolve_device
+from fedsparse.inputs.encoder import load_encoder
+from fedsparse.inputs.pretrain import MAE, PretrainConfig, augment, norm_pix_target, pretrain, random_keep, resolve_device
 
 TINY = dict(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5, device="cpu")
 
@@ -119,7 +119,7 @@ class TestRun:
     def test_checkpoint_every_epoch_or_after_checkpoint_seconds_and_at_the_end(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: float, saves: list[int]
     ) -> None:
-        import fedsparse.pretrain as mod
+        import fedsparse.inputs.pretrain as mod
 
         seen: list[int] = []
         real = mod.atomic_torch_save

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data import ImageSet, extract_archive, load_splits, partition_indices
-from fedsparse.probe import fit_head
+from fedsparse.data.datasets import ImageSet, extract_archive, load_splits
+from fedsparse.data.partition import partition_indices
+from fedsparse.commands.probe import fit_head
 from fedsparse.task import features
 
 REPO = Path(__file__).resolve().parent.parent

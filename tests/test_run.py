@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fedsparse(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSPARSE_CACHE": str(cache)}
     with subprocess.Popen(
-        [sys.executable, "-m", "fedsparse.cli", *args],
+        [sys.executable, "-m", "fedsparse.commands.cli", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     ) as proc:
         try:

@@ -7,8 +7,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsparse.head import MLPHead
-from fedsparse.ist import slice_state
+from fedsparse.model.head import MLPHead
+from fedsparse.model.ist import slice_state
 from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, wire_bytes
 from strategies.fedavg import FedAvgBaseline
 from strategies.ist import IST

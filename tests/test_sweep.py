@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from fedsparse.config import RunConfig
-from fedsparse.sweep import COLUMNS, sweep
+from fedsparse.commands.sweep import COLUMNS, sweep
 
 
 @pytest.fixture

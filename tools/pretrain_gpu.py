@@ -3,7 +3,7 @@
 ``fedsparse pretrain`` extracts an archive into the cache and reads 50,000 small files back.
 On the lent GPU machine a run that went through that step printed nothing in 10 minutes
 (cause not established; the sandboxed file system is the suspect). This script decodes every
-image of a ``.tar.gz`` in memory instead (50,000 CIFAR-10 JPEGs in 7 s there) and runs the same ``fedsparse.pretrain.pretrain`` on the GPU. With no
+image of a ``.tar.gz`` in memory instead (50,000 CIFAR-10 JPEGs in 7 s there) and runs the same ``fedsparse.inputs.pretrain.pretrain`` on the GPU. With no
 ``--epochs`` it sizes the run to a time budget: it trains 2 epochs on 16,384 images,
 times the second, and takes the number of epochs that fills 90% of what is left
 (warm-up: 5% of them, at least 1 epoch).
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedsparse.pretrain import PretrainConfig, load_images, pretrain  # noqa: E402
+from fedsparse.inputs.pretrain import PretrainConfig, load_images, pretrain  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -1,6 +1,6 @@
 """Independent Subnet Training (IST) for an MLP head: partition, slice, stitch.
 
-Pure tensor functions on state dicts of :class:`fedsparse.head.MLPHead`
+Pure tensor functions on state dicts of :class:`fedsparse.model.head.MLPHead`
 (``layers.{i}.weight: [out, in]``, ``layers.{i}.bias: [out]``); no Flower here.
 
 Each round the neurons of every hidden layer are split into K disjoint, near-equal
@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedsparse.head import num_layers
+from fedsparse.model.head import num_layers
 
 State = dict[str, torch.Tensor]
 
@@ -173,7 +173,7 @@ class SliceUpdate:
     subnet: int | None = None
 
 
-def _weights(counts: Sequence[int]) -> list[float]:
+def example_weights(counts: Sequence[int]) -> list[float]:
     """Example weights (negative counts count as 0); equal weights when no example is reported."""
     total = sum(max(0, int(n)) for n in counts)
     if total > 0:
@@ -195,7 +195,7 @@ def merge_updates(updates: Sequence[SliceUpdate]) -> SliceUpdate:
     for up in updates[1:]:
         if len(up.index) != len(first.index) or any(not torch.equal(a, b) for a, b in zip(up.index, first.index)):
             raise ValueError("merge_updates got updates of different subnets")
-    weights = _weights([u.num_examples for u in updates])
+    weights = example_weights([u.num_examples for u in updates])
     state: State = {}
     for key, ref in first.state.items():
         ref = torch.as_tensor(ref)
@@ -246,7 +246,7 @@ def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], sc
                 out[f"layers.{layer}.bias"][rows] = torch.as_tensor(up.state[f"layers.{layer}.bias"], dtype=w.dtype)
     if updates:
         key = f"layers.{n - 1}.bias"
-        weights = _weights([u.num_examples for u in updates])
+        weights = example_weights([u.num_examples for u in updates])
         out[key] = sum(w * torch.as_tensor(u.state[key], dtype=out[key].dtype) for w, u in zip(weights, updates))
     return out
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-from fedsparse.masking import num_visible
-from fedsparse.memory import proc_status_bytes
+from fedsparse.inputs.masking import num_visible
+from fedsparse.accounting.memory import proc_status_bytes
 
 BYTES_PER_FP32 = 4
 BYTES_PER_PIXEL_VALUE = 1  # 8-bit images

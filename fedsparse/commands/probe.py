@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data import ImageSet, load_splits
-from fedsparse.encoder import load_image, normalize
-from fedsparse.head import MLPHead, batch_order, evaluate, train_steps
-from fedsparse.task import derive_seed, features
+from fedsparse.data.datasets import ImageSet, load_splits
+from fedsparse.inputs.encoder import load_image, normalize
+from fedsparse.model.head import MLPHead, batch_order, evaluate, train_steps
+from fedsparse.seeds import derive_seed
+from fedsparse.task import features
 
 PIXELS = "pixels"  # pseudo-encoder: the normalised image itself, flattened
 

@@ -29,9 +29,9 @@ try:
 except ImportError:  # Windows: no cross-process lock, concurrent misses extract twice
     fcntl = None  # type: ignore[assignment]
 
-from fedsparse.data import ImageSet
-from fedsparse.encoder import Encoder, encode, load_encoder, load_image, normalize
-from fedsparse.masking import masks_for
+from fedsparse.data.datasets import ImageSet
+from fedsparse.inputs.encoder import Encoder, encode, load_encoder, load_image, normalize
+from fedsparse.inputs.masking import masks_for
 
 log = logging.getLogger("fedsparse")
 DECODE_CHUNK = 512  # images decoded and encoded at a time: bounds memory on big partitions

@@ -31,8 +31,8 @@ from typing import BinaryIO, Callable, Sequence
 import torch
 from torch import nn
 
-from fedsparse.encoder import BUILTIN_ARCH, _vit, load_image, normalize, patchify, save_checkpoint, visible_tokens
-from fedsparse.features import atomic_torch_save
+from fedsparse.inputs.encoder import BUILTIN_ARCH, _vit, load_image, normalize, patchify, save_checkpoint, visible_tokens
+from fedsparse.inputs.features import atomic_torch_save
 
 log = logging.getLogger("fedsparse")
 

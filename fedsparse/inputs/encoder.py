@@ -280,7 +280,7 @@ def visible_tokens(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -
     Args:
         model: timm VisionTransformer with a class token.
         images: [B, C, H, W], normalised.
-        keep: [B, n_visible] long, visible patch indices (see ``fedsparse.masking``).
+        keep: [B, n_visible] long, visible patch indices (see ``fedsparse.inputs.masking``).
 
     Returns:
         [B, n_prefix + n_visible, D]: CLS (and register) tokens first, then the visible patches

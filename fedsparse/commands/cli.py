@@ -1,6 +1,6 @@
 """The ``fedsparse`` command.
 
-    fedsparse run [CONFIG] [--run-config "k=v ..."] [--out DIR]
+    fedsparse run [CONFIG] [--run-config "k=v ..."] [--out DIR] [--resume DIR] [--engine simulation]
     fedsparse pretrain DATA --out DIR [--epochs N] [--device auto] [--dtype fp32] [--resume] [--max-minutes M]
     fedsparse probe [CONFIG] [--encoders builtin,builtin-random,pixels]
     fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--dtypes fp32,bf16] [--out DIR]
@@ -20,51 +20,82 @@ import sys
 import time
 from pathlib import Path
 
-from fedsparse.config import RunConfig, config_keys, parse_overrides, resolve
+from fedsparse.config import RunConfig, config_keys, load_toml, parse_overrides, resolve
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.toml"
 
 
 def _default_config() -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config_path = args.config or _default_config()
+ENGINES = ("simulation", "in-process", "plain")
+
+
+def run_config_for(args: argparse.Namespace) -> RunConfig:
+    """The run's config: defaults, CONFIG (or the resumed run's config), then overrides."""
     overrides = parse_overrides(args.run_config or "")
     if args.out:
         overrides["out-dir"] = str(Path(args.out).resolve())
-    cfg = resolve(config_path, overrides)
+    if args.resume:
+        from fedsparse.engine.checkpoint import Checkpoint
+
+        resume_dir = Path(args.resume).resolve()
+        saved = Checkpoint.load(resume_dir).config
+        base = dict(saved) if args.config is None else load_toml(args.config)
+        cfg = RunConfig.from_run_config({**base, **overrides, "out-dir": str(resume_dir), "resume": True})
+    else:
+        cfg = resolve(args.config or _default_config(), overrides)
     if not Path(cfg.out_dir).is_absolute():
         cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).resolve()))
-    print(f"fedsparse run: {config_path or 'defaults'} -> {cfg.out_dir}", flush=True)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsparse.engine.checkpoint import Checkpoint, check_resumable
     from fedsparse.task import preflight
-    from strategies.simulation import simulate
 
+    cfg = run_config_for(args)
+    if cfg.resume:
+        ckpt = Checkpoint.load(cfg.out_dir)
+        check_resumable(ckpt, cfg.to_run_config())
+        if ckpt.round >= cfg.num_rounds:
+            print(f"fedsparse run: {cfg.out_dir} already finished its {ckpt.round} rounds; nothing to resume")
+            return 0
+    source = args.resume or args.config or _default_config() or "defaults"
+    print(f"fedsparse run ({args.engine}): {source} -> {cfg.out_dir}", flush=True)
     preflight(cfg)
-
-    t0 = time.perf_counter()
-    metrics = simulate(cfg)
-    rounds = metrics["rounds"]
-    if rounds:
-        last = rounds[-1]
-        ratio = sum(r["bytes_down_per_client"] for r in rounds) / len(rounds) / metrics["model_bytes"]
-        print(
-            f"done in {time.perf_counter() - t0:.0f}s: final accuracy {last['accuracy']:.4f} "
-            f"(initial {metrics['initial'].get('accuracy', float('nan')):.4f}, best {max(r['accuracy'] for r in rounds):.4f}); "
-            f"bytes down per client = {ratio:.3f} x full model ({cfg.strategy}, {cfg.clients_per_round} clients per round)"
-        )
-    mem = metrics.get("memory", {})
+    metrics = run_with_engine(cfg, args.engine)
+    print(f"done: {metrics.summary()}")
+    mem = metrics.memory
     if mem.get("available"):
         print(f"memory: peak summed RSS {mem['peak_summed_rss_bytes'] / 2**30:.2f} GiB "
               f"(PSS {mem['peak_summed_pss_bytes'] / 2**30:.2f} GiB) over up to {mem['peak_processes']} processes")
-    print(f"results: {cfg.out_dir}/metrics.json, model.pt, accuracy.png")
+    print(f"results: {cfg.out_dir}/metrics.json, model.pt, checkpoint.pt, accuracy.png")
     return 0
 
 
+def run_with_engine(cfg: RunConfig, engine: str):
+    """Run ``cfg`` on one of ``ENGINES``; returns its ``RunMetrics``."""
+    if engine == "simulation":
+        from strategies.simulation import simulate
+
+        return simulate(cfg)
+    if engine == "in-process":
+        from strategies.in_process import in_process_run
+
+        return in_process_run(cfg)
+    if engine == "plain":
+        from fedsparse.engine.plain import PlainTransport
+        from fedsparse.engine.rounds import RoundEngine
+
+        return RoundEngine(cfg).run(PlainTransport(cfg))
+    raise ValueError(f"Unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fedsparse.data import load_splits
-    from fedsparse.pretrain import PretrainConfig, load_images, pretrain, resolve_device
+    from fedsparse.data.datasets import load_splits
+    from fedsparse.inputs.pretrain import PretrainConfig, load_images, pretrain, resolve_device
 
     cfg = PretrainConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          warmup_epochs=args.warmup_epochs, mask_ratio=args.mask_ratio, seed=args.seed,
@@ -81,7 +112,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    from fedsparse.probe import probe
+    from fedsparse.commands.probe import probe
 
     overrides = parse_overrides(args.run_config or "")
     cfg = resolve(args.config or _default_config(), overrides)
@@ -98,7 +129,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _ratios(text: str) -> list[float]:
-    from fedsparse.masking import check_mask_ratio
+    from fedsparse.inputs.masking import check_mask_ratio
 
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -114,7 +145,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fedsparse.bench import bench
+    from fedsparse.commands.bench import bench
 
     cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
     out = Path(args.out)
@@ -126,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsparse.sweep import sweep
+    from fedsparse.commands.sweep import sweep
 
     cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
     out = Path(args.out)
@@ -138,7 +169,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
-    from fedsparse.overhead import overhead
+    from fedsparse.commands.overhead import overhead
 
     cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
     try:
@@ -176,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML run config (default: configs/quickstart.toml)")
     run.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0.75 num-rounds=3\"")
     run.add_argument("--out", default="", help="output directory (sets out-dir)")
+    run.add_argument("--resume", default="", metavar="DIR",
+                     help="continue the run in DIR after its last finished round (same config; num-rounds may grow)")
+    run.add_argument("--engine", default="simulation", choices=ENGINES,
+                     help="simulation: Flower's Simulation Engine (Ray); in-process: Flower messages, no Ray; "
+                          "plain: PyTorch only. The same config gives the same model on each")
     run.set_defaults(func=cmd_run)
     pre = sub.add_parser("pretrain", help="pretrain a small ViT as a masked autoencoder on an image folder")
     pre.add_argument("data", help="class-folder tree or .tar.gz (its train/ split when it has one)")

@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fedsparse.accounting import (
+from fedsparse.accounting.costs import (
     ViTShape,
     cls_cache_bytes,
     encoder_macs,
     masked_images_bytes,
 )
 from fedsparse.config import RunConfig
-from fedsparse.data import load_splits
-from fedsparse.features import get_encoder
+from fedsparse.data.datasets import load_splits
+from fedsparse.inputs.features import get_encoder
 from fedsparse.task import distinct_partitions
 
 STRATEGIES = ("ist", "fedavg", "centralized")
@@ -81,7 +81,7 @@ def centralized(cfg: RunConfig) -> dict[str, Any]:
     """The centralized head on all training features at ``cfg``'s ratio, metrics.json-shaped."""
     import torch
 
-    from fedsparse.probe import fit_head
+    from fedsparse.commands.probe import fit_head
     from fedsparse.task import client_features, test_features
 
     done = _finished(Path(cfg.out_dir), cfg)

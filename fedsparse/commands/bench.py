@@ -2,7 +2,7 @@
 
 Per mask ratio (and encoder dtype):
 
-- encoder work: MACs per image, analytic (``fedsparse.accounting``) and counted by
+- encoder work: MACs per image, analytic (``fedsparse.accounting.costs``) and counted by
   ``torch.utils.flop_counter`` on the real forward (attention through the math kernel, so
   the counter sees it); images per second, and the speed-up over r = 0 in fp32 measured in
   the same run; for bf16, the mean cosine of its CLS vectors with fp32's;
@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedsparse.accounting import (
+from fedsparse.accounting.costs import (
     ViTShape,
     cls_cache_bytes,
     encoder_macs,
@@ -44,18 +44,18 @@ from fedsparse.accounting import (
     peak_rss_bytes,
 )
 from fedsparse.config import RunConfig
-from fedsparse.data import ImageSet, default_cache_dir, load_splits
-from fedsparse.encoder import Encoder, encode, load_image, normalize
-from fedsparse.features import (
+from fedsparse.data.datasets import ImageSet, default_cache_dir, load_splits
+from fedsparse.inputs.encoder import Encoder, encode, load_image, normalize
+from fedsparse.inputs.features import (
     DECODE_CHUNK,
     FeatureCache,
     extract,
     feature_key,
     get_encoder,
 )
-from fedsparse.head import state_dims
-from fedsparse.masking import masks_for
-from fedsparse.memory import PeakAnonSampler, rss_anon
+from fedsparse.model.head import state_dims
+from fedsparse.inputs.masking import masks_for
+from fedsparse.accounting.memory import PeakAnonSampler, rss_anon
 
 DTYPES = ("fp32", "bf16")
 
@@ -78,7 +78,7 @@ def counted_macs(encoder: Encoder, mask_ratio: float) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedsparse.encoder import visible_cls
+    from fedsparse.inputs.encoder import visible_cls
 
     x = torch.zeros(1, 3, encoder.image_size, encoder.image_size)
     keep = masks_for(["count"], encoder.num_patches, mask_ratio, 0)
@@ -136,10 +136,10 @@ def encoder_rows(
 
 
 def _worker(kind: str, payload: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
-    """Run ``python -m fedsparse.bench <kind> <payload>`` in a fresh process; its JSON answer."""
+    """Run ``python -m fedsparse.commands.bench <kind> <payload>`` in a fresh process; its JSON answer."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsparse.bench", kind, json.dumps(payload)],
+        [sys.executable, "-m", "fedsparse.commands.bench", kind, json.dumps(payload)],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
     if proc.returncode != 0:
@@ -377,7 +377,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def _main(argv: list[str]) -> int:
-    """Entry point of the fresh worker processes: ``python -m fedsparse.bench extract|train JSON``."""
+    """Entry point of the fresh worker processes: ``python -m fedsparse.commands.bench extract|train JSON``."""
     import warnings
 
     warnings.simplefilter("ignore")

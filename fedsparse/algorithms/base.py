@@ -1,0 +1,109 @@
+"""The algorithm protocol: plan a round, aggregate its replies. No Flower here.
+
+A training algorithm decides two things each round, and nothing else:
+
+- ``plan``: which arrays and which per-round settings each of the round's clients gets
+  (one ``ClientTask`` per client; IST sends slices, FedAvg the full head);
+- ``aggregate``: how the accepted replies (``ClientUpdate``) become the next global head.
+
+Sampling, messages, reply checks, byte accounting, evaluation, checkpoints and progress
+belong to the round engine (``fedsparse.engine``) and its drivers, the same for every
+algorithm. An algorithm that keeps state across rounds (a server optimizer's moments, a
+rolling window) returns it from ``state_dict`` so that a resumed run continues exactly.
+
+Adding an algorithm = one module with a subclass of ``Algorithm`` decorated with
+``@register`` (see ``fedsparse.algorithms``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from fedsparse.config import RunConfig
+
+State = dict[str, torch.Tensor]
+
+# What a client does with a task (``ClientTask.config[CLIENT_TASK]``); see fedsparse.engine.client.
+TRAIN = "train"  # train the received (sub-)head on its features, send it back
+
+
+@dataclass
+class ClientTask:
+    """What one client receives in a round.
+
+    Attributes:
+        client: the client's id (its partition id in simulation).
+        arrays: the tensors it receives (an IST slice, the full head, ...).
+        config: per-round settings it trains with; the engine adds ``server-round``,
+            ``local-steps``, ``lr`` and ``batch-size``, the algorithm anything else
+            (``subnet``, ``num-subnets``, ...). Values are int, float or str.
+        group: clients with the same group receive the same arrays (one copy is built).
+        meta: what the algorithm keeps for ``aggregate`` (e.g. the slice's indices);
+            server-side only, never sent.
+    """
+
+    client: int
+    arrays: State
+    config: dict[str, Any] = field(default_factory=dict)
+    group: int | None = None
+    meta: Any = None
+
+
+@dataclass
+class ClientUpdate:
+    """An accepted reply: the client's arrays (checked against what it was sent),
+    its example count and its metrics."""
+
+    client: int
+    arrays: State
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm(ABC):
+    """A federated training algorithm on the head's state dict.
+
+    Subclasses set ``name`` and implement ``plan`` and ``aggregate``. They receive the
+    run's ``RunConfig`` and derive all randomness from ``cfg.seed`` and the round, so that
+    a round's plan is a pure function of (config, round, state, clients).
+    """
+
+    name: ClassVar[str] = ""
+    client_task: ClassVar[str] = TRAIN
+
+    def __init__(self, cfg: "RunConfig") -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def plan(self, server_round: int, state: Mapping[str, torch.Tensor], clients: Sequence[int]) -> list[ClientTask]:
+        """One task per client of ``clients`` (in that order)."""
+
+    @abstractmethod
+    def aggregate(
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        tasks: Sequence[ClientTask],
+        updates: Sequence[ClientUpdate],
+    ) -> State:
+        """The next global state from the round's accepted updates (in task order).
+
+        ``updates`` may be fewer than ``tasks`` (failed clients) or empty; an algorithm
+        then keeps what no update covers.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side state that the next rounds depend on (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        return self.name

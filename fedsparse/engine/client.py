@@ -1,0 +1,75 @@
+"""The client's side of a round, free of Flower: what a ClientApp and the plain loop run.
+
+A client gets arrays and per-round settings (``ClientTask.config``: ``server-round``,
+``local-steps``, ``lr``, ``batch-size``, and whatever its algorithm adds) and answers with
+arrays, its number of examples and its metrics. Everything about the data (data set,
+encoder, mask) comes from the run's ``RunConfig``; everything about the round comes from
+the task, and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from fedsparse import protocol as p
+from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes
+from fedsparse.algorithms.base import TRAIN, State
+from fedsparse.config import RunConfig
+from fedsparse.model.head import state_dims
+from fedsparse.task import client_features, train_slice
+
+ROUND_KEYS = ("server-round", "local-steps", "lr", "batch-size")  # every training task carries these
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads (a simulated client gets ``client-cpus``)."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
+
+def client_threads(cfg: RunConfig) -> int:
+    """Math threads of one client: its ``client-cpus`` share (at least one)."""
+    return max(1, int(cfg.client_cpus))
+
+
+def round_setting(config: Mapping[str, Any], key: str) -> Any:
+    """A per-round setting from the task, or a one-line error naming the missing key."""
+    try:
+        return config[key]
+    except KeyError:
+        raise ValueError(f"the server's message lacks {key!r} (per-round settings come only from the message)") from None
+
+
+def run_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: State,
+             config: Mapping[str, Any]) -> tuple[State, int, dict[str, float]]:
+    """Do what the task says on this client's data: ``(arrays, num_examples, metrics)``."""
+    kind = str(config.get(p.CLIENT_TASK_KEY, TRAIN))
+    if kind != TRAIN:
+        raise ValueError(f"unknown client task {kind!r}; this client knows: {TRAIN}")
+    server_round = int(round_setting(config, "server-round"))
+    steps, lr, batch_size = (round_setting(config, k) for k in ("local-steps", "lr", "batch-size"))
+    feats = client_features(cfg, partition_id, num_partitions, server_round)
+    t0 = time.perf_counter()
+    with torch_threads(client_threads(cfg)):
+        trained, loss = train_slice(cfg, arrays, feats, server_round, partition_id,
+                                    steps=int(steps), batch_size=int(batch_size), lr=float(lr))
+    metrics = {
+        p.TRAIN_LOSS_KEY: loss,
+        p.TRAIN_SECONDS_KEY: time.perf_counter() - t0,
+        p.EXTRACT_SECONDS_KEY: feats.seconds,
+        p.CACHE_HIT_KEY: int(feats.cache_hit),
+        p.PEAK_RSS_KEY: peak_rss_bytes(),
+        p.TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(arrays), int(batch_size)),
+    }
+    return trained, len(feats.y), metrics

@@ -1,0 +1,207 @@
+"""The metrics schema: one dataclass per round and one per run.
+
+``metrics.json``, the round line, ``fedsparse sweep`` and the CLI summary all read these
+classes; no module reads metric keys by string. Fields that do not apply to a round are
+``None`` (accuracy of a round that was not evaluated, client metrics nobody sent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+FAILURE_KINDS = ("error", "invalid", "lost")
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def _max(xs: Sequence[float]) -> float | None:
+    return float(max(xs)) if xs else None
+
+
+@dataclass
+class RoundMetrics:
+    """One training round. ``accuracy``/``loss`` are the full head's on the server's test
+    features (None when ``eval-every`` skipped the round)."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    clients: int  # replies used
+    sampled: int
+    subnets: int  # distinct groups of arrays sent (IST subnets; 1 for FedAvg)
+    failures: int  # failed_error + failed_invalid + failed_lost
+    failed_error: int
+    failed_invalid: int
+    failed_lost: int
+    bytes_down_per_client: float
+    bytes_up_per_client: float
+    bytes_down_total: int
+    bytes_up_total: int
+    seconds: float  # the round
+    elapsed: float  # since the run (or the resumed run) started
+    train_loss: float | None = None  # mean over the replies used
+    client_train_seconds_max: float | None = None
+    client_extract_seconds_max: float | None = None
+    client_peak_rss_bytes_max: float | None = None
+    client_train_tensor_bytes_max: float | None = None  # accounting.costs.head_train_tensor_bytes
+    client_bytes_received_mean: float | None = None  # as measured by the clients
+    client_bytes_sent_mean: float | None = None
+    feature_cache_hits: int | None = None  # replies whose features came from the cache
+    rejected: dict[str, int] = field(default_factory=dict)  # invalid replies by reason
+    head_kept: bool = False  # the aggregate was not finite; the previous head was kept
+
+    def line(self, num_rounds: int) -> str:
+        """The one line printed when the round ends."""
+        detail = ""
+        if self.failures:
+            kinds = [f"{getattr(self, 'failed_' + k)} {k}" for k in FAILURE_KINDS if getattr(self, "failed_" + k)]
+            detail = f": {', '.join(kinds)}"
+        acc = "not evaluated" if self.accuracy is None else f"{self.accuracy:.4f}"
+        return (
+            f"round {self.round}/{num_rounds} | clients {self.clients}/{self.sampled} done, "
+            f"{self.failures} failed{detail} | accuracy {acc} | "
+            f"{self.bytes_down_per_client / 1e3:.1f} kB down, {self.bytes_up_per_client / 1e3:.1f} kB up per client | "
+            f"round {self.seconds:.1f}s, elapsed {self.elapsed:.1f}s"
+        )
+
+
+def client_summary(metrics: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """The ``client_*`` fields of a round from the replies' metrics (protocol keys)."""
+    from fedsparse import protocol as p
+
+    def vals(key: str) -> list[float]:
+        return [m[key] for m in metrics if key in m]
+
+    hits = vals(p.CACHE_HIT_KEY)
+    return {
+        "train_loss": _mean(vals(p.TRAIN_LOSS_KEY)),
+        "client_train_seconds_max": _max(vals(p.TRAIN_SECONDS_KEY)),
+        "client_extract_seconds_max": _max(vals(p.EXTRACT_SECONDS_KEY)),
+        "client_peak_rss_bytes_max": _max(vals(p.PEAK_RSS_KEY)),
+        "client_train_tensor_bytes_max": _max(vals(p.TENSOR_BYTES_KEY)),
+        "client_bytes_received_mean": _mean(vals(p.BYTES_RECEIVED_KEY)),
+        "client_bytes_sent_mean": _mean(vals(p.BYTES_SENT_KEY)),
+        "feature_cache_hits": int(sum(hits)) if hits else None,
+    }
+
+
+@dataclass
+class RunMetrics:
+    """The content of ``metrics.json``."""
+
+    config: dict[str, Any]
+    engine: str  # plain, in-process, simulation, deployment
+    model_params: int
+    model_bytes: int  # the full head's serialized size (tensor bytes for the plain engine)
+    num_classes: int
+    test_examples: int
+    head_dims: list[int]
+    algorithm: str = ""
+    initial: dict[str, float] = field(default_factory=dict)  # accuracy, loss of the initial head
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # rounds after which a run was resumed
+    finished: bool = False
+    wall_seconds: float = 0.0  # of this process's part of the run
+    memory: dict[str, Any] = field(default_factory=dict)  # simulation: process-tree RSS/PSS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- derived --------------------------------------------------------------------
+    def evaluated(self) -> list[RoundMetrics]:
+        return [r for r in self.rounds if r.accuracy is not None]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        ev = self.evaluated()
+        return ev[-1].accuracy if ev else None
+
+    @property
+    def best_accuracy(self) -> float | None:
+        ev = self.evaluated()
+        return max(r.accuracy for r in ev) if ev else None  # type: ignore[type-var]
+
+    def mean_bytes_down_ratio(self) -> float | None:
+        """Mean bytes a client receives per round, as a fraction of the full head."""
+        if not self.rounds or not self.model_bytes:
+            return None
+        return sum(r.bytes_down_per_client for r in self.rounds) / len(self.rounds) / self.model_bytes
+
+    def summary(self) -> str:
+        """The CLI's closing line."""
+        if not self.rounds:
+            return "no round finished"
+        init = self.initial.get("accuracy")
+        parts = [f"final accuracy {self.final_accuracy:.4f}" if self.final_accuracy is not None else "not evaluated"]
+        if init is not None and self.best_accuracy is not None:
+            parts.append(f"(initial {init:.4f}, best {self.best_accuracy:.4f})")
+        ratio = self.mean_bytes_down_ratio()
+        if ratio is not None:
+            parts.append(f"bytes down per client = {ratio:.3f} x full model")
+        return f"{len(self.rounds)} rounds: " + " ".join(parts[:2]) + ("; " + parts[2] if len(parts) > 2 else "")
+
+    # --- files ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunMetrics":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rounds"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "rounds"}
+        round_names = {f.name for f in dataclasses.fields(RoundMetrics)}
+        rounds = [RoundMetrics(**{k: v for k, v in r.items() if k in round_names}) for r in data.get("rounds", [])]
+        return cls(**known, rounds=rounds, extra=extra)
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``metrics.json`` atomically (a crash leaves the previous complete file)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=out)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        os.replace(tmp, out / "metrics.json")
+        return out / "metrics.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunMetrics":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "metrics.json"
+        return cls.from_dict(json.loads(p.read_text()))
+
+
+def plot_accuracy(metrics: RunMetrics, path: str | Path) -> Path:
+    """PNG of test accuracy per evaluated round (round 0 = the initial head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = metrics.evaluated()
+    rounds = [0] + [r.round for r in ev]
+    acc = [metrics.initial.get("accuracy", float("nan"))] + [r.accuracy for r in ev]
+    cfg = metrics.config
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, acc, marker="o" if len(rounds) < 60 else None)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(
+        f"{cfg.get('strategy', '?').upper()} on {cfg.get('dataset', '?')}, mask ratio {cfg.get('mask-ratio', '?')}, "
+        f"{cfg.get('clients-per-round', '?')}/{cfg.get('num-clients', '?')} clients",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,293 @@
+"""The round loop, once, for every driver.
+
+Each round the engine samples the round's clients (from the ids the driver says are
+available), asks the algorithm for one task per client, lets the driver carry the tasks
+out (``Transport.exchange``: in this process, as Flower messages, on the Simulation
+Engine, on real SuperNodes), checks every reply against what was sent, lets the algorithm
+aggregate the accepted ones (in task order, whatever order they arrived in), evaluates the
+head on the server's test features, and writes ``checkpoint.pt``, ``model.pt`` and
+``metrics.json``. ``fedsparse run --resume`` continues after the last written round.
+
+Every draw is a function of (``seed``, round, client id): sampling here, partitions in the
+algorithms, batches in the clients. The same config therefore gives the same model in any
+driver and after any resume, whatever ids Flower gives the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
+from fedsparse.algorithms.base import State
+from fedsparse.config import RunConfig
+from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
+from fedsparse.engine.metrics import RoundMetrics, RunMetrics, client_summary, plot_accuracy
+from fedsparse.model.head import MLPHead, count_params, evaluate
+from fedsparse.model.ist import all_finite
+from fedsparse.protocol import CLIENT_TASK_KEY
+from fedsparse.seeds import derive_seed
+from fedsparse.task import initial_head, test_features
+
+log = logging.getLogger("fedsparse")
+
+
+@dataclass
+class Reply:
+    """What came back from one client, decoded but not yet checked."""
+
+    client: int
+    arrays: dict[str, torch.Tensor]
+    num_examples: object  # checked by check_reply: an int >= 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A client that answered with an error (``error``), a malformed reply (``invalid``)
+    or not at all within the round's time (``lost``)."""
+
+    client: int
+    kind: str
+    reason: str
+    code: str = ""  # for invalid replies: what was wrong (RejectedReply.code)
+
+
+@dataclass
+class Exchange:
+    """A round as the driver carried it out."""
+
+    replies: list[Reply]
+    failures: list[Failure]
+    bytes_down: list[int]  # per message sent
+    bytes_up: list[int]  # per reply received
+
+
+class Transport(Protocol):
+    """How the engine reaches clients. ``name`` goes into metrics.json as the engine."""
+
+    name: str
+
+    def clients(self, k: int) -> list[int]:
+        """The ids of the clients available now (wait for ``k`` when they may still connect)."""
+
+    def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
+        """Send every task to its client and collect what comes back."""
+
+    def model_bytes(self, state: State) -> int:
+        """Size of the full head as this transport sends it."""
+
+
+def sample_clients(seed: int, server_round: int, available: Sequence[int], k: int) -> list[int]:
+    """``k`` of the ``available`` client ids (all of them when fewer), drawn from (seed, round)."""
+    pool = sorted(set(available))
+    return random.Random(derive_seed("sampling", seed, server_round)).sample(pool, min(k, len(pool)))
+
+
+class RejectedReply(ValueError):
+    """A reply the server does not use; ``code`` names the kind (counted in metrics.json)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_reply(task: ClientTask, reply: Reply) -> ClientUpdate:
+    """The reply as an accepted update, or ``RejectedReply`` saying what is wrong with it.
+
+    A reply must hold exactly the arrays it was sent, each with the same dtype and shape,
+    all finite, and a non-negative integer example count.
+    """
+    missing = sorted(set(task.arrays) - set(reply.arrays))
+    extra = sorted(set(reply.arrays) - set(task.arrays))
+    if missing or extra:
+        raise RejectedReply("arrays", f"arrays differ from those sent: missing {missing}, unexpected {extra}")
+    for key, sent in task.arrays.items():
+        got = reply.arrays[key]
+        if not isinstance(got, torch.Tensor):
+            raise RejectedReply("arrays", f"{key} is not a tensor")
+        if got.dtype != sent.dtype:
+            raise RejectedReply("dtype", f"{key} has dtype {got.dtype}, sent as {sent.dtype}")
+        if tuple(got.shape) != tuple(sent.shape):
+            raise RejectedReply("shape", f"{key} has shape {tuple(got.shape)}, expected {tuple(sent.shape)}")
+        if not bool(torch.isfinite(got).all()):
+            raise RejectedReply("non-finite", f"{key} holds NaN or Inf")
+    n = reply.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise RejectedReply("num-examples", f"invalid num-examples {n!r}")
+    return ClientUpdate(task.client, reply.arrays, n, reply.metrics)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A (possibly multi-line) reason as one short log line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class RoundEngine:
+    """Runs ``cfg.num_rounds`` rounds of ``cfg``'s algorithm through a ``Transport``.
+
+    Args:
+        cfg: the run's config (read once).
+        algorithm: defaults to ``make_algorithm(cfg)``.
+        report: where round lines go (default: the ``fedsparse`` logger).
+    """
+
+    def __init__(self, cfg: RunConfig, algorithm: Algorithm | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.algorithm = algorithm if algorithm is not None else make_algorithm(cfg)
+        self.report = report if report is not None else log.info
+        self.out = Path(cfg.out_dir)
+        self.stop = threading.Event()  # set from a signal handler: the run ends after the current round
+        self.test, self.num_classes = test_features(cfg)
+        self.head_dims = initial_head(cfg, self.test.x.shape[1], self.num_classes).dims
+        self.state: State = {}
+        self.done = 0  # rounds finished
+        self.metrics: RunMetrics | None = None
+        self._t_start = time.perf_counter()
+
+    def initial_head_state(self) -> State:
+        """The head every run of this config starts from (seeded by ``seed``)."""
+        return initial_head(self.cfg, self.test.x.shape[1], self.num_classes).state_dict()
+
+    # --- start: fresh or resumed -------------------------------------------------------------
+    def start(self, transport: Transport) -> int:
+        """Initial head and evaluation, or the checkpoint's state when ``cfg.resume``; returns
+        the number of rounds already done."""
+        self._t_start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:
+            ckpt = Checkpoint.load(self.out)
+            check_resumable(ckpt, self.cfg.to_run_config())
+            self.state = {k: v.clone() for k, v in ckpt.state.items()}
+            self.algorithm.load_state_dict(ckpt.algorithm)
+            self.metrics = RunMetrics.from_dict(ckpt.metrics)
+            self.metrics.config = self.cfg.to_run_config()
+            self.done = ckpt.round
+            if self.done < self.cfg.num_rounds:
+                self.metrics.resumed_at.append(self.done)
+                self.metrics.finished = False
+            self.report(f"resuming after round {self.done}/{self.cfg.num_rounds} from {self.out / 'checkpoint.pt'}")
+            return self.done
+        head = initial_head(self.cfg, self.test.x.shape[1], self.num_classes)
+        self.state = self.initial_head_state()
+        accuracy, loss = evaluate(head, self.test.x, self.test.y)
+        self.metrics = RunMetrics(
+            config=self.cfg.to_run_config(), engine=transport.name, model_params=count_params(head.dims),
+            model_bytes=transport.model_bytes(self.state), num_classes=self.num_classes,
+            test_examples=len(self.test.y), head_dims=list(head.dims), algorithm=self.algorithm.describe(),
+            initial={"accuracy": accuracy, "loss": loss},
+        )
+        self.done = 0
+        self.report(f"round 0/{self.cfg.num_rounds}: accuracy {accuracy:.4f} (initial head)")
+        self._write()
+        return 0
+
+    # --- one round, in two halves (a Flower Strategy calls them from configure/aggregate) ---
+    def plan_round(self, server_round: int, available: Sequence[int]) -> list[ClientTask]:
+        """Sample the round's clients and let the algorithm give each a task."""
+        clients = sample_clients(self.cfg.seed, server_round, available, self.cfg.clients_per_round)
+        if not clients:
+            raise RuntimeError(f"round {server_round}: no client is available")
+        tasks = self.algorithm.plan(server_round, self.state, clients)
+        base = {"server-round": server_round, "local-steps": self.cfg.local_steps, "lr": self.cfg.lr,
+                "batch-size": self.cfg.batch_size, CLIENT_TASK_KEY: self.algorithm.client_task}
+        for task in tasks:
+            task.config = {**base, **task.config}
+        return tasks
+
+    def finish_round(self, server_round: int, tasks: Sequence[ClientTask], exchange: Exchange,
+                     started: float) -> RoundMetrics:
+        """Check the replies, aggregate, evaluate when due, write the round's files."""
+        assert self.metrics is not None, "finish_round before start"
+        task_of = {t.client: t for t in tasks}
+        failures = list(exchange.failures)
+        accepted: dict[int, ClientUpdate] = {}
+        for reply in exchange.replies:
+            task = task_of.get(reply.client)
+            if task is None or reply.client in accepted:
+                log.warning("round %d: ignoring an unexpected reply from client %s", server_round, reply.client)
+                continue
+            try:
+                accepted[reply.client] = check_reply(task, reply)
+            except RejectedReply as err:
+                failures.append(Failure(reply.client, "invalid", one_line(err), err.code))
+        answered = set(accepted) | {f.client for f in failures}
+        failures += [Failure(t.client, "lost", "no reply in time") for t in tasks if t.client not in answered]
+        for f in failures:
+            log.warning("round %d: client %s %s: %s", server_round, f.client,
+                        {"error": "failed", "invalid": "sent a bad reply", "lost": "did not reply"}[f.kind], f.reason)
+        updates = [accepted[t.client] for t in tasks if t.client in accepted]  # task order, not arrival order
+        new_state = self.algorithm.aggregate(server_round, self.state, tasks, updates)
+        kept = not all_finite(new_state)
+        if kept:
+            log.warning("round %d: the aggregated head is not finite; keeping the previous head", server_round)
+        else:
+            self.state = new_state
+        due = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds
+        accuracy = loss = None
+        if due:
+            accuracy, loss = evaluate(MLPHead.from_state_dict(self.state), self.test.x, self.test.y)
+        rejected: dict[str, int] = {}
+        for f in failures:
+            if f.kind == "invalid":
+                rejected[f.code or "undecodable"] = rejected.get(f.code or "undecodable", 0) + 1
+        kinds = {k: sum(1 for f in failures if f.kind == k) for k in ("error", "invalid", "lost")}
+        down, up = exchange.bytes_down, exchange.bytes_up
+        entry = RoundMetrics(
+            round=server_round, accuracy=accuracy, loss=loss, clients=len(updates), sampled=len(tasks),
+            subnets=len({t.group if t.group is not None else ("own", t.client) for t in tasks}),
+            failures=len(failures), failed_error=kinds["error"], failed_invalid=kinds["invalid"],
+            failed_lost=kinds["lost"],
+            bytes_down_per_client=sum(down) / len(down) if down else 0.0,
+            bytes_up_per_client=sum(up) / len(up) if up else 0.0,
+            bytes_down_total=int(sum(down)), bytes_up_total=int(sum(up)),
+            seconds=time.perf_counter() - started, elapsed=time.perf_counter() - self._t_start,
+            rejected=rejected, head_kept=kept, **client_summary([u.metrics for u in updates]),
+        )
+        self.metrics.rounds.append(entry)
+        self.done = server_round
+        self._write()
+        self.report(entry.line(self.cfg.num_rounds))
+        return entry
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, transport: Transport) -> RunMetrics:
+        """Start (or resume) and run the remaining rounds; returns the run's metrics."""
+        self.start(transport)
+        for server_round in range(self.done + 1, self.cfg.num_rounds + 1):
+            if self.stop.is_set():
+                break
+            started = time.perf_counter()
+            tasks = self.plan_round(server_round, transport.clients(self.cfg.clients_per_round))
+            exchange = transport.exchange(server_round, tasks)
+            if self.stop.is_set() and len(exchange.replies) < len(tasks):
+                break  # interrupted while waiting: the round in flight is not counted
+            self.finish_round(server_round, tasks, exchange, started)
+        return self.finish()
+
+    def finish(self) -> RunMetrics:
+        """Mark the run finished when every round is done, write metrics and the plot."""
+        assert self.metrics is not None
+        self.metrics.finished = self.done >= self.cfg.num_rounds
+        self._write(checkpoint=False)
+        plot_accuracy(self.metrics, self.out / "accuracy.png")
+        return self.metrics
+
+    def _write(self, checkpoint: bool = True) -> None:
+        assert self.metrics is not None
+        self.metrics.wall_seconds = time.perf_counter() - self._t_start
+        if checkpoint:
+            Checkpoint(self.done, self.state, self.algorithm.state_dict(), self.metrics.to_dict(),
+                       self.cfg.to_run_config()).save(self.out)
+            atomic_torch_save(self.state, self.out / MODEL)
+        self.metrics.write(self.out)
+

@@ -1,0 +1,195 @@
+"""One Flower Strategy for every fedsparse algorithm.
+
+``AlgorithmStrategy`` carries a ``RoundEngine``'s tasks over a Flower ``Grid``: it learns
+which client (partition) each node is (one ``query`` message per new node), turns tasks
+into Messages (one RecordDict per group of clients that receive the same arrays), waits
+for the replies with a live count, decodes them (error replies, missing records and
+undecodable arrays are failures; the engine checks the arrays themselves), and measures
+the serialized bytes both ways. It is both
+
+- the engine's ``Transport`` (``clients``, ``exchange``, ``model_bytes``): what the
+  ServerApp runs, with checkpoints and resume; and
+- a ``flwr.serverapp.strategy.Strategy`` (``configure_train`` / ``aggregate_train``), for
+  a ServerApp of your own that calls ``strategy.start(...)`` after ``engine.start(strategy)``.
+
+Nothing in it knows which algorithm runs.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedsparse.algorithms import ClientTask
+from fedsparse.algorithms.base import State
+from fedsparse.engine.rounds import Exchange, Failure, Reply, RoundEngine, one_line
+from fedsparse.protocol import (
+    ARRAYS_KEY,
+    CLIENT_ID_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    wire_bytes,
+)
+from strategies.progress import PollingGrid
+
+WAIT_LOG_SECONDS = 10.0
+
+
+def decode_reply(reply: Message, client: int) -> Reply | Failure:
+    """A training reply as the engine's ``Reply``, or the ``Failure`` it is."""
+    if reply.has_error():
+        return Failure(client, "error", one_line(f"client error {reply.error.code}: {reply.error.reason}"))
+    arrays = reply.content.array_records
+    if ARRAYS_KEY not in arrays:
+        return Failure(client, "invalid", f"reply has no {ARRAYS_KEY!r} ArrayRecord (has {sorted(arrays)})", "arrays")
+    try:
+        state = arrays[ARRAYS_KEY].to_torch_state_dict()
+    except Exception as err:  # noqa: BLE001 - undecodable arrays from a foreign client
+        return Failure(client, "invalid", one_line(f"reply arrays cannot be decoded: {err}"), "undecodable")
+    metrics = reply.content.metric_records.get(METRICS_KEY)
+    if metrics is None or NUM_EXAMPLES_KEY not in metrics:
+        return Failure(client, "invalid", f"reply has no {METRICS_KEY!r}.{NUM_EXAMPLES_KEY!r}", "num-examples")
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES_KEY}
+    return Reply(client, state, metrics[NUM_EXAMPLES_KEY], values)
+
+
+class AlgorithmStrategy(Strategy):
+    """The engine's tasks as Flower messages.
+
+    Args:
+        engine: the run's round engine (its config, algorithm and state).
+        grid: the Grid to reach the nodes (``bind`` sets another).
+        name: the engine name recorded in metrics.json (``simulation``, ``deployment``, ...).
+        on_replies: called as ``(round, done, total, errors, finished)`` while a round waits.
+    """
+
+    def __init__(self, engine: RoundEngine, grid: Grid | None = None, name: str = "flower",
+                 on_replies: Callable[[int, int, int, int, bool], None] | None = None) -> None:
+        self.engine = engine
+        self.cfg = engine.cfg
+        self.grid = grid
+        self.name = name
+        self.on_replies = on_replies
+        self.client_of: dict[int, int] = {}  # node id -> client id (its partition)
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self._tasks: list[ClientTask] = []
+        self._sent: list[int] = []
+        self._started = 0.0
+        self._round = 0
+
+    def bind(self, grid: Grid) -> "AlgorithmStrategy":
+        self.grid = grid
+        return self
+
+    # --- who is who -------------------------------------------------------------------------
+    def identify(self, nodes: Iterable[int]) -> None:
+        """Ask every node not seen before which client it is; a node that cannot say (no
+        partition-id in its node config) is known by its node id."""
+        new = [n for n in nodes if n not in self.client_of]
+        if not new:
+            return
+        assert self.grid is not None
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        replies = self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            client = node
+            if not reply.has_error() and METRICS_KEY in reply.content.metric_records:
+                client = int(reply.content.metric_records[METRICS_KEY].get(CLIENT_ID_KEY, node))
+            if client in self.node_of and self.node_of[client] != node:
+                log(WARNING, "node %s says it is client %s, which node %s already is; using its node id",
+                    node, client, self.node_of[client])
+                client = node
+            self.client_of[node], self.node_of[client] = client, node
+
+    def clients(self, k: int) -> list[int]:
+        """Ids of the connected, identified clients; waits (and says so) until ``k`` nodes
+        are connected, or ``round-timeout`` has passed."""
+        assert self.grid is not None, "bind a Grid first"
+        start, last_log = time.monotonic(), 0.0
+        while len(nodes := sorted(self.grid.get_node_ids())) < k:
+            waited = time.monotonic() - start
+            if waited >= self.cfg.round_timeout or self.engine.stop.is_set():
+                if not nodes:
+                    raise RuntimeError(f"no client connected within {self.cfg.round_timeout:.0f}s")
+                log(WARNING, "only %d of %d clients connected after %.0fs; going on with them", len(nodes), k, waited)
+                break
+            if time.monotonic() - last_log > WAIT_LOG_SECONDS:
+                log(INFO, "waiting for clients: %d connected, %d needed", len(nodes), k)
+                last_log = time.monotonic()
+            time.sleep(1.0)
+        self.identify(nodes)
+        return sorted(self.client_of[n] for n in nodes if n in self.client_of)
+
+    # --- tasks <-> messages -------------------------------------------------------------------
+    def messages(self, tasks: list[ClientTask]) -> list[Message]:
+        """One Message per task; clients of the same group share one RecordDict."""
+        contents: dict[object, RecordDict] = {}
+        out = []
+        for task in tasks:
+            key = ("group", task.group) if task.group is not None else ("client", task.client)
+            if key not in contents:
+                contents[key] = RecordDict({ARRAYS_KEY: ArrayRecord(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
+            out.append(Message(content=contents[key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
+        return out
+
+    def outcomes(self, tasks: list[ClientTask], replies: Iterable[Message]) -> Exchange:
+        """Decode the replies of a round (the engine checks and counts the rest)."""
+        expected = {self.node_of[t.client] for t in tasks}
+        got, failures, up = [], [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            up.append(wire_bytes(reply))
+            if node not in expected:
+                log(WARNING, "ignoring a reply from node %s, which was not sent a task", node)
+                continue
+            expected.discard(node)
+            outcome = decode_reply(reply, self.client_of[node])
+            (failures if isinstance(outcome, Failure) else got).append(outcome)
+        return Exchange(got, failures, list(self._sent), up)
+
+    # --- the engine's Transport ---------------------------------------------------------------
+    def model_bytes(self, state: State) -> int:
+        return wire_bytes(ArrayRecord(state))
+
+    def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
+        assert self.grid is not None, "bind a Grid first"
+        messages = self.messages(tasks)
+        self._sent = [wire_bytes(m) for m in messages]
+        self._round = server_round
+        live = callable(getattr(self.grid, "push_messages", None))  # a real Grid: count replies as they come
+        grid = PollingGrid(self.grid, self._replies_arrived, stop=self.engine.stop) if live else self.grid
+        return self.outcomes(tasks, grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+
+    def _replies_arrived(self, done: int, total: int, errors: int, finished: bool) -> None:
+        if self.on_replies is not None:
+            self.on_replies(self._round, done, total, errors, finished)
+
+    # --- Flower's Strategy API ------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.bind(grid)
+        self._started = time.perf_counter()
+        self._tasks = self.engine.plan_round(server_round, self.clients(self.cfg.clients_per_round))
+        messages = self.messages(self._tasks)
+        self._sent = [wire_bytes(m) for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        entry = self.engine.finish_round(server_round, self._tasks, self.outcomes(self._tasks, replies), self._started)
+        return ArrayRecord(self.engine.state), MetricRecord({NUM_EXAMPLES_KEY: entry.clients, "failures": entry.failures})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # the server evaluates the full head on its own test features
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "%s", self.engine.algorithm.describe())
