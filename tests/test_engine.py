@@ -1,0 +1,232 @@
+"""The round engine: one algorithm protocol, three drivers, checkpoints and resume, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsparse.algorithms import ALGORITHMS, Algorithm, ClientTask, make_algorithm, register
+from fedsparse.algorithms.fedavg import weighted_mean
+from fedsparse.config import RunConfig
+from fedsparse.engine.checkpoint import Checkpoint, check_resumable, config_differences
+from fedsparse.engine.metrics import RunMetrics
+from fedsparse.engine.plain import PlainTransport
+from fedsparse.engine.rounds import RoundEngine, sample_clients
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(tmp_path, make_image_tree):
+    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
+                     num_clients=6, clients_per_round=3, num_rounds=4, local_steps=3, batch_size=4,
+                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"))
+
+
+def plain(cfg: RunConfig) -> RoundEngine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        engine = RoundEngine(cfg, report=lambda s: None)
+        engine.run(PlainTransport(cfg))
+    return engine
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- a third algorithm, defined here in a few lines -----------------------------------------
+@register
+class HalfStep(Algorithm):
+    """Full head to everyone; the head moves half way to the clients' mean."""
+
+    name = "test-half-step"
+
+    def plan(self, server_round, state, clients):
+        return [ClientTask(c, dict(state), group=0) for c in clients]
+
+    def aggregate(self, server_round, state, tasks, updates):
+        if not updates:
+            return dict(state)
+        mean = weighted_mean([u.arrays for u in updates], [1] * len(updates))
+        return {k: state[k] + 0.5 * (mean[k] - state[k]) for k in state}
+
+
+class TestProtocol:
+    def test_sampling_depends_on_seed_and_round_only(self):
+        a = sample_clients(3, 7, [5, 1, 4, 2, 3], 3)
+        assert a == sample_clients(3, 7, [1, 2, 3, 4, 5], 3)  # order of availability does not matter
+        assert len(set(a)) == 3 and set(a) <= {1, 2, 3, 4, 5}
+        assert len(sample_clients(3, 7, [1, 2], 3)) == 2  # fewer available: all of them
+        draws = {tuple(sample_clients(3, r, range(20), 3)) for r in range(1, 30)}
+        assert len(draws) > 20  # rounds differ
+
+    def test_unknown_strategy_is_one_line_listing_choices(self, cfg):
+        with pytest.raises(ValueError, match=r"^Unknown strategy 'nope'; valid choices: fedavg, ist"):
+            make_algorithm(cfg.replace(strategy="nope"))
+
+    def test_toy_algorithm_is_registered(self):
+        assert ALGORITHMS["test-half-step"] is HalfStep
+
+
+class TestCheckpoint:
+    def test_every_round_leaves_checkpoint_model_and_metrics(self, cfg):
+        engine = plain(cfg)
+        out = Path(cfg.out_dir)
+        ckpt = Checkpoint.load(out)
+        assert ckpt.round == cfg.num_rounds
+        assert same_state(ckpt.state, engine.state)
+        assert same_state(torch.load(out / "model.pt"), engine.state)
+        metrics = RunMetrics.load(out)
+        assert [r.round for r in metrics.rounds] == [1, 2, 3, 4] and metrics.finished
+        assert metrics.engine == "plain"
+
+    def test_config_differences_name_the_keys_and_ignore_operational_ones(self, cfg):
+        saved = cfg.to_run_config()
+        now = {**saved, "lr": 0.5, "seed": 3, "out-dir": "/elsewhere", "round-timeout": 1.0, "num-rounds": 9}
+        diff = config_differences(saved, now)
+        assert [d.split(" ")[0] for d in diff] == ["lr", "seed"]
+
+    def test_resume_refuses_a_changed_config_in_one_line(self, cfg):
+        plain(cfg.replace(num_rounds=2))
+        ckpt = Checkpoint.load(cfg.out_dir)
+        with pytest.raises(ValueError, match=r"^cannot resume: the config differs from the checkpoint's in lr \(0\.001 -> 0\.01\)$"):
+            check_resumable(ckpt, cfg.replace(lr=0.01, resume=True).to_run_config())
+        with pytest.raises(ValueError, match="num-rounds 1 is below the 2 rounds already done"):
+            check_resumable(ckpt, cfg.replace(num_rounds=1).to_run_config())
+
+    def test_resume_continues_bit_for_bit_and_may_extend_a_run(self, cfg):
+        full = plain(cfg)
+        other = cfg.replace(out_dir=str(Path(cfg.out_dir).parent / "split"))
+        plain(other.replace(num_rounds=2))
+        resumed = plain(other.replace(resume=True))  # num-rounds 2 -> 4
+        assert same_state(full.state, resumed.state)
+        m = RunMetrics.load(other.out_dir)
+        assert [r.round for r in m.rounds] == [1, 2, 3, 4] and m.resumed_at == [2] and m.finished
+        assert [r.accuracy for r in m.rounds] == [r.accuracy for r in RunMetrics.load(cfg.out_dir).rounds]
+
+
+# --- SIGKILL after round k, then resume -----------------------------------------------------
+KILLER = textwrap.dedent("""
+    import os, signal, sys, warnings
+    warnings.simplefilter("ignore")
+    from fedsparse.config import RunConfig
+    from fedsparse.engine.rounds import RoundEngine
+    cfg = RunConfig.from_run_config(__import__("json").loads(sys.argv[1]))
+    kill_after, engine_name = int(sys.argv[2]), sys.argv[3]
+    def report(line):
+        if line.startswith(f"round {kill_after}/"):
+            os.kill(os.getpid(), signal.SIGKILL)   # after round k's files are written
+    engine = RoundEngine(cfg, report=report)
+    if engine_name == "plain":
+        from fedsparse.engine.plain import PlainTransport
+        engine.run(PlainTransport(cfg))
+    else:
+        from strategies.in_process import in_process_run
+        in_process_run(cfg, engine)
+""")
+
+
+@pytest.mark.parametrize("engine_name", ["plain", "in-process"])
+def test_sigkill_after_round_k_then_resume_equals_an_uninterrupted_run(cfg, engine_name):
+    reference = plain(cfg)
+    out = Path(cfg.out_dir).parent / f"killed-{engine_name}"
+    killed = cfg.replace(out_dir=str(out))
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed.to_run_config()), "2", engine_name],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert Checkpoint.load(out).round == 2
+    assert len(RunMetrics.load(out).rounds) == 2
+    cli = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out),
+                          "--engine", engine_name], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "resuming after round 2/4" in cli.stderr
+    final = torch.load(out / "model.pt")
+    assert same_state(final, reference.state)  # bit for bit
+    m = RunMetrics.load(out)
+    assert [r.round for r in m.rounds] == [1, 2, 3, 4] and m.resumed_at == [2]
+    assert [r.accuracy for r in m.rounds] == [r.accuracy for r in RunMetrics.load(cfg.out_dir).rounds]
+
+    again = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished its 4 rounds" in again.stdout
+    changed = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out),
+                              "--run-config", "lr=0.01 num-rounds=5"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert changed.returncode == 2
+    assert changed.stderr.strip() == "fedsparse: error: cannot resume: the config differs from the checkpoint's in lr (0.001 -> 0.01)"
+
+
+# --- the same algorithm objects through all three drivers ------------------------------------
+def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
+    from strategies.in_process import in_process_run
+    from strategies.simulation import simulate
+
+    toy = cfg.replace(strategy="test-half-step", num_rounds=2)
+    a = plain(toy.replace(out_dir=str(Path(cfg.out_dir) / "plain")))
+    b = RoundEngine(toy.replace(out_dir=str(Path(cfg.out_dir) / "in-process")), report=lambda s: None)
+    in_process_run(b.cfg, b)
+    sim = toy.replace(out_dir=str(Path(cfg.out_dir) / "simulation"))
+    metrics = simulate(sim)
+    assert metrics.engine == "simulation" and [r.round for r in metrics.rounds] == [1, 2]
+    assert metrics.rounds[-1].clients == 3 and metrics.algorithm == "test-half-step"
+    for state in (b.state, torch.load(Path(sim.out_dir) / "model.pt")):
+        assert same_state(a.state, state)
+    initial = a.initial_head_state()
+    assert not same_state(initial, a.state)
+
+
+@pytest.mark.slow
+def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg):
+    """Same config twice on the Simulation Engine: the same model bit for bit (Flower's node ids
+    differ between runs); a run killed after round 2 resumes with every round once."""
+    from strategies.simulation import simulate
+
+    runs = []
+    for name in ("first", "second"):
+        c = cfg.replace(out_dir=str(Path(cfg.out_dir) / name))
+        simulate(c)
+        runs.append(torch.load(Path(c.out_dir) / "model.pt"))
+    assert same_state(runs[0], runs[1])
+    a, b = (RunMetrics.load(Path(cfg.out_dir) / n) for n in ("first", "second"))
+    assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
+
+    out = Path(cfg.out_dir) / "killed"
+    args = [sys.executable, "-m", "fedsparse.commands.cli", "run", "--run-config",
+            " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.to_run_config().items() if k != "out-dir"),
+            "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if len(json.loads((out / "metrics.json").read_text())["rounds"]) >= 2:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run did not finish 2 rounds in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = Checkpoint.load(out).round
+    assert 2 <= done < cfg.num_rounds
+    resumed = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m = RunMetrics.load(out)
+    assert [r.round for r in m.rounds] == [1, 2, 3, 4] and m.resumed_at == [done] and m.finished
+    assert same_state(torch.load(out / "model.pt"), runs[0])
