@@ -80,7 +80,6 @@ class TestValidation:
         "key, value, choices",
         [
             ("dataset", "imagenet", ["cifar10-sample", "cifar10", "imagefolder"]),
-            ("strategy", "fedprox", ["ist", "fedavg"]),
             ("partitioner", "pathological", ["iid", "dirichlet", "shards"]),
             ("mask-mode", "sometimes", ["per-image", "shared", "random"]),
             ("preprocessing", "zscore", ["paper", "imagenet"]),
@@ -94,6 +93,16 @@ class TestValidation:
         msg = str(err.value)
         assert repr(value) in msg
         assert all(c in msg for c in choices), msg
+
+    def test_unknown_strategy_raises_listing_the_registered_algorithms(self) -> None:
+        # The registry is checked where the algorithm is made (server side, and preflight):
+        # clients only train what they are sent, whatever algorithm sent it.
+        from fedsparse.algorithms import make_algorithm
+
+        with pytest.raises(ValueError) as err:
+            make_algorithm(RunConfig.from_run_config({"strategy": "fedprox"}))
+        msg = str(err.value)
+        assert "'fedprox'" in msg and "ist" in msg and "fedavg" in msg, msg
 
     @pytest.mark.parametrize(
         "overrides, fragment",
@@ -205,3 +214,16 @@ class TestSubnetsAndFaults:
     @pytest.mark.parametrize("mode", ["raise", "nan", "hang", "mix"])
     def test_fault_modes(self, mode: str) -> None:
         assert RunConfig.from_run_config({"fault-rate": 0.3, "fault-mode": mode}).fault_mode == mode
+
+
+class TestShippedConfigs:
+    @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                             ids=lambda p: p.name)
+    def test_configs_hold_only_what_differs_from_the_defaults_with_a_comment(self, path) -> None:
+        defaults = RunConfig().to_run_config()
+        values = load_toml(path)
+        RunConfig.from_run_config(values)  # every shipped config is valid
+        same = [k for k, v in values.items() if defaults[k] == v]
+        assert not same, f"{path.name} repeats defaults: {same}"
+        lines = path.read_text().splitlines()
+        assert lines and lines[0].startswith("#"), f"{path.name} starts without saying what it is for"

@@ -45,6 +45,9 @@ def test_default_run_learns_and_writes_its_files(tmp_path):
     proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final accuracy" in proc.stdout
+    # the run's own round lines and summary, not Flower's per-round lines and final dump
+    assert "Final results" not in proc.stderr and "[ROUND" not in proc.stderr
+    assert proc.stderr.count("round 1/") == 1
 
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
