@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
@@ -37,7 +37,7 @@ class LocalGrid:
         self.cfg = cfg
         self.client_app = client_app
         self.partition_of = {node_id_of(i): i for i in range(cfg.num_clients)}
-        self.answer = answer  # answer only the first N train messages of a call (None: all)
+        self.answer = answer  # answer only the first N training messages of a call (None: all)
         self.sent: list[Message] = []  # the last call's messages
         self.replies: list[Message] = []  # the last call's replies
 
@@ -50,10 +50,13 @@ class LocalGrid:
                        node_config={"partition-id": self.partition_of[node], "num-partitions": self.cfg.num_clients})
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        self.sent = list(messages)
-        todo = self.sent if self.answer is None else self.sent[: self.answer]
-        self.replies = [self.client_app(m, self.context(m.metadata.dst_node_id)) for m in todo]
-        return self.replies
+        messages = list(messages)
+        todo = messages
+        if self.answer is not None and all(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            todo = messages[: self.answer]
+        replies = [self.client_app(m, self.context(m.metadata.dst_node_id)) for m in todo]
+        self.sent, self.replies = messages, replies
+        return replies
 
 
 def in_process_run(cfg: RunConfig, engine: RoundEngine | None = None) -> RunMetrics:

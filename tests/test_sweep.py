@@ -59,3 +59,31 @@ def test_a_finished_run_is_reused_and_a_changed_one_is_not(cfg, tmp_path):
 def test_unknown_names_are_errors(cfg, tmp_path, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         quiet_sweep(cfg, tmp_path, [0.5], **kwargs)
+
+
+def test_a_federated_sweep_on_the_plain_engine_reuses_and_resumes_its_runs(cfg, tmp_path):
+    from fedsparse.engine.metrics import RunMetrics
+
+    out = tmp_path / "sweep"
+    short = cfg.replace(num_rounds=2)
+    rows = quiet_sweep(short, out, [0.5], ["ist", "fedavg"], ["per-image"], engine="plain")
+    ist, fedavg = rows
+    assert (ist["strategy"], fedavg["strategy"]) == ("ist", "fedavg")
+    for r in rows:
+        assert r["rounds"] == 2 and 0.0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0
+        assert r["client_train_seconds"] > 0 and r["client_encoder_gmacs"] > 0
+    assert ist["bytes_down_per_client"] < fedavg["bytes_down_per_client"] / 1.5  # IST sends a slice to each of K = 2
+    metrics = out / "per-image-r0.5-ist" / "metrics.json"
+    assert RunMetrics.load(metrics).finished and RunMetrics.load(metrics).engine == "plain"
+    stamp = metrics.stat().st_mtime_ns
+    quiet_sweep(short, out, [0.5], ["ist"], ["per-image"], engine="plain")
+    assert metrics.stat().st_mtime_ns == stamp  # finished: reused
+    rows = quiet_sweep(cfg, out, [0.5], ["ist"], ["per-image"], engine="plain")  # num-rounds 3: resumed after 2
+    done = RunMetrics.load(metrics)
+    assert rows[0]["rounds"] == 3 and done.finished and done.resumed_at == [2]
+    assert [r.round for r in done.rounds] == [1, 2, 3]
+
+
+def test_an_unknown_engine_is_an_error(cfg, tmp_path):
+    with pytest.raises(ValueError, match="Unknown engine 'ray'"):
+        quiet_sweep(cfg, tmp_path, [0.5], ["ist"], ["per-image"], engine="ray")

@@ -28,8 +28,8 @@ $FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg
 step "sweep: accuracy and storage at the 10 mask ratios, IST and the centralized head (reuses r = 0.5)"
 $FS sweep configs/cifar10-offline.toml --strategies ist,centralized --out "$OUT/sweep-offline"
 
-step "IST with and without width scaling at r = 0.5 (plain loop)"
-.venv/bin/python tools/ist_scaling.py configs/cifar10-offline.toml "mask-ratio=0.5"
+step "IST with and without width scaling at r = 0.5 (plain driver)"
+.venv/bin/python tools/ist_scaling.py configs/cifar10-offline.toml "mask-ratio=0.5 out-dir=$OUT/ist-scaling"
 
 step "ablation: fixed masks vs masks drawn anew every round"
 $FS sweep configs/quickstart.toml --mask-ratios 0.5 --mask-modes per-image,random --run-config "num-rounds=15" --out "$OUT/ablation"

@@ -12,7 +12,7 @@ Per mask ratio (and encoder dtype):
   cache (measured: the cache file on disk).
 
 Per strategy (IST with K clients per round, FedAvg with the full head), through the real
-strategy and ClientApp (``strategies.measure``):
+Strategy adapter and ClientApp in this process (``strategies.in_process.one_round``):
 
 - bytes down and up per client per round, measured on the serialized Flower messages, and
   their ratio to FedAvg's;
@@ -171,14 +171,17 @@ def extraction_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """In a fresh process: one client (partition 0) answers a real round-1 training message."""
-    from strategies.measure import one_round
+    """In a fresh process: the first client of a real round 1 answers its training message."""
+    from strategies.in_process import one_round
 
     cfg = RunConfig.from_run_config(payload["config"])
     baseline, anon_baseline = peak_rss_bytes(), rss_anon()
     t0 = time.perf_counter()
     with PeakAnonSampler() as anon:
-        trip = one_round(cfg, payload["in_dim"], payload["n_classes"], answer=1)
+        trip = one_round(cfg, answer=1)
+    if len(trip.sent) != cfg.clients_per_round or len(trip.replies) != 1:
+        raise RuntimeError(f"expected {cfg.clients_per_round} messages and 1 reply, "
+                           f"got {len(trip.sent)} and {len(trip.replies)}")
     return {"rss_after_imports": baseline, "peak_rss": peak_rss_bytes(), "anon_after_imports": anon_baseline,
             "peak_anon": anon.peak, "seconds": time.perf_counter() - t0,
             "bytes_down": trip.bytes_down[0], "bytes_up": trip.bytes_up[0]}
@@ -215,19 +218,23 @@ def memory_rows(cfg: RunConfig, ratios: list[float], n_images: int, report: Call
 
 def strategy_rows(cfg: RunConfig, report: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Bytes per client per round (all K clients, in process) and a client's training memory (fresh process)."""
+    from fedsparse.engine.rounds import sample_clients
+    from fedsparse.protocol import ARRAYS_KEY
     from fedsparse.task import client_features, test_features
-    from strategies.measure import one_round
+    from strategies.in_process import one_round
 
-    test, n_classes = test_features(cfg)
-    in_dim = test.x.shape[1]
-    for pid in range(cfg.clients_per_round):  # the clients' features, cached before anything is timed
-        client_features(cfg, pid, cfg.num_clients)
+    test_features(cfg)
+    # round 1's clients (the same for every strategy): their features cached before the fresh
+    # training process runs, so that it measures training, not extraction
+    if cfg.mask_mode != "random":  # random masks are never cached
+        for pid in sample_clients(cfg.seed, 1, range(cfg.num_clients), cfg.clients_per_round):
+            client_features(cfg, pid, cfg.num_clients)
     rows = []
     for strategy in ("ist", "fedavg"):
         c = cfg.replace(strategy=strategy)
-        trip = one_round(c, in_dim, n_classes)
-        fresh = _worker("train", {"config": c.to_run_config(), "in_dim": in_dim, "n_classes": n_classes})
-        sliced = trip.sent[0].content["arrays"].to_torch_state_dict()
+        trip = one_round(c)
+        fresh = _worker("train", {"config": c.to_run_config()})
+        sliced = trip.sent[0].content[ARRAYS_KEY].to_torch_state_dict()
         dims = list(state_dims(sliced))
         rows.append({
             "strategy": strategy, "clients_per_round": cfg.clients_per_round,

@@ -1,51 +1,61 @@
 """``fedsparse overhead CONFIG``: what the Flower Simulation Engine costs over a plain loop.
 
 For each number of clients per round, the same IST rounds (same features, partitions,
-batches and local steps) run three ways:
+batches and local steps, the same ``RoundEngine``) run through three drivers:
 
-1. ``plain``: a PyTorch loop in one process (``fedsparse.plain``);
-2. ``in-process``: Flower's strategy and ClientApp exchanging real Messages, no Ray
-   (``strategies.measure.local_rounds``);
-3. ``simulation``: the Flower Simulation Engine on Ray (``strategies.simulation``).
+1. ``plain``: every client in this process, no Flower (``fedsparse.engine.plain``);
+2. ``in-process``: the Strategy adapter and the ClientApp exchanging real Messages, no Ray
+   (``strategies.in_process.in_process_run``);
+3. ``simulation``: the Flower Simulation Engine on Ray (``strategies.simulation.simulate``).
 
 Every client's features are extracted into the cache before anything is timed, so the
-rounds compare training and messaging only. The in-process engines run torch with
+rounds compare training and messaging only. The in-process drivers run torch with
 ``client-cpus`` threads, as each simulated client does; the Simulation Engine runs
-``cores / client-cpus`` clients side by side, so it may beat the plain loop. The first round is reported apart (Ray starts
-its workers and each loads the encoder); the ratio uses the mean of the later rounds.
-Writes ``overhead.json`` and ``overhead.md``.
+``cores / client-cpus`` clients side by side, so it may beat the plain loop. The time of a
+round is ``RunMetrics.rounds[i].seconds`` (from planning to the written checkpoint). The
+first round is reported apart (Ray starts its workers and each loads the encoder); the
+ratio uses the mean of the later rounds. Each driver writes its run to its own folder
+(``<engine>-k<K>``). Writes ``overhead.json`` and ``overhead.md``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from fedsparse.config import RunConfig
-from fedsparse.plain import plain_rounds
+from fedsparse.engine.client import torch_threads
+from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.task import client_features, distinct_partitions
 
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads: a simulated client gets ``client-cpus`` of them,
-    and on a busy machine more threads than cores make the small head's ops many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+ENGINES = ("plain", "in-process", "simulation")
 
 
-def _later_mean(rounds: list[dict[str, Any]]) -> float:
+def _later_mean(rounds: list[RoundMetrics]) -> float:
     later = rounds[1:] or rounds
-    return sum(r["seconds"] for r in later) / len(later)
+    return sum(r.seconds for r in later) / len(later)
+
+
+def run_engine(cfg: RunConfig, engine: str, report: Callable[[str], None] = print) -> RunMetrics:
+    """``cfg`` on one of ``ENGINES``; the in-process drivers with ``client-cpus`` torch threads."""
+    if engine == "simulation":
+        from strategies.simulation import simulate
+
+        return simulate(cfg)
+    with torch_threads(max(1, int(cfg.client_cpus))):  # as many as each simulated client gets
+        if engine == "plain":
+            from fedsparse.engine.plain import PlainTransport
+            from fedsparse.engine.rounds import RoundEngine
+
+            return RoundEngine(cfg, report=report).run(PlainTransport(cfg))
+        if engine == "in-process":
+            from fedsparse.engine.rounds import RoundEngine
+            from strategies.in_process import in_process_run
+
+            return in_process_run(cfg, RoundEngine(cfg, report=report))
+    raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
 
 
 def warm_cache(cfg: RunConfig, report: Callable[[str], None] = print) -> float:
@@ -61,37 +71,35 @@ def warm_cache(cfg: RunConfig, report: Callable[[str], None] = print) -> float:
 
 def overhead(
     cfg: RunConfig, out_dir: str | Path, clients_per_round: list[int], rounds: int,
-    engines: tuple[str, ...] = ("plain", "in-process", "simulation"), report: Callable[[str], None] = print,
+    engines: tuple[str, ...] = ENGINES, report: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    from strategies.measure import local_rounds
-    from strategies.simulation import simulate
-
+    """Time ``rounds`` rounds at each K on each engine; write overhead.json and overhead.md; return the rows."""
+    for engine in engines:
+        if engine not in ENGINES:
+            raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if rounds < 2:
         raise ValueError("--rounds must be >= 2: the first round is reported apart")
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.mask_mode == "random":
         raise ValueError("overhead needs cacheable features; use mask-mode per-image or shared")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for k in clients_per_round:
         c = cfg.replace(clients_per_round=k, num_clients=max(cfg.num_clients, k), num_rounds=rounds,
-                        out_dir=str(out / f"simulation-k{k}"))
+                        resume=False)
         row: dict[str, Any] = {"clients_per_round": k, "num_clients": c.num_clients, "rounds": rounds,
                                "warm_cache_seconds": warm_cache(c, report)}
         for engine in engines:
             report(f"K={k}: {engine}")
-            if engine in ("plain", "in-process"):
-                with torch_threads(max(1, int(c.client_cpus))):  # as many as each simulated client gets
-                    result = (plain_rounds if engine == "plain" else local_rounds)(c, report=report)
-            elif engine == "simulation":
-                result = simulate(c)
-                row["simulation_peak_summed_rss_bytes"] = result.get("memory", {}).get("peak_summed_rss_bytes")
-            else:
-                raise ValueError(f"Unknown engine {engine!r}; valid: plain, in-process, simulation")
-            rs = result["rounds"]
-            row[f"{engine}_first_round_seconds"] = rs[0]["seconds"]
+            result = run_engine(c.replace(out_dir=str(out / f"{engine}-k{k}")), engine, report)
+            if engine == "simulation":
+                row["simulation_peak_summed_rss_bytes"] = result.memory.get("peak_summed_rss_bytes")
+            rs = result.rounds
+            if len(rs) < rounds:
+                raise RuntimeError(f"{engine} finished {len(rs)} of {rounds} rounds at K={k}")
+            row[f"{engine}_first_round_seconds"] = rs[0].seconds
             row[f"{engine}_later_round_seconds"] = _later_mean(rs)
-            row[f"{engine}_final_accuracy"] = rs[-1]["accuracy"]
+            row[f"{engine}_final_accuracy"] = result.final_accuracy
         if "plain" in engines:
             for engine in engines:
                 row[f"{engine}_vs_plain"] = row[f"{engine}_later_round_seconds"] / row["plain_later_round_seconds"]

@@ -1,0 +1,51 @@
+"""``fedsparse overhead``: the same rounds through several drivers, timed per round."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from fedsparse.commands.overhead import overhead
+from fedsparse.config import RunConfig
+from fedsparse.engine.metrics import RunMetrics
+
+
+@pytest.fixture
+def cfg(tmp_path, make_image_tree):
+    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
+                     num_clients=3, clients_per_round=2, local_steps=2, batch_size=8,
+                     cache_dir=str(tmp_path / "cache"))
+
+
+def test_plain_and_in_process_rounds_are_timed_and_give_the_same_model(cfg, tmp_path):
+    out = tmp_path / "overhead"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rows = overhead(cfg, out, [2, 4], rounds=2, engines=("plain", "in-process"), report=lambda s: None)
+    assert [(r["clients_per_round"], r["num_clients"], r["rounds"]) for r in rows] == [(2, 3, 2), (4, 4, 2)]
+    for r in rows:
+        for engine in ("plain", "in-process"):
+            assert r[f"{engine}_first_round_seconds"] > 0 and r[f"{engine}_later_round_seconds"] > 0
+        assert r["plain_vs_plain"] == 1.0 and r["in-process_vs_plain"] > 0
+        assert r["plain_final_accuracy"] == r["in-process_final_accuracy"]
+    saved = json.loads((out / "overhead.json").read_text())
+    assert saved["rows"] == rows and saved["config"] == cfg.to_run_config()
+    md = (out / "overhead.md").read_text()
+    assert "in-process / plain" in md and md.count("\n") == 4  # header, rule, one line per K
+    plain, flower = RunMetrics.load(out / "plain-k2"), RunMetrics.load(out / "in-process-k2")
+    assert (plain.engine, flower.engine) == ("plain", "in-process") and plain.finished and flower.finished
+    assert [r.seconds for r in plain.rounds] == [rows[0]["plain_first_round_seconds"], rows[0]["plain_later_round_seconds"]]
+
+
+@pytest.mark.parametrize("change, kwargs, needle", [
+    ({}, {"rounds": 1}, "--rounds must be >= 2"),
+    ({}, {"engines": ("plain", "ray")}, "Unknown engine 'ray'"),
+    ({"mask_mode": "random"}, {}, "cacheable features"),
+])
+def test_bad_arguments_are_errors(cfg, tmp_path, change, kwargs, needle):
+    args = {"rounds": 2, "engines": ("plain",), **kwargs}
+    with pytest.raises(ValueError, match=needle):
+        overhead(cfg.replace(**change), tmp_path, [2], report=lambda s: None, **args)
