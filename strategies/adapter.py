@@ -183,7 +183,7 @@ class AlgorithmStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.engine.finish_round(server_round, self._tasks, self.outcomes(self._tasks, replies), self._started)
-        return ArrayRecord(self.engine.state), MetricRecord({NUM_EXAMPLES_KEY: entry.clients, "failures": entry.failures})
+        return ArrayRecord(self.engine.state), MetricRecord({NUM_EXAMPLES_KEY: entry.examples, "failures": entry.failures})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the full head on its own test features

@@ -1,39 +1,50 @@
-"""The ClientApp called directly with hand-built Messages (no simulation engine)."""
+"""The ClientApp called directly with hand-built Messages (no simulation engine): the
+identity query, and training tasks as the round engine sends them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app
 from fedsparse.config import RunConfig
+from fedsparse.engine.client import run_task
 from fedsparse.model.ist import partition, slice_state, worker_indices
 from fedsparse.protocol import (
     ARRAYS_KEY,
     BYTES_RECEIVED_KEY,
     BYTES_SENT_KEY,
     CACHE_HIT_KEY,
+    CLIENT_ID_KEY,
+    CLIENT_TASK_KEY,
     CONFIG_KEY,
     EXTRACT_SECONDS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    NUM_PARTITIONS_KEY,
     PEAK_RSS_KEY,
     TRAIN_LOSS_KEY,
     wire_bytes,
 )
 from fedsparse.task import initial_head
+from strategies.flower_internals import set_task_identity
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity()
 
 
 @pytest.fixture
 def cfg(tmp_path):
     return RunConfig(hidden="32,32", cache_dir=str(tmp_path / "cache"), local_steps=5, num_clients=50, clients_per_round=2)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """A feature cache the tests below share (partition 5 is extracted once)."""
+    return str(tmp_path_factory.mktemp("client-app-cache"))
 
 
 def context(cfg: RunConfig, partition_id: int = 3, num_partitions: int = 50) -> Context:
@@ -46,8 +57,13 @@ def context(cfg: RunConfig, partition_id: int = 3, num_partitions: int = 50) -> 
     )
 
 
-def train_message(state: dict, server_round: int = 1) -> Message:
-    conf = ConfigRecord({"server-round": server_round, "local-steps": 5, "lr": 1e-3, "batch-size": 16})
+def round_config(server_round: int = 1) -> dict:
+    """The per-round settings the round engine puts in every training task."""
+    return {"server-round": server_round, "local-steps": 5, "lr": 1e-3, "batch-size": 16}
+
+
+def train_message(state: dict, server_round: int = 1, **changes) -> Message:
+    conf = ConfigRecord({k: v for k, v in {**round_config(server_round), **changes}.items() if v is not None})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), CONFIG_KEY: conf})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
 
@@ -83,3 +99,45 @@ def test_client_without_partition_config_names_the_missing_key(cfg):
     ctx.node_config = {}
     with pytest.raises(ValueError, match="partition-id"):
         app(train_message(full), ctx)
+
+
+def test_client_answers_the_identity_query_with_its_partition(cfg):
+    query = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+    reply = app(query, context(cfg, partition_id=3, num_partitions=50))
+    assert not reply.has_error(), reply.error
+    m = reply.content[METRICS_KEY]
+    assert m[CLIENT_ID_KEY] == 3 and m[NUM_PARTITIONS_KEY] == 50  # its partition, not its node id (7)
+    assert reply.metadata.src_node_id == 7 and reply.metadata.reply_to_message_id == query.metadata.message_id
+
+
+def test_client_without_partition_config_cannot_identify(cfg):
+    ctx = context(cfg)
+    ctx.node_config = {}
+    with pytest.raises(ValueError, match="partition-id"):
+        app(Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY), ctx)
+
+
+def test_client_app_is_the_engines_client_task_on_its_partition(cfg, shared_cache):
+    # the same task run by the plain driver (run_task) gives the same arrays, bit for bit
+    cfg = cfg.replace(cache_dir=shared_cache)
+    full = initial_head(cfg, 192, 10).state_dict()
+    sub = slice_state(full, worker_indices(partition([32, 32], 2, seed=0), 0))
+    reply = app(train_message(sub, server_round=3), context(cfg, partition_id=5))
+    got = reply.content[ARRAYS_KEY].to_torch_state_dict()
+    want, n, metrics = run_task(cfg, 5, 50, sub, round_config(3))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert reply.content[METRICS_KEY][NUM_EXAMPLES_KEY] == n
+    assert reply.content[METRICS_KEY][TRAIN_LOSS_KEY] == metrics[TRAIN_LOSS_KEY]
+
+
+def test_round_settings_come_from_the_message(cfg, shared_cache):
+    cfg = cfg.replace(cache_dir=shared_cache)
+    full = initial_head(cfg, 192, 10).state_dict()
+    with pytest.raises(ValueError, match="lacks 'lr'"):
+        app(train_message(full, lr=None), context(cfg))
+    with pytest.raises(ValueError, match="unknown client task 'evaluate'"):
+        app(train_message(full, **{CLIENT_TASK_KEY: "evaluate"}), context(cfg))
+    # local-steps from the message, not the run config (cfg has 5): 0 steps leave the head as sent
+    reply = app(train_message(full, **{"local-steps": 0}), context(cfg, partition_id=5))
+    got = reply.content[ARRAYS_KEY].to_torch_state_dict()
+    assert all(torch.equal(got[k], full[k]) for k in full)

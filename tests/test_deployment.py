@@ -405,7 +405,7 @@ def test_fab_code_finds_bundled_sample(tmp_path: Path) -> None:
     (fab,) = tmp_path.glob("*.fab")
     assert fab.stat().st_size <= FAB_MAX_SIZE
     names = zipfile.ZipFile(io.BytesIO(fab.read_bytes())).namelist()
-    assert {"pyproject.toml", "strategies/server_app.py", "clients/client_app.py", "fedsparse/data.py"} <= set(names)
+    assert {"pyproject.toml", "strategies/server_app.py", "clients/client_app.py", "fedsparse/data/datasets.py"} <= set(names)
     assert not [n for n in names if n.startswith((".venv/", ".git/")) or "/test_" in n or n.startswith("test_")], names
 
     app = tmp_path / "app"

@@ -1,6 +1,7 @@
 """Fault tolerance: injected client failures (fedsparse/faults.py, clients/mods.py) and a
 training run that must still converge with 30% of the clients failing, NaN never reaching
-the model. Strategy-level runs use an in-process Grid; one slow test goes through Ray."""
+the model. Runs go through the round engine, the Strategy adapter and the real ClientApp in
+process; one slow test goes through Ray."""
 
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import time
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import clients.mods as mods
 from clients.mods import fault_injection_mod
+from fedsparse.config import RunConfig
+from fedsparse.engine.rounds import RoundEngine, sample_clients
 from fedsparse.faults import FAULT_MODES, HANG_MARGIN_SECONDS, draw_fault, hang_seconds, poison
-from fedsparse.model.head import MLPHead, batch_order, evaluate, train_steps
+from fedsparse.model.head import MLPHead
 from fedsparse.model.ist import all_finite
-from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_LOSS_KEY
-from strategies.fedavg import FedAvgBaseline
-from strategies.ist import IST
+from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.adapter import AlgorithmStrategy
+from strategies.flower_internals import set_task_identity
+from strategies.in_process import LocalGrid
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity()
 
 
 class TestDraw:
@@ -113,9 +116,10 @@ class TestMod:
         assert slept == [7.0 + HANG_MARGIN_SECONDS] and reply.has_error()
 
     def test_only_train_messages_are_touched(self):
-        msg = _msg(self.state, message_type=MessageType.EVALUATE)
-        reply = fault_injection_mod(msg, _ctx(_failing_partition("raise"), 0.3, "raise"), _echo)
-        assert not reply.has_error()
+        for message_type in (MessageType.EVALUATE, MessageType.QUERY):  # the identity query included
+            msg = _msg(self.state, message_type=message_type)
+            reply = fault_injection_mod(msg, _ctx(_failing_partition("raise"), 0.3, "raise"), _echo)
+            assert not reply.has_error(), message_type
 
     def test_the_client_app_carries_the_mod(self):
         from clients.client_app import app
@@ -123,92 +127,76 @@ class TestMod:
         assert fault_injection_mod in app._mods
 
 
-# --- training with faults, strategy level -------------------------------------------------
+# --- training with faults, in process ------------------------------------------------------
+# The round engine + Strategy adapter + the real ClientApp (whose fault_injection_mod fails
+# on purpose), on learnable images; a "hang" sleeps on a fake clock, and a client that
+# sleeps past the round timeout has no reply, as a late client is for the server.
 
-IN_DIM, CLASSES, HIDDEN = 16, 4, (32, 32)
-N_CLIENTS, PER_CLIENT, TIMEOUT = 8, 64, 0.15
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    centers = torch.randn(CLASSES, IN_DIM, generator=torch.Generator().manual_seed(123)) * 0.5
-    y = torch.randint(0, CLASSES, (n,), generator=gen)
-    return centers[y] + torch.randn(n, IN_DIM, generator=gen), y
+N_CLIENTS, TIMEOUT = 8, 0.15
 
 
-class InProcessGrid:
-    """Runs each pushed message through ``fault_injection_mod`` and a local training
-    function at once; a "hang" (a sleep on a fake clock) longer than the round timeout
-    means no reply, as a late client is for the server."""
+def _color_images(root, per_class: int = 100, colors: dict | None = None) -> None:
+    """Classes of noisy solid-colour 32x32 PNGs: learnable in a few rounds."""
+    import numpy as np
+    from PIL import Image
 
-    def __init__(self, mode: str, rate: float = 0.3) -> None:
-        self.mode, self.rate = mode, rate
-        self.data = {p: _blobs(PER_CLIENT, seed=p) for p in range(N_CLIENTS)}
-        self.ready: list[Message] = []
-        self.count = 0
+    colors = colors or {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "gray": (128, 128, 128)}
+    rng = np.random.default_rng(0)
+    for name, color in colors.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(color, 90, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
 
-    def get_node_ids(self):
-        return [1000 + p for p in range(N_CLIENTS)]
 
-    def _train(self, msg: Message, context: Context) -> Message:
-        pid = context.node_config["partition-id"]
-        x, y = self.data[pid]
-        model = MLPHead.from_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
-        server_round = msg.content[CONFIG_KEY]["server-round"]
-        gen = torch.Generator().manual_seed(server_round * 100 + pid)
-        loss = train_steps(model, x, y, batch_order(len(y), 5, 16, gen), lr=0.01)
-        metrics = MetricRecord({NUM_EXAMPLES_KEY: len(y), TRAIN_LOSS_KEY: loss})
-        return Message(RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics}), reply_to=msg)
+@pytest.fixture(scope="module")
+def colors_cfg(tmp_path_factory) -> RunConfig:
+    """Five colour classes (chance 0.2), 160 training images for 8 clients, 40 test images;
+    one feature cache for every run of the module."""
+    root = tmp_path_factory.mktemp("fault-data")
+    _color_images(root, per_class=40, colors={"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200),
+                                              "gray": (128, 128, 128), "yellow": (200, 200, 40)})
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="32,32",
+                     num_clients=N_CLIENTS, clients_per_round=4, num_rounds=8, local_steps=5, batch_size=16, lr=0.01,
+                     round_timeout=TIMEOUT, fault_rate=0.3, seed=0, cache_dir=str(tmp_path_factory.mktemp("fault-cache")))
 
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.count += 1
-            msg.metadata.__dict__["_message_id"] = f"msg-{self.count}"
-            ids.append(msg.metadata.message_id)
-            pid = msg.metadata.dst_node_id - 1000
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id,
-                          node_config={"partition-id": pid, "num-partitions": N_CLIENTS}, state=RecordDict(),
-                          run_config={"fault-rate": self.rate, "fault-mode": self.mode, "seed": 0,
-                                      "round-timeout": TIMEOUT})
+
+class FaultyGrid(LocalGrid):
+    """``LocalGrid`` (the real ClientApp, mods included) on a fake clock: a reply that took
+    longer than the round timeout never arrives; a raising ClientApp answers the error
+    reply Flower's runtime would send."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent, self.replies = list(messages), []
+        for msg in self.sent:
             slept = []
             original_sleep = mods.time.sleep
             mods.time.sleep = slept.append  # fake clock for "hang"
             try:
-                reply = fault_injection_mod(msg, ctx, self._train)
+                reply = self.client_app(msg, self.context(msg.metadata.dst_node_id))
             except Exception as err:  # noqa: BLE001 - what Flower's runtime does with a raising client
                 reply = Message(Error(code=2, reason=str(err)), reply_to=msg)
             finally:
                 mods.time.sleep = original_sleep
-            if sum(slept) <= TIMEOUT:
-                self.ready.append(reply)
-        return ids
-
-    def pull_messages(self, message_ids):
-        wanted = set(message_ids)
-        out = [r for r in self.ready if r.metadata.reply_to_message_id in wanted]
-        self.ready = [r for r in self.ready if r not in out]
-        return out
+            if sum(slept) <= self.cfg.round_timeout:
+                self.replies.append(reply)
+        return self.replies
 
 
-def train_with_faults(strategy, mode: str, rounds: int = 8):
-    test_x, test_y = _blobs(400, seed=999)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        head = MLPHead(IN_DIM, HIDDEN, CLASSES)
-    accuracy: list[float] = []
+def train_with_faults(cfg: RunConfig):
+    """Run ``cfg`` in process; returns (accuracy per round, round 0 first; the run's metrics;
+    the engine). Every round's head is checked for NaN/Inf as soon as the round ends."""
+    engine = None
 
-    def evaluate_fn(server_round, arrays):
-        state = arrays.to_torch_state_dict()
-        assert all_finite(state), f"round {server_round}: a non-finite value reached the model"
-        acc, loss = evaluate(MLPHead.from_state_dict(state), test_x, test_y)
-        accuracy.append(acc)
-        return MetricRecord({"accuracy": acc})
+    def check_round(line: str) -> None:
+        if engine is not None and engine.metrics is not None and engine.metrics.rounds:
+            assert all_finite(engine.state), f"round {engine.done}: a non-finite value reached the model"
 
-    grid = InProcessGrid(mode)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(head.state_dict()), num_rounds=rounds,
-                            timeout=TIMEOUT, evaluate_fn=evaluate_fn)
-    return accuracy, strategy.history, result
+    engine = RoundEngine(cfg, report=check_round)
+    metrics = engine.run(AlgorithmStrategy(engine, FaultyGrid(cfg), "in-process"))
+    accuracy = [metrics.initial["accuracy"]] + [r.accuracy for r in metrics.rounds]
+    return accuracy, metrics, engine
 
 
 @pytest.fixture
@@ -220,42 +208,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.filterwarnings("ignore:encoder 'builtin-random' has random weights:UserWarning")
 @pytest.mark.parametrize("mode", FAULT_MODES)
-@pytest.mark.parametrize("make", [
-    lambda: IST(clients_per_round=4, seed=0),
-    lambda: IST(clients_per_round=4, seed=0, subnets_per_round=2),
-    lambda: FedAvgBaseline(clients_per_round=4, seed=0),
-], ids=["ist", "ist-g2", "fedavg"])
-def test_training_converges_with_30_percent_failing_clients(make, mode, one_thread):
-    strategy = make()
-    accuracy, history, result = train_with_faults(strategy, mode)
-    sampled = sum(s.sent for s in history)
-    failed = sum(s.failures for s in history)
+@pytest.mark.parametrize("strategy, subnets", [("ist", 0), ("ist", 2), ("fedavg", 0)], ids=["ist", "ist-g2", "fedavg"])
+def test_training_converges_with_30_percent_failing_clients(colors_cfg, tmp_path, strategy, subnets, mode, one_thread):
+    cfg = colors_cfg.replace(strategy=strategy, subnets_per_round=subnets, fault_mode=mode, out_dir=str(tmp_path / "run"))
+    accuracy, metrics, engine = train_with_faults(cfg)
+    rounds = metrics.rounds
+    assert len(rounds) == cfg.num_rounds and metrics.finished
+    sampled = sum(r.sampled for r in rounds)
+    failed = sum(r.failures for r in rounds)
     assert 0.15 * sampled <= failed <= 0.45 * sampled, (failed, sampled)  # about 30% failed ...
-    kind = {"raise": "errors", "nan": "invalid", "hang": "lost"}
+    kind = {"raise": "failed_error", "nan": "failed_invalid", "hang": "failed_lost"}
     if mode in kind:  # ... each the way its mode fails
-        assert sum(getattr(s, kind[mode]) for s in history) == failed
-    assert all(s.replies + s.failures == s.sent for s in history)
-    assert all_finite(result.arrays.to_torch_state_dict())
+        assert sum(getattr(r, kind[mode]) for r in rounds) == failed
+    # ... exactly the clients the seeded draw picked: faults follow the partition, not the node
+    for r in rounds:
+        picked = sample_clients(cfg.seed, r.round, range(cfg.num_clients), cfg.clients_per_round)
+        assert r.failures == sum(draw_fault(cfg.seed, r.round, c, cfg.fault_rate, mode) is not None for c in picked)
+    assert all(r.clients + r.failures == r.sampled for r in rounds)
+    assert all_finite(engine.state)
+    assert all_finite(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
     assert accuracy[0] < 0.4 and max(accuracy[-3:]) > accuracy[0] + 0.35, accuracy  # ... and it still learns
 
 
 # --- end to end, through Ray ------------------------------------------------------------------
-
-def _color_images(root, per_class: int = 100) -> None:
-    """Four classes of noisy solid-colour 32x32 PNGs: learnable in a few rounds."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name, color in {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200),
-                        "gray": (128, 128, 128)}.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(color, 90, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
-
 
 @pytest.mark.slow
 def test_simulation_with_30_percent_nan_clients_converges(tmp_path):
@@ -272,16 +249,18 @@ def test_simulation_with_30_percent_nan_clients_converges(tmp_path):
     t0 = time.perf_counter()
     metrics = simulate(cfg)
     wall = time.perf_counter() - t0
-    rounds = metrics["rounds"]
-    acc = [r["accuracy"] for r in rounds]
-    print(f"fault e2e: {wall:.0f}s, accuracy {metrics['initial']['accuracy']:.3f} -> {acc}, "
-          f"failures {[r['failures'] for r in rounds]}")
+    rounds = metrics.rounds
+    acc = [r.accuracy for r in rounds]
+    print(f"fault e2e: {wall:.0f}s, accuracy {metrics.initial['accuracy']:.3f} -> {acc}, "
+          f"failures {[r.failures for r in rounds]}")
     expected = [sum(draw_fault(cfg.seed, r, p, 0.3, "nan") is not None for p in range(8)) for r in range(1, 7)]
-    assert sum(r["failures"] for r in rounds) > 0 and any(expected)
+    assert sum(r.failures for r in rounds) > 0 and any(expected)
     for r in rounds:
-        assert r["failures"] == r["failed_invalid"] and r["clients"] + r["failures"] == r["sampled"] == 4
-        assert math.isfinite(r["loss"]) and r["elapsed"] > 0
-    model = torch.load(tmp_path / "out" / "model.pt")
+        assert r.failures == r.failed_invalid and r.clients + r.failures == r.sampled == 4
+        assert math.isfinite(r.loss) and r.elapsed > 0
+        picked = sample_clients(cfg.seed, r.round, range(8), 4)  # nodes are paired with clients by partition id
+        assert r.failures == sum(draw_fault(cfg.seed, r.round, c, 0.3, "nan") is not None for c in picked)
+    model = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert all_finite(model)
-    assert max(acc[-3:]) > metrics["initial"]["accuracy"] + 0.3, acc
+    assert max(acc[-3:]) > metrics.initial["accuracy"] + 0.3, acc
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["fault-rate"] == 0.3

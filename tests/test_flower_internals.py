@@ -1,4 +1,6 @@
-"""The one-pass message dispatch that replaces Flower's per-node polling in simulation."""
+"""The private Flower APIs fedsparse relies on (``strategies/flower_internals.py``): that they
+are all there, the task identity that lets this process build Messages, and the one-pass
+message dispatch that replaces Flower's per-node polling in simulation."""
 
 from __future__ import annotations
 
@@ -7,7 +9,41 @@ import time
 from queue import Queue
 from types import SimpleNamespace
 
-from strategies.vce_patch import fast_add_messages_to_queue, patched_vce
+import pytest
+
+from strategies.flower_internals import check_internals, fast_add_messages_to_queue, patched_vce, set_task_identity
+
+
+def test_every_flower_internal_fedsparse_uses_is_there():
+    problems = check_internals()
+    assert problems == [], "Flower changed internals fedsparse relies on:\n" + "\n".join(problems)
+
+
+def test_check_internals_names_what_is_gone(monkeypatch):
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.supercore import task_identity
+
+    monkeypatch.delattr(task_identity, "TaskIdentity")
+    monkeypatch.delattr(InMemoryLinkState, "_check_stored_messages")
+    problems = check_internals()
+    assert len(problems) == 2, problems
+    assert "flwr.supercore.task_identity.TaskIdentity is gone" in problems[0]
+    assert "InMemoryLinkState._check_stored_messages is gone" in problems[1]
+
+
+def test_task_identity_lets_this_process_build_messages(monkeypatch):
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # as in a fresh process (restored afterwards)
+        monkeypatch.setattr(TaskIdentity, attr, None)
+    with pytest.raises(RuntimeError, match="TaskIdentity"):
+        Message(RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
+    set_task_identity()
+    msg = Message(RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
+    assert msg.metadata.dst_node_id == 5
+    set_task_identity(run_id=99)  # an identity already set (a real run's) is kept
+    assert TaskIdentity.run_id == 1
 
 
 class FakeState:

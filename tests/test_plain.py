@@ -1,15 +1,18 @@
-"""The plain loop does exactly what the Flower strategy + ClientApp do (same model after N rounds)."""
+"""The plain driver does exactly what the Flower Strategy adapter + ClientApp do in process
+(same model after N rounds, bit for bit, and the same accuracies)."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.plain import plain_rounds
-from strategies.measure import local_rounds
+from fedsparse.engine.plain import PlainTransport
+from fedsparse.engine.rounds import RoundEngine
+from strategies.in_process import in_process_run
 
 
 @pytest.fixture
@@ -20,14 +23,32 @@ def cfg(tmp_path, make_image_tree):
                      cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("subnets", [0, 2])  # pure IST (G = K = 3), and 3 clients in 2 groups
-def test_plain_loop_equals_strategy_and_client_app_in_process(cfg, subnets):
-    cfg = cfg.replace(subnets_per_round=subnets)
+@pytest.mark.parametrize("strategy, subnets", [
+    ("ist", 0),  # pure IST (G = K = 3)
+    ("ist", 2),  # 3 clients in 2 groups
+    ("fedavg", 0),
+])
+def test_plain_driver_equals_strategy_and_client_app_in_process(cfg, tmp_path, strategy, subnets):
+    cfg = cfg.replace(strategy=strategy, subnets_per_round=subnets)
+    plain_cfg = cfg.replace(out_dir=str(tmp_path / "plain"))
+    flower_cfg = cfg.replace(out_dir=str(tmp_path / "in-process"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        plain = plain_rounds(cfg, report=lambda s: None)
-        flower = local_rounds(cfg, report=lambda s: None)
-    assert [r["round"] for r in plain["rounds"]] == [1, 2, 3]
-    for key, value in plain["state"].items():
-        assert torch.equal(value, flower["state"][key]), key
-    assert [r["accuracy"] for r in plain["rounds"]] == [r["accuracy"] for r in flower["rounds"]]
+        plain = RoundEngine(plain_cfg, report=lambda s: None)
+        plain_metrics = plain.run(PlainTransport(plain_cfg))
+        flower = RoundEngine(flower_cfg, report=lambda s: None)
+        flower_metrics = in_process_run(flower_cfg, flower)
+    assert (plain_metrics.engine, flower_metrics.engine) == ("plain", "in-process")
+    assert [r.round for r in plain_metrics.rounds] == [r.round for r in flower_metrics.rounds] == [1, 2, 3]
+    assert all(r.clients == 3 and r.failures == 0 for r in plain_metrics.rounds + flower_metrics.rounds)
+    initial = plain.initial_head_state()
+    assert any(not torch.equal(plain.state[k], initial[k]) for k in initial)  # the rounds did train the head
+    assert plain.state.keys() == flower.state.keys()
+    for key, value in plain.state.items():
+        assert torch.equal(value, flower.state[key]), key
+    for out, engine in ((Path(plain_cfg.out_dir), plain), (Path(flower_cfg.out_dir), flower)):
+        saved = torch.load(out / "model.pt", weights_only=True)
+        assert saved.keys() == engine.state.keys() and all(torch.equal(saved[k], engine.state[k]) for k in saved)
+    assert plain_metrics.initial == flower_metrics.initial
+    assert [r.accuracy for r in plain_metrics.rounds] == [r.accuracy for r in flower_metrics.rounds]
+    assert [r.subnets for r in plain_metrics.rounds] == [1 if strategy == "fedavg" else (subnets or 3)] * 3

@@ -1,40 +1,105 @@
-"""The Flower strategies with fake Grids and hand-built replies (no simulation)."""
+"""The Flower side of the round engine: ``AlgorithmStrategy`` (identity query, tasks as
+Messages, decoded and checked replies, bytes) over in-process Grids, with hand-built replies
+(no simulation), and the progress shown while a round waits.
+
+The algorithms themselves (``fedsparse.algorithms``) are Flower-free; here they are driven
+through the adapter the ServerApp uses, with a real ``RoundEngine`` on tiny image features.
+"""
 
 from __future__ import annotations
 
+import io
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 
+from fedsparse.algorithms import make_algorithm
+from fedsparse.config import RunConfig
+from fedsparse.engine.metrics import RoundMetrics
+from fedsparse.engine.rounds import RoundEngine, sample_clients
 from fedsparse.model.head import MLPHead
 from fedsparse.model.ist import slice_state
 from fedsparse.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, wire_bytes
-from strategies.fedavg import FedAvgBaseline
-from strategies.ist import IST
+from strategies.adapter import AlgorithmStrategy
+from strategies.flower_internals import set_task_identity
+from strategies.in_process import LocalGrid, in_process_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:encoder 'builtin-random' has random weights:UserWarning")
+
+OUTPUT_BIAS = "layers.2.bias"  # of a head with two hidden layers: averaged over every reply, never sliced
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
     # flwr 1.42 refuses to build a Message outside a run unless a task identity is set
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity()
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny image tree (3 classes, train/ and test/) and a feature cache, once per module."""
+    from PIL import Image
 
-    def get_node_ids(self):
-        return list(self.nodes)
+    root = tmp_path_factory.mktemp("strategies-data")
+    rng = np.random.default_rng(0)
+    for split, per_class in {"train": 10, "test": 2}.items():
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels, "RGB").save(root / split / c / f"{i:03d}.png")
+    return root, tmp_path_factory.mktemp("strategies-cache")
 
 
-def head_state(in_dim=12, hidden=(10, 11), classes=3, seed=0):
-    torch.manual_seed(seed)
-    return MLPHead(in_dim, hidden, classes).state_dict()
+@pytest.fixture
+def make_cfg(data, tmp_path):
+    """``make_cfg(**changes)``: a tiny run (head 192 -> 10 -> 11 -> 3), each in its own out-dir."""
+    root, cache = data
+    counter = itertools.count()
+
+    def make(**changes) -> RunConfig:
+        base = dict(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="10,11",
+                    num_clients=10, clients_per_round=3, num_rounds=3, local_steps=3, batch_size=4,
+                    cache_dir=str(cache), out_dir=str(tmp_path / f"run{next(counter)}"))
+        base.update(changes)
+        return RunConfig(**base)
+
+    return make
 
 
-def train_config():
-    return ConfigRecord({"local-steps": 3, "lr": 1e-3, "batch-size": 8})
+def started(cfg: RunConfig, grid=None, state: dict | None = None, **kw):
+    """(engine, strategy, grid) after ``engine.start``; ``state`` replaces the head (for
+    configure-only checks on heads of other sizes)."""
+    engine = RoundEngine(cfg, report=lambda s: None)
+    grid = grid if grid is not None else LocalGrid(cfg)
+    strategy = AlgorithmStrategy(engine, grid, "test", **kw)
+    engine.start(strategy)
+    if state is not None:
+        engine.state = state
+    return engine, strategy, grid
+
+
+def configure(strategy: AlgorithmStrategy, server_round: int = 1) -> list[Message]:
+    return list(strategy.configure_train(server_round, ArrayRecord(strategy.engine.state), ConfigRecord(),
+                                         strategy.grid))
+
+
+def tasks_of(strategy: AlgorithmStrategy, msgs: list[Message]):
+    """The round's tasks, in message order (each checked to go to its client's node)."""
+    tasks = list(strategy._tasks)
+    assert [m.metadata.dst_node_id for m in msgs] == [strategy.node_of[t.client] for t in tasks]
+    return tasks
+
+
+def big_head(in_dim: int) -> dict:
+    return MLPHead(in_dim, (1024, 1024), 10).state_dict()
 
 
 def reply_to(msg: Message, state: dict, num_examples: int = 10, **metrics) -> Message:
@@ -44,116 +109,173 @@ def reply_to(msg: Message, state: dict, num_examples: int = 10, **metrics) -> Me
     return Message(content=content, reply_to=msg)
 
 
+def sent(msg: Message) -> dict:
+    return msg.content[ARRAYS_KEY].to_torch_state_dict()
+
+
 def perturbed(state: dict, delta: float = 1.0) -> dict:
     return {k: v + delta for k, v in state.items()}
 
 
+def last_round(engine: RoundEngine) -> RoundMetrics:
+    return engine.metrics.rounds[-1]
+
+
+class TestIdentity:
+    def test_nodes_are_paired_with_clients_by_partition_id_not_node_id(self, make_cfg):
+        cfg = make_cfg()
+        engine, strategy, grid = started(cfg)
+        clients = strategy.clients(cfg.clients_per_round)
+        assert clients == list(range(cfg.num_clients))
+        assert strategy.client_of == grid.partition_of
+        assert all(node != client for node, client in strategy.client_of.items())
+        assert {c: n for n, c in strategy.client_of.items()} == strategy.node_of
+
+    def test_a_node_that_cannot_say_or_claims_a_taken_id_is_known_by_its_node_id(self, make_cfg):
+        cfg = make_cfg()
+        odd = 2**40
+
+        class OddGrid(LocalGrid):
+            """Node odd answers its query with an error; node odd + 1 claims partition 0 too (both
+            ids sort after every LocalGrid node, so partition 0's own node answers first)."""
+
+            def get_node_ids(self):
+                return [*super().get_node_ids(), odd, odd + 1]
+
+            def send_and_receive(self, messages, *, timeout=None):
+                out = []
+                for m in messages:
+                    node = m.metadata.dst_node_id
+                    if node == odd:
+                        out.append(Message(Error(code=2, reason="no partition-id"), reply_to=m))
+                    elif node == odd + 1:
+                        out.append(Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": 0})}), reply_to=m))
+                    else:
+                        out.append(self.client_app(m, self.context(node)))
+                return out
+
+        _, strategy, grid = started(cfg, OddGrid(cfg))
+        strategy.clients(cfg.clients_per_round)
+        assert strategy.client_of[odd] == odd and strategy.client_of[odd + 1] == odd + 1
+        assert grid.partition_of[strategy.node_of[0]] == 0
+
+
 class TestISTConfigure:
-    def test_each_client_gets_only_its_slice(self):
-        state = head_state()
-        strategy = IST(clients_per_round=3, seed=5)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(100, 110))))
+    def test_each_client_gets_only_its_slice(self, make_cfg):
+        engine, strategy, grid = started(make_cfg(clients_per_round=3, seed=5, local_steps=3))
+        state = engine.state
+        msgs = configure(strategy)
         assert len(msgs) == 3
         assert len({m.metadata.dst_node_id for m in msgs}) == 3
         seen_h1 = []
-        for m in msgs:
-            sub = m.content[ARRAYS_KEY].to_torch_state_dict()
-            index = strategy._assigned[m.metadata.dst_node_id]
-            expected = slice_state(state, index)
+        for task, m in zip(tasks_of(strategy, msgs), msgs):
+            assert grid.partition_of[m.metadata.dst_node_id] == task.client  # its node, paired by partition
+            sub = sent(m)
+            expected = slice_state(state, task.meta)
             assert sub.keys() == expected.keys()
             for k in sub:
                 assert torch.equal(sub[k], expected[k]), k
             conf = m.content[CONFIG_KEY]
             assert conf["server-round"] == 1 and conf["num-subnets"] == 3 and conf["local-steps"] == 3
-            seen_h1.append(index[0])
+            assert conf["subnet"] == task.group
+            seen_h1.append(task.meta[0])
         allh1 = torch.cat(seen_h1).sort().values
         assert torch.equal(allh1, torch.arange(10))  # disjoint and covering
 
     @pytest.mark.parametrize("k", [2, 3, 4, 7])
-    @pytest.mark.parametrize("dims", [(768, (1024, 1024), 10), (192, (1024, 1024), 10)])
-    def test_slice_bytes_at_most_one_kth_of_full_plus_one_percent(self, k, dims):
-        in_dim, hidden, classes = dims
-        state = MLPHead(in_dim, hidden, classes).state_dict()
+    @pytest.mark.parametrize("in_dim", [768, 192])
+    def test_slice_bytes_at_most_one_kth_of_full_plus_one_percent(self, make_cfg, k, in_dim):
+        state = big_head(in_dim)
         full = wire_bytes(ArrayRecord(state))
-        strategy = IST(clients_per_round=k)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(k))))
+        _, strategy, _ = started(make_cfg(num_clients=k, clients_per_round=k), state=state)
+        msgs = configure(strategy)
+        assert len(msgs) == k
         for m in msgs:
             received = wire_bytes(m.content[ARRAYS_KEY])
             assert received <= full / k * 1.01, (received, full / k)
 
-    def test_partitions_change_between_rounds_and_repeat_with_seed(self):
-        state = head_state()
-        a, b = IST(2, seed=1), IST(2, seed=1)
-        grid = FakeGrid(range(4))
-        a.configure_train(1, ArrayRecord(state), train_config(), grid)
-        first = {n: [t.clone() for t in ix] for n, ix in a._assigned.items()}
-        b.configure_train(1, ArrayRecord(state), train_config(), grid)
-        assert {n: [t.tolist() for t in ix] for n, ix in b._assigned.items()} == {
-            n: [t.tolist() for t in ix] for n, ix in first.items()
-        }
-        a.configure_train(2, ArrayRecord(state), train_config(), grid)
-        assert [t.tolist() for ix in a._assigned.values() for t in ix] != [t.tolist() for ix in first.values() for t in ix]
+    def test_partitions_change_between_rounds_and_repeat_with_seed(self, make_cfg):
+        cfg = make_cfg(num_clients=4, clients_per_round=2, seed=1)
+        a, b = started(cfg)[0], started(cfg.replace(out_dir=cfg.out_dir + "-b"))[0]
+
+        def plan(engine, server_round):
+            return [(t.client, [ix.tolist() for ix in t.meta]) for t in engine.plan_round(server_round, range(4))]
+
+        first = plan(a, 1)
+        assert plan(b, 1) == first  # same seed, same round: same clients, same partition
+        second = plan(a, 2)
+        assert [ix for _, ixs in second for ix in ixs] != [ix for _, ixs in first for ix in ixs]
+        assert [c for c, _ in first] == sample_clients(1, 1, range(4), 2)  # sampling is the engine's, by seed
 
 
 class TestISTAggregate:
-    def setup_method(self):
-        self.state = head_state()
-        self.strategy = IST(clients_per_round=3, seed=2)
-        self.msgs = list(
-            self.strategy.configure_train(1, ArrayRecord(self.state), train_config(), FakeGrid([11, 22, 33]))
-        )
-
-    def sent(self, msg):
-        return msg.content[ARRAYS_KEY].to_torch_state_dict()
+    @pytest.fixture(autouse=True)
+    def round_one(self, make_cfg):
+        self.engine, self.strategy, self.grid = started(make_cfg(num_clients=3, clients_per_round=3, seed=2))
+        self.state = {k: v.clone() for k, v in self.engine.state.items()}
+        self.msgs = configure(self.strategy)
+        self.tasks = tasks_of(self.strategy, self.msgs)
 
     def test_stitches_every_reply_back_by_index(self):
-        replies = [reply_to(m, perturbed(self.sent(m))) for m in self.msgs]
+        replies = [reply_to(m, perturbed(sent(m))) for m in self.msgs]
         arrays, metrics = self.strategy.aggregate_train(1, replies)
         new = arrays.to_torch_state_dict()
-        for m in self.msgs:
-            index = self.strategy._assigned[m.metadata.dst_node_id]
-            got = slice_state(new, index)
-            want = perturbed(self.sent(m))
+        assert all(torch.equal(new[k], self.engine.state[k]) for k in new)  # what the engine now holds
+        for task, m in zip(self.tasks, self.msgs):
+            got = slice_state(new, task.meta)
+            want = perturbed(sent(m))
             for k in got:
-                if k != "layers.2.bias":
+                if k != OUTPUT_BIAS:
                     assert torch.allclose(got[k], want[k]), k
-        assert torch.allclose(new["layers.2.bias"], self.state["layers.2.bias"] + 1)
-        assert metrics["replies"] == 3 and metrics["failures"] == 0 and metrics[NUM_EXAMPLES_KEY] == 30
+        assert torch.allclose(new[OUTPUT_BIAS], self.state[OUTPUT_BIAS] + 1)
+        entry = last_round(self.engine)
+        assert entry.clients == 3 and entry.failures == 0 and entry.sampled == 3 and entry.subnets == 3
+        assert metrics["failures"] == 0
+
+    def test_round_metric_record_counts_the_examples_used(self):
+        # Flower's Strategy API returns the round's MetricRecord; num-examples means examples
+        replies = [reply_to(m, perturbed(sent(m)), 10) for m in self.msgs]
+        _, metrics = self.strategy.aggregate_train(1, replies)
+        assert metrics[NUM_EXAMPLES_KEY] == 30, dict(metrics)
 
     def test_malformed_and_failed_replies_leave_their_slice_unchanged(self):
         good, bad_shape, failed = self.msgs
-        wrong = self.sent(bad_shape)
+        wrong = sent(bad_shape)
         wrong["layers.0.weight"] = torch.zeros(1, 1)
         replies = [
-            reply_to(good, perturbed(self.sent(good))),
+            reply_to(good, perturbed(sent(good))),
             reply_to(bad_shape, perturbed(wrong)),
             Message(Error(code=1, reason="client crashed"), reply_to=failed),
         ]
         arrays, metrics = self.strategy.aggregate_train(1, replies)
         new = arrays.to_torch_state_dict()
-        for m in (bad_shape, failed):
-            index = self.strategy._assigned[m.metadata.dst_node_id]
-            kept = slice_state(new, index)
-            orig = slice_state(self.state, index)
+        for task in self.tasks[1:]:
+            kept = slice_state(new, task.meta)
+            orig = slice_state(self.state, task.meta)
             for k in kept:
-                if k != "layers.2.bias":
+                if k != OUTPUT_BIAS:
                     assert torch.equal(kept[k], orig[k]), k
-        assert metrics["failures"] == 2 and metrics["replies"] == 1
+        entry = last_round(self.engine)
+        assert entry.failures == 2 and entry.clients == 1 and metrics["failures"] == 2
+        assert entry.failed_invalid == 1 and entry.failed_error == 1 and entry.rejected == {"shape": 1}
         assert all(torch.isfinite(v).all() for v in new.values())
 
     def test_nan_reply_is_dropped(self):
         m = self.msgs[0]
-        state = self.sent(m)
+        state = sent(m)
         state["layers.1.weight"][0, 0] = float("nan")
         arrays, metrics = self.strategy.aggregate_train(1, [reply_to(m, state)])
-        assert metrics["failures"] == 3  # the NaN reply + two that never answered
+        entry = last_round(self.engine)
+        assert entry.failures == 3 and metrics["failures"] == 3  # the NaN reply + two that never answered
+        assert entry.failed_invalid == 1 and entry.failed_lost == 2 and entry.rejected == {"non-finite": 1}
         assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values())
 
     def test_reply_without_num_examples_is_dropped(self):
         m = self.msgs[0]
-        bare = Message(content=RecordDict({ARRAYS_KEY: ArrayRecord(perturbed(self.sent(m)))}), reply_to=m)
-        arrays, metrics = self.strategy.aggregate_train(1, [bare])
-        assert metrics["replies"] == 0
+        bare = Message(content=RecordDict({ARRAYS_KEY: ArrayRecord(perturbed(sent(m)))}), reply_to=m)
+        arrays, _ = self.strategy.aggregate_train(1, [bare])
+        entry = last_round(self.engine)
+        assert entry.clients == 0 and entry.rejected == {"num-examples": 1}
         for k, v in arrays.to_torch_state_dict().items():
             assert torch.equal(v, self.state[k])
 
@@ -161,142 +283,162 @@ class TestISTAggregate:
         arrays, metrics = self.strategy.aggregate_train(1, [])
         for k, v in arrays.to_torch_state_dict().items():
             assert torch.equal(v, self.state[k])
-        assert metrics["failures"] == 3
+        assert metrics["failures"] == 3 and last_round(self.engine).failed_lost == 3
 
     def test_bytes_are_recorded(self):
-        replies = [reply_to(m, self.sent(m)) for m in self.msgs]
+        replies = [reply_to(m, sent(m)) for m in self.msgs]
+        exchange = self.strategy.outcomes(self.tasks, replies)
+        assert len(exchange.bytes_down) == 3 and len(exchange.bytes_up) == 3
+        assert exchange.bytes_down == [wire_bytes(m) for m in self.msgs]
+        assert exchange.bytes_up == [wire_bytes(r) for r in replies]
         self.strategy.aggregate_train(1, replies)
-        stats = self.strategy.history[-1]
-        assert len(stats.bytes_down) == 3 and len(stats.bytes_up) == 3
-        assert stats.bytes_down == [wire_bytes(m) for m in self.msgs]
+        entry = last_round(self.engine)
+        assert entry.bytes_down_total == sum(exchange.bytes_down) and entry.bytes_up_total == sum(exchange.bytes_up)
+        assert entry.bytes_down_per_client == pytest.approx(sum(exchange.bytes_down) / 3)
+
+    def test_replies_from_nodes_without_a_task_are_ignored(self):
+        stranger = Message(RecordDict(), dst_node_id=424242, message_type=MessageType.TRAIN)
+        replies = [reply_to(m, perturbed(sent(m))) for m in self.msgs]
+        replies.append(reply_to(stranger, perturbed(sent(self.msgs[0]))))
+        replies.append(reply_to(self.msgs[0], perturbed(sent(self.msgs[0]), 5.0)))  # a second reply of one node
+        self.strategy.aggregate_train(1, replies)
+        entry = last_round(self.engine)
+        assert entry.clients == 3 and entry.failures == 0
+        assert torch.allclose(self.engine.state[OUTPUT_BIAS], self.state[OUTPUT_BIAS] + 1)  # the first reply counts
 
 
 class TestISTWidthScaling:
-    def test_slices_go_out_scaled_and_come_back_unscaled(self):
-        state = head_state()
-        strategy = IST(clients_per_round=2, seed=3, scaling="width")
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([7, 8])))
-        for m in msgs:
-            index = strategy._assigned[m.metadata.dst_node_id]
-            sub = m.content[ARRAYS_KEY].to_torch_state_dict()
+    def test_slices_go_out_scaled_and_come_back_unscaled(self, make_cfg):
+        engine, strategy, _ = started(make_cfg(num_clients=2, clients_per_round=2, seed=3, ist_scaling="width"))
+        state = {k: v.clone() for k, v in engine.state.items()}
+        msgs = configure(strategy)
+        for task, m in zip(tasks_of(strategy, msgs), msgs):
+            index = task.meta
+            sub = sent(m)
             want = slice_state(state, index, "width")
             assert all(torch.equal(sub[k], want[k]) for k in sub)
             assert torch.allclose(sub["layers.1.weight"], slice_state(state, index)["layers.1.weight"] * 10 / len(index[0]))
         # clients that return what they got leave the head unchanged
-        arrays, _ = strategy.aggregate_train(1, [reply_to(m, m.content[ARRAYS_KEY].to_torch_state_dict()) for m in msgs])
+        arrays, _ = strategy.aggregate_train(1, [reply_to(m, sent(m)) for m in msgs])
         new = arrays.to_torch_state_dict()
         assert all(torch.allclose(new[k], state[k], atol=1e-6) for k in state)
 
-    def test_unknown_scaling_is_rejected(self):
-        with pytest.raises(ValueError, match="ist-scaling must be one of none, width"):
-            IST(clients_per_round=2, scaling="dropout")
+    def test_unknown_scaling_is_rejected(self, make_cfg):
+        with pytest.raises(ValueError, match="ist-scaling 'dropout'; valid choices: none, width"):
+            make_cfg(ist_scaling="dropout")
 
 
-class TestFedAvgBaseline:
-    def test_sends_full_model_and_averages(self):
-        state = head_state()
-        strategy = FedAvgBaseline(clients_per_round=2, seed=0)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([1, 2, 3])))
+class TestFedAvg:
+    def test_sends_full_model_and_averages(self, make_cfg):
+        engine, strategy, _ = started(make_cfg(strategy="fedavg", num_clients=3, clients_per_round=2, seed=0))
+        state = {k: v.clone() for k, v in engine.state.items()}
+        msgs = configure(strategy)
         assert len(msgs) == 2
         for m in msgs:
-            sent = m.content[ARRAYS_KEY].to_torch_state_dict()
-            assert all(torch.equal(sent[k], state[k]) for k in state)
+            got = sent(m)
+            assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+        assert msgs[0].content is msgs[1].content  # one RecordDict for every client of the group
         replies = [reply_to(msgs[0], perturbed(state, 1.0), 10), reply_to(msgs[1], perturbed(state, 4.0), 30)]
-        arrays, metrics = strategy.aggregate_train(1, replies)
+        arrays, _ = strategy.aggregate_train(1, replies)
         new = arrays.to_torch_state_dict()
         for k in state:
             assert torch.allclose(new[k], state[k] + 3.25), k  # (1*10 + 4*30) / 40
-        assert metrics["replies"] == 2
+        assert last_round(engine).clients == 2 and last_round(engine).subnets == 1
 
-    def test_drops_malformed_reply_before_averaging(self):
-        state = head_state()
-        strategy = FedAvgBaseline(clients_per_round=2)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([1, 2])))
+    def test_drops_malformed_reply_before_averaging(self, make_cfg):
+        engine, strategy, _ = started(make_cfg(strategy="fedavg", num_clients=2, clients_per_round=2))
+        state = {k: v.clone() for k, v in engine.state.items()}
+        msgs = configure(strategy)
         broken = dict(state)
         broken.pop("layers.0.bias")
         replies = [reply_to(msgs[0], perturbed(state, 2.0)), reply_to(msgs[1], broken)]
         arrays, metrics = strategy.aggregate_train(1, replies)
         new = arrays.to_torch_state_dict()
         assert all(torch.allclose(new[k], state[k] + 2.0) for k in state)
-        assert metrics["failures"] == 1
+        assert metrics["failures"] == 1 and last_round(engine).rejected == {"arrays": 1}
 
-    def test_ist_sends_fewer_bytes_than_fedavg(self):
-        state = MLPHead(768, (1024, 1024), 10).state_dict()
-        grid = FakeGrid(range(4))
-        ist = list(IST(2).configure_train(1, ArrayRecord(state), train_config(), grid))
-        fed = list(FedAvgBaseline(2).configure_train(1, ArrayRecord(state), train_config(), grid))
+    def test_ist_sends_fewer_bytes_than_fedavg(self, make_cfg):
+        state = big_head(768)
+        ist = configure(started(make_cfg(num_clients=4, clients_per_round=2), state=state)[1])
+        fed = configure(started(make_cfg(strategy="fedavg", num_clients=4, clients_per_round=2), state=state)[1])
         assert max(map(wire_bytes, ist)) <= min(map(wire_bytes, fed)) / 2
 
 
 class TestSampling:
-    def test_goes_on_with_connected_clients_after_timeout(self):
-        state = head_state()
-        strategy = IST(clients_per_round=3, wait_timeout=0.2)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([7, 8])))
-        assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 8]
+    def test_goes_on_with_connected_clients_after_timeout(self, make_cfg):
+        cfg = make_cfg(num_clients=3, clients_per_round=3, round_timeout=0.2)
+        grid = LocalGrid(cfg)
+        grid.partition_of = dict(list(grid.partition_of.items())[:2])  # only two nodes connect
+        _, strategy, _ = started(cfg, grid)
+        msgs = configure(strategy)
+        assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(grid.partition_of)
         assert all(m.content[CONFIG_KEY]["num-subnets"] == 2 for m in msgs)
 
-    def test_no_client_at_all_is_an_error(self):
+    def test_no_client_at_all_is_an_error(self, make_cfg):
+        cfg = make_cfg(num_clients=2, clients_per_round=2, round_timeout=0.2)
+        grid = LocalGrid(cfg)
+        grid.partition_of = {}
+        _, strategy, _ = started(cfg, grid)
         with pytest.raises(RuntimeError, match="no client connected"):
-            IST(clients_per_round=2, wait_timeout=0.2).configure_train(
-                1, ArrayRecord(head_state()), train_config(), FakeGrid([])
-            )
+            configure(strategy)
+        with pytest.raises(RuntimeError, match="no client is available"):
+            strategy.engine.plan_round(1, [])
 
 
 class TestSubnetsPerRound:
-    def test_group_members_get_the_same_slice_and_groups_cover_the_hidden_layer(self):
-        state = head_state()
-        strategy = IST(clients_per_round=6, seed=1, subnets_per_round=2)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(10))))
+    def test_group_members_get_the_same_slice_and_groups_cover_the_hidden_layer(self, make_cfg):
+        _, strategy, _ = started(make_cfg(clients_per_round=6, seed=1, subnets_per_round=2))
+        msgs = configure(strategy)
+        tasks = tasks_of(strategy, msgs)
         assert len(msgs) == 6
-        by_subnet = {}
-        for m in msgs:
+        by_subnet: dict[int, list] = {}
+        for task, m in zip(tasks, msgs):
             conf = m.content[CONFIG_KEY]
             assert conf["num-subnets"] == 2
-            by_subnet.setdefault(conf["subnet"], []).append(m)
+            by_subnet.setdefault(conf["subnet"], []).append((task, m))
         assert sorted(len(v) for v in by_subnet.values()) == [3, 3]
         for members in by_subnet.values():
-            first = members[0].content[ARRAYS_KEY].to_torch_state_dict()
-            for m in members[1:]:
-                other = m.content[ARRAYS_KEY].to_torch_state_dict()
+            first = sent(members[0][1])
+            for _, m in members[1:]:
+                other = sent(m)
                 assert all(torch.equal(first[k], other[k]) for k in first)
-        h1 = torch.cat([strategy._assigned[ms[0].metadata.dst_node_id][0] for ms in by_subnet.values()])
+                assert m.content is members[0][1].content  # built once per group
+        h1 = torch.cat([ms[0][0].meta[0] for ms in by_subnet.values()])
         assert torch.equal(h1.sort().values, torch.arange(10))
 
     @pytest.mark.parametrize("k, g", [(8, 1), (8, 2), (8, 4), (8, 8)])
-    def test_bytes_per_client_follow_the_subnet_size(self, k, g):
-        state = MLPHead(192, (1024, 1024), 10).state_dict()
+    def test_bytes_per_client_follow_the_subnet_size(self, make_cfg, k, g):
+        state = big_head(192)
         full = wire_bytes(ArrayRecord(state))
-        strategy = IST(clients_per_round=k, subnets_per_round=g)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(k))))
+        _, strategy, _ = started(make_cfg(num_clients=k, clients_per_round=k, subnets_per_round=g), state=state)
+        msgs = configure(strategy)
         for m in msgs:
             assert wire_bytes(m.content[ARRAYS_KEY]) <= full / g * 1.01
         if g > 1:  # and not much less: the slice of one subnet out of g
             assert min(wire_bytes(m.content[ARRAYS_KEY]) for m in msgs) >= full / g**2
-        assert strategy.history[-1].bytes_down == [wire_bytes(m) for m in msgs]
+        assert strategy.outcomes(tasks_of(strategy, msgs), []).bytes_down == [wire_bytes(m) for m in msgs]
 
-    def test_default_is_one_subnet_per_client_and_identical_to_plain_ist(self):
-        state = head_state()
-        a, b = IST(3, seed=4), IST(3, seed=4, subnets_per_round=3)
-        ma = list(a.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(5))))
-        mb = list(b.configure_train(1, ArrayRecord(state), train_config(), FakeGrid(range(5))))
+    def test_default_is_one_subnet_per_client_and_identical_to_plain_ist(self, make_cfg):
+        cfg = make_cfg(num_clients=5, clients_per_round=3, seed=4)
+        ma = configure(started(cfg)[1])
+        mb = configure(started(cfg.replace(subnets_per_round=3, out_dir=cfg.out_dir + "-b"))[1])
         assert [m.content[CONFIG_KEY]["subnet"] for m in ma] == [0, 1, 2]
         for x, y in zip(ma, mb):
             assert x.metadata.dst_node_id == y.metadata.dst_node_id
-            sx, sy = x.content[ARRAYS_KEY].to_torch_state_dict(), y.content[ARRAYS_KEY].to_torch_state_dict()
+            sx, sy = sent(x), sent(y)
             assert all(torch.equal(sx[k], sy[k]) for k in sx)
 
-    def test_one_subnet_aggregates_like_the_fedavg_baseline(self):
-        state = head_state()
-        ist = IST(clients_per_round=3, seed=0, subnets_per_round=1)
-        fed = FedAvgBaseline(clients_per_round=3, seed=0)
-        grid = FakeGrid([5, 6, 7])
-        mi = list(ist.configure_train(1, ArrayRecord(state), train_config(), grid))
-        mf = list(fed.configure_train(1, ArrayRecord(state), train_config(), grid))
+    def test_one_subnet_aggregates_like_fedavg(self, make_cfg):
+        cfg = make_cfg(num_clients=3, clients_per_round=3, seed=0)
+        ist_engine, ist, _ = started(cfg.replace(subnets_per_round=1))
+        fed_engine, fed, _ = started(cfg.replace(strategy="fedavg", out_dir=cfg.out_dir + "-fedavg"))
+        state = {k: v.clone() for k, v in ist_engine.state.items()}
+        assert all(torch.equal(state[k], fed_engine.state[k]) for k in state)  # the same initial head
+        mi, mf = configure(ist), configure(fed)
         assert [m.metadata.dst_node_id for m in mi] == [m.metadata.dst_node_id for m in mf]
         for m in mi:  # the "slice" of the only subnet is the whole head
-            sent = m.content[ARRAYS_KEY].to_torch_state_dict()
-            assert all(torch.equal(sent[k], state[k]) for k in state)
+            got = sent(m)
+            assert all(torch.equal(got[k], state[k]) for k in state)
         gen = torch.Generator().manual_seed(0)
         trained = [{k: v + torch.randn(v.shape, generator=gen) for k, v in state.items()} for _ in range(3)]
         examples = [10, 25, 5]
@@ -306,44 +448,66 @@ class TestSubnetsPerRound:
         for k in state:
             assert torch.allclose(si[k], sf[k], atol=1e-6), k
 
-    def test_a_whole_failed_group_leaves_its_subnet_unchanged(self):
-        state = head_state()
-        strategy = IST(clients_per_round=4, seed=3, subnets_per_round=2)
-        msgs = list(strategy.configure_train(1, ArrayRecord(state), train_config(), FakeGrid([1, 2, 3, 4])))
-        subnet = {m.metadata.dst_node_id: m.content[CONFIG_KEY]["subnet"] for m in msgs}
+    def test_a_whole_failed_group_leaves_its_subnet_unchanged(self, make_cfg):
+        engine, strategy, _ = started(make_cfg(num_clients=4, clients_per_round=4, seed=3, subnets_per_round=2))
+        state = {k: v.clone() for k, v in engine.state.items()}
+        msgs = configure(strategy)
+        tasks = tasks_of(strategy, msgs)
         replies, raised = [], False
-        for m in msgs:
-            sent = m.content[ARRAYS_KEY].to_torch_state_dict()
-            if subnet[m.metadata.dst_node_id] == 0:
-                replies.append(reply_to(m, perturbed(sent, 2.0)))
+        for task, m in zip(tasks, msgs):
+            if m.content[CONFIG_KEY]["subnet"] == 0:
+                replies.append(reply_to(m, perturbed(sent(m), 2.0)))
             elif not raised:  # subnet 1: one member raised ...
                 replies.append(Message(Error(code=1, reason="boom"), reply_to=m))
                 raised = True
             else:  # ... and the other sent NaN
-                replies.append(reply_to(m, perturbed(sent, float("nan"))))
+                replies.append(reply_to(m, perturbed(sent(m), float("nan"))))
         arrays, metrics = strategy.aggregate_train(1, replies)
         new = arrays.to_torch_state_dict()
-        assert metrics["failures"] == 2 and metrics["replies"] == 2
-        for node, s in subnet.items():
-            got, orig = slice_state(new, strategy._assigned[node]), slice_state(state, strategy._assigned[node])
+        entry = last_round(engine)
+        assert metrics["failures"] == 2 and entry.failures == 2 and entry.clients == 2
+        assert entry.failed_error == 1 and entry.failed_invalid == 1
+        for task in tasks:
+            got, orig = slice_state(new, task.meta), slice_state(state, task.meta)
             for k in got:
-                if k != "layers.2.bias":
-                    assert torch.allclose(got[k], orig[k] + (2.0 if s == 0 else 0.0)), (node, k)
+                if k != OUTPUT_BIAS:
+                    assert torch.allclose(got[k], orig[k] + (2.0 if task.group == 0 else 0.0)), (task.client, k)
         assert all(torch.isfinite(v).all() for v in new.values())
 
-    def test_subnets_beyond_clients_are_rejected(self):
+    def test_subnets_beyond_clients_are_rejected(self, make_cfg):
         with pytest.raises(ValueError, match="subnets-per-round"):
-            IST(clients_per_round=2, subnets_per_round=3)
+            make_cfg(clients_per_round=2, subnets_per_round=3)
+
+    def test_subnets_are_capped_at_the_clients_of_the_round(self, make_cfg):
+        ist = make_algorithm(make_cfg(clients_per_round=4, subnets_per_round=4))
+        tasks = ist.plan(1, MLPHead(12, (10, 11), 3).state_dict(), [7, 8])
+        assert [t.config["num-subnets"] for t in tasks] == [2, 2] and [t.group for t in tasks] == [0, 1]
 
 
-class QueueGrid(FakeGrid):
+class QueueGrid:
     """A Grid with push/pull: each pull releases at most ``per_pull`` replies; nodes in
-    ``silent`` never answer; ``reply`` builds a node's reply."""
+    ``silent`` never answer; ``reply`` builds a node's reply. Identity queries are answered
+    by the real ClientApp (node ``nodes[i]`` is partition ``i``)."""
 
     def __init__(self, nodes, reply, per_pull=1, silent=()):
-        super().__init__(nodes)
+        self.nodes = list(nodes)
         self.reply, self.per_pull, self.silent = reply, per_pull, set(silent)
         self.ready, self.pulls = [], 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from clients.client_app import app
+
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY, "train messages go through push/pull"
+            node = m.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"partition-id": self.nodes.index(node), "num-partitions": len(self.nodes)})
+            out.append(app(m, ctx))
+        return out
 
     def push_messages(self, messages):
         ids = []
@@ -363,13 +527,16 @@ class QueueGrid(FakeGrid):
         return out
 
 
+def _any_reply(m):
+    return reply_to(m, {"w": torch.zeros(2)})
+
+
 class TestPollingGrid:
     def test_replies_are_reported_as_they_arrive(self):
         from strategies.progress import PollingGrid
 
-        state = head_state()
         calls = []
-        grid = QueueGrid([1, 2, 3], lambda m: reply_to(m, state))
+        grid = QueueGrid([1, 2, 3], _any_reply)
         polling = PollingGrid(grid, lambda *a: calls.append(a), poll=0.001)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
         replies = list(polling.send_and_receive(msgs, timeout=5))
@@ -399,40 +566,52 @@ class TestPollingGrid:
         assert list(PollingGrid(QueueGrid([], None), lambda *a: calls.append(a)).send_and_receive([], timeout=9)) == []
         assert calls == []
 
+    def test_a_stopping_run_stops_waiting(self):
+        from strategies.progress import PollingGrid
+
+        calls, stop = [], threading.Event()
+        grid = QueueGrid([1, 2], _any_reply, silent={2})
+        polling = PollingGrid(grid, lambda *a: (calls.append(a), stop.set()), poll=0.01, stop=stop)
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+        t0 = time.monotonic()
+        replies = list(polling.send_and_receive(msgs, timeout=30))
+        assert time.monotonic() - t0 < 5 and len(replies) == 1 and calls[-1] == (1, 2, 0, True)
+
 
 class TestProgress:
-    def _run(self, strategy, nodes, rounds=2, **grid_kw):
-        state = head_state()
-        grid = QueueGrid(nodes, lambda m: reply_to(m, perturbed(m.content[ARRAYS_KEY].to_torch_state_dict(), 0.1)), **grid_kw)
+    def _run(self, make_cfg, nodes, rounds=2, **kw):
+        grid_kw = {k: kw.pop(k) for k in ("per_pull", "silent") if k in kw}
+        cfg = make_cfg(num_clients=len(nodes), num_rounds=rounds, round_timeout=0.3, **kw)
+        grid = QueueGrid(nodes, lambda m: reply_to(m, perturbed(sent(m), 0.1)), **grid_kw)
         seen = []
-        strategy.on_replies = lambda *a: seen.append(a)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=rounds, timeout=0.3)
-        return seen
+        engine = RoundEngine(cfg, report=lambda s: None)
+        metrics = engine.run(AlgorithmStrategy(engine, grid, "test", on_replies=lambda *a: seen.append(a)))
+        return seen, metrics
 
-    def test_start_reports_replies_per_round_through_the_polling_grid(self):
-        seen = self._run(IST(clients_per_round=3, seed=0), [1, 2, 3, 4])
+    def test_run_reports_replies_per_round_through_the_polling_grid(self, make_cfg):
+        seen, metrics = self._run(make_cfg, [1, 2, 3, 4], clients_per_round=3, seed=0)
         assert [a for a in seen if a[-1]] == [(1, 3, 3, 0, True), (2, 3, 3, 0, True)]
         assert [a[:3] for a in seen if not a[-1]] == [(r, d, 3) for r in (1, 2) for d in range(4)]
+        assert [r.clients for r in metrics.rounds] == [3, 3] and metrics.finished
 
-    def test_fedavg_reports_too_and_lost_clients_time_out(self):
-        strategy = FedAvgBaseline(clients_per_round=2, seed=0)
-        seen = self._run(strategy, [1, 2], rounds=1, silent={2})
+    def test_fedavg_reports_too_and_lost_clients_time_out(self, make_cfg):
+        seen, metrics = self._run(make_cfg, [1, 2], rounds=1, silent={2}, strategy="fedavg", clients_per_round=2)
         assert seen[-1] == (1, 1, 2, 0, True)
-        assert strategy.history[-1].lost == 1 and strategy.history[-1].failures == 1
+        assert metrics.rounds[-1].failed_lost == 1 and metrics.rounds[-1].failures == 1
 
-    def test_round_line_is_one_line_and_live_only_on_a_tty(self, caplog):
-        import io
+    def test_round_line_is_one_line_and_live_only_on_a_tty(self):
+        from strategies.progress import RoundLine
 
-        from strategies.progress import RoundLine, format_round
-
-        entry = {"round": 3, "clients": 3, "sampled": 4, "failures": 1, "failed_error": 0, "failed_invalid": 1,
-                 "failed_lost": 0, "accuracy": 0.4567, "bytes_down_per_client": 12345.0,
-                 "bytes_up_per_client": 12400.0, "seconds": 1.25, "elapsed": 30.5}
-        text = format_round(entry, 10)
+        entry = RoundMetrics(round=3, accuracy=0.4567, loss=1.0, clients=3, examples=30, sampled=4, subnets=4, failures=1,
+                             failed_error=0, failed_invalid=1, failed_lost=0, bytes_down_per_client=12345.0,
+                             bytes_up_per_client=12400.0, bytes_down_total=49380, bytes_up_total=37200,
+                             seconds=1.25, elapsed=30.5)
+        text = entry.line(10)
         assert "\n" not in text
         for part in ("round 3/10", "clients 3/4 done", "1 failed: 1 invalid", "accuracy 0.4567", "12.3 kB down",
                      "elapsed 30.5s"):
             assert part in text, text
+        assert "accuracy not evaluated" in RoundMetrics(**{**entry.__dict__, "accuracy": None}).line(10)
         piped = io.StringIO()
         RoundLine(10, stream=piped).replies(3, 1, 4, 0, False)
         assert piped.getvalue() == ""  # not a TTY: no live line
@@ -445,18 +624,31 @@ class TestProgress:
         assert "\n" not in out and out.count("\r") == 3 and "clients 2/4 done (1 failed)" in out
         assert out.endswith("\r\x1b[2K")  # wiped before the round's log lines
 
-    def test_quiet_filter_drops_only_flowers_per_round_lines(self):
-        import logging
+    def test_say_wipes_the_live_line_and_logs_one_line(self, caplog):
+        from strategies.progress import RoundLine
 
-        from strategies.progress import QuietFlowerRounds
+        tty = io.StringIO()
+        line = RoundLine(10, stream=tty, live=True)
+        line.replies(1, 1, 2, 0, False)
+        with caplog.at_level(logging.INFO, logger="flwr"):
+            line.say("round 1/10 | done")
+        assert tty.getvalue().endswith("\r\x1b[2K")
+        assert any(r.getMessage() == "round 1/10 | done" for r in caplog.records)
 
-        f = QuietFlowerRounds()
 
-        def rec(msg, level=logging.INFO):
-            return logging.LogRecord("flwr", level, __file__, 1, msg, None, None)
-
-        assert not f.filter(rec("[ROUND %s/%s]"))
-        assert not f.filter(rec("Global evaluation"))
-        assert f.filter(rec("round %d: %d client(s) did not reply in time", logging.WARNING))
-        assert f.filter(rec("%s"))
-        assert f.filter(rec("", logging.WARNING))
+class TestFlowerStrategyApi:
+    def test_strategy_start_runs_the_same_rounds_as_the_engine_loop(self, make_cfg):
+        """A ServerApp of one's own: ``engine.start(strategy)``, then Flower's ``Strategy.start``."""
+        cfg = make_cfg(num_clients=4, clients_per_round=2, num_rounds=2, subnets_per_round=0)
+        reference = RoundEngine(cfg.replace(out_dir=cfg.out_dir + "-loop"), report=lambda s: None)
+        in_process_run(reference.cfg, reference)
+        engine = RoundEngine(cfg, report=lambda s: None)
+        grid = LocalGrid(cfg)
+        strategy = AlgorithmStrategy(engine, grid, "in-process")
+        engine.start(strategy)
+        result = strategy.start(grid, ArrayRecord(engine.state), num_rounds=cfg.num_rounds, timeout=cfg.round_timeout)
+        final = result.arrays.to_torch_state_dict()
+        assert engine.done == 2 and final.keys() == reference.state.keys()
+        assert all(torch.equal(final[k], reference.state[k]) for k in final)
+        assert [r.accuracy for r in engine.metrics.rounds] == [r.accuracy for r in reference.metrics.rounds]
+        assert result.train_metrics_clientapp[2]["failures"] == 0

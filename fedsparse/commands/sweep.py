@@ -128,7 +128,7 @@ def centralized(cfg: RunConfig) -> RunMetrics:
     train_seconds = time.perf_counter() - t1
     per_round = train_seconds / max(1, len(fit["curve"]))
     rounds = [
-        RoundMetrics(round=i + 1, accuracy=c["accuracy"], loss=c["loss"], clients=1, sampled=1, subnets=1,
+        RoundMetrics(round=i + 1, accuracy=c["accuracy"], loss=c["loss"], clients=1, examples=len(y), sampled=1, subnets=1,
                      failures=0, failed_error=0, failed_invalid=0, failed_lost=0,
                      bytes_down_per_client=0.0, bytes_up_per_client=0.0, bytes_down_total=0, bytes_up_total=0,
                      seconds=per_round, elapsed=(t1 - t0) + (i + 1) * per_round)

@@ -35,6 +35,7 @@ class RoundMetrics:
     accuracy: float | None
     loss: float | None
     clients: int  # replies used
+    examples: int  # their num-examples, summed
     sampled: int
     subnets: int  # distinct groups of arrays sent (IST subnets; 1 for FedAvg)
     failures: int  # failed_error + failed_invalid + failed_lost

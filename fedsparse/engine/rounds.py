@@ -243,7 +243,8 @@ class RoundEngine:
         kinds = {k: sum(1 for f in failures if f.kind == k) for k in ("error", "invalid", "lost")}
         down, up = exchange.bytes_down, exchange.bytes_up
         entry = RoundMetrics(
-            round=server_round, accuracy=accuracy, loss=loss, clients=len(updates), sampled=len(tasks),
+            round=server_round, accuracy=accuracy, loss=loss, clients=len(updates),
+            examples=sum(u.num_examples for u in updates), sampled=len(tasks),
             subnets=len({t.group if t.group is not None else ("own", t.client) for t in tasks}),
             failures=len(failures), failed_error=kinds["error"], failed_invalid=kinds["invalid"],
             failed_lost=kinds["lost"],
