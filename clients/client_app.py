@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
+from fedsparse.data.partition import check_partition_id
 from fedsparse.engine.client import run_task
 from fedsparse.protocol import ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, NUM_PARTITIONS_KEY
 
@@ -20,7 +21,7 @@ app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only wi
 def node_partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config, or a one-line error."""
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return check_partition_id(context.node_config["partition-id"], context.node_config["num-partitions"])
     except KeyError as err:
         raise ValueError(f"node config lacks {err.args[0]!r}; start the SuperNode with --node-config "
                          "'partition-id=<i> num-partitions=<n>'") from None

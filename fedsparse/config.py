@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from fedsparse.data.partition import PARTITIONERS
 from fedsparse.faults import FAULT_MODES
 from fedsparse.model.head import parse_hidden
-from fedsparse.model.ist import SCALINGS
+from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHEMES
+from fedsparse.model.server_opt import SERVER_OPTIMIZERS
 from fedsparse.inputs.masking import MASK_MODES, check_mask_ratio
 
 PREPROCESSING = ("paper", "imagenet")
@@ -50,8 +51,22 @@ class RunConfig:
     clients_per_round: int = 4
     subnets_per_round: int = 0  # G for IST: 0 = one subnet per client (G = K); ignored by fedavg
     ist_scaling: str = "none"  # none (as the authors) or width: subnets trained at full-width scale
+    # IST under label skew (fedsparse/algorithms/ist.py; README "IST under label skew" has the measurements)
+    ist_variant: str = "skew"  # authors (the paper's IST; stays at 0.10 on 2-class clients) or skew (learns)
+    label_aware: bool = True  # skew: clients train their own classes' output rows; 0.10 -> 0.25 on 2-class clients
+    ist_subnets: str = "random"  # skew: random (fresh partition per round) or rolling (FedRolex: no gain measured)
+    ist_overlap: float = 1.0  # skew: each neuron in this many subnets (1 = disjoint; 2 gains, at 2.7x the bytes)
+    server_opt: str = "sgd"  # skew IST and fedopt: none, sgd (FedAvgM) or adam (FedAdam) on the merged update
+    server_lr: float = 1.0  # the server optimizer's learning rate
+    server_momentum: float = 0.7  # sgd's momentum, adam's beta1; 0.9 overshot with 4 clients per round (README)
+    group_rule: str = "mean"  # how replies for one subnet (fedavg: all replies) combine: mean, trimmed-mean, median
+    group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
+    ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
+    # --- what the server accepts (see fedsparse/engine/rounds.py check_reply) -------------
+    update_bound: float = 10.0  # refuse a reply that moved an array > 10x its norm (honest, shipped configs: <= 0.42); 0 = off
+    max_examples: int = 1_000_000  # a reply's weight cap where the server cannot know the client's data size
     eval_every: int = 1  # evaluate the head every N rounds (the last round always)
     resume: bool = False  # continue from out-dir/checkpoint.pt (same config; num-rounds may grow)
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
@@ -66,6 +81,7 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: the checks below compare numbers
         _check_choice("dataset", self.dataset, _dataset_names())
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
@@ -73,6 +89,19 @@ class RunConfig:
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
         _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
         _check_choice("ist-scaling", self.ist_scaling, SCALINGS)
+        _check_choice("ist-variant", self.ist_variant, IST_VARIANTS)
+        _check_choice("ist-subnets", self.ist_subnets, SUBNET_SCHEMES)
+        _check_choice("server-opt", self.server_opt, SERVER_OPTIMIZERS)
+        _check_choice("group-rule", self.group_rule, GROUP_RULES)
+        if not self.ist_overlap >= 1.0:
+            raise ValueError(f"ist-overlap must be >= 1 (1 = disjoint subnets), got {self.ist_overlap}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not 0.0 <= self.group_trim < 0.5:
+            raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
+        for name in ("server_lr", "ridge_lambda"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
         check_mask_ratio(self.mask_ratio)
         parse_hidden(self.hidden)
         for name in ("image_size", "num_clients", "clients_per_round", "num_rounds", "local_steps", "batch_size",
@@ -94,8 +123,9 @@ class RunConfig:
             )
         if not 0.0 <= self.fault_rate < 1.0:
             raise ValueError(f"fault-rate must be in [0, 1), got {self.fault_rate}")
-        if not self.encoder:
+        if not self.encoder.strip():
             raise ValueError("encoder must not be empty; use 'builtin', a timm model name or a checkpoint path")
+        _check_ranges(self)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -140,6 +170,52 @@ def _dataset_names() -> tuple[str, ...]:
     from fedsparse.data.datasets import DATASETS  # local import: data imports heavy deps lazily
 
     return tuple(DATASETS)
+
+
+INT64_MAX = 2**63 - 1  # Flower carries run-config integers as signed 64-bit values
+MAX_IMAGE_SIZE = 4096  # pixels per side; larger inputs exhaust memory in the patch embedding
+
+
+def _check_types(cfg: "RunConfig") -> None:
+    """Every key holds its annotated type (an int is also a float), ints fit in 64 bits,
+    floats are finite, strings hold no NUL character. Types other than str, int, float and
+    bool are left to their own checks."""
+    import math
+    import numbers
+
+    for f in fields(cfg):
+        key, value = _kebab(f.name), getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"config key {key!r} must be {kind}, got {value!r} ({type(value).__name__})")
+        if kind == "int" and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError(f"{key} must fit in 64 bits (Flower carries integers as int64), got {value}")
+        if kind == "float" and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+        if kind == "str" and "\x00" in value:
+            raise ValueError(f"{key} must not contain a NUL character, got {value!r}")
+
+
+def _check_ranges(cfg: "RunConfig") -> None:
+    """The ranges ``__post_init__`` does not check itself. (A dataset that needs ``data-dir``
+    is checked where the data is loaded: config files leave it to the command line.)"""
+    for name in ("seed", "mask_seed", "update_bound", "max_examples"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_kebab(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image-size must be at most {MAX_IMAGE_SIZE}, got {cfg.image_size}")
+    if not cfg.out_dir.strip():
+        raise ValueError("out-dir must not be empty (it is where metrics.json, model.pt and checkpoint.pt go)")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:

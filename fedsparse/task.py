@@ -83,15 +83,18 @@ def train_slice(
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    label_aware: bool = False,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """A client's local training: Adam on ``feats`` for ``steps`` steps of the (sub-)head in
-    ``state``, on batches seeded by (seed, round, partition). Returns (trained state, mean loss)."""
+    ``state``, on batches seeded by (seed, round, partition). Returns (trained state, mean loss).
+    ``label_aware``: the softmax covers only the classes this client holds (``train_steps``)."""
     model = MLPHead.from_state_dict(state)
     steps = cfg.local_steps if steps is None else steps
     batch_size = cfg.batch_size if batch_size is None else batch_size
     gen = torch.Generator().manual_seed(derive_seed("batches", cfg.seed, server_round, partition_id))
+    classes = torch.unique(feats.y) if label_aware else None
     loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen),
-                       cfg.lr if lr is None else lr)
+                       cfg.lr if lr is None else lr, classes=classes)
     return model.state_dict(), loss
 
 
@@ -102,17 +105,33 @@ def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:
         return MLPHead(in_dim, cfg.hidden_sizes, n_classes)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Fail fast, in the calling process, on what would otherwise fail inside the run:
-    the data (paths, class folders), the encoder (name, file, weights) and the head shape."""
-    from fedsparse.algorithms import make_algorithm
+def preflight(cfg: RunConfig, partitions: bool = True) -> None:
+    """Fail fast, in the calling process and with one line, on what would otherwise fail
+    inside the run: where files go (out-dir and the cache writable), the algorithm, the data
+    (paths, at least 2 classes, decodable images, the partition among the clients), the head
+    shape and the encoder (name, file, finite weights, finite features).
 
+    ``partitions=False`` skips what depends on ``num-clients`` (in a deployment the SuperNodes'
+    ``num-partitions`` split the data instead)."""
+    import os
+
+    from fedsparse.algorithms import make_algorithm
+    from fedsparse.data.datasets import check_decodable, check_writable_dir
+    from fedsparse.inputs.encoder import check_output
+
+    check_writable_dir(cfg.out_dir, "out-dir")
+    cache_key = "cache-dir" if cfg.cache_dir else "$FEDSPARSE_CACHE" if os.environ.get("FEDSPARSE_CACHE") else "the cache"
+    check_writable_dir(default_cache_dir(cfg.cache_dir), cache_key)
     make_algorithm(cfg)  # an unknown strategy is a one-line error here
-    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    if cfg.num_clients > len(train):
-        raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")
+    train, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    check_decodable(train, "training")
+    check_decodable(test, "test")
+    if partitions:
+        if cfg.num_clients > len(train):
+            raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")
+        client_split(train, 0, cfg.num_clients, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)  # every partition
     if cfg.strategy == "ist" and min(cfg.hidden_sizes) < cfg.num_subnets:
         raise ValueError(
             f"hidden layers {cfg.hidden} are too narrow to split into {cfg.num_subnets} subnets per round"
         )
-    get_encoder(cfg.encoder, cfg.image_size)
+    check_output(get_encoder(cfg.encoder, cfg.image_size))

@@ -79,6 +79,7 @@ class AlgorithmStrategy(Strategy):
         self.on_replies = on_replies
         self.client_of: dict[int, int] = {}  # node id -> client id (its partition)
         self.node_of: dict[int, int] = {}  # client id -> node id
+        self.refused: dict[int, str] = {}  # node id -> why it is not used (its identity query failed)
         self._tasks: list[ClientTask] = []
         self._sent: list[int] = []
         self._started = 0.0
@@ -90,18 +91,23 @@ class AlgorithmStrategy(Strategy):
 
     # --- who is who -------------------------------------------------------------------------
     def identify(self, nodes: Iterable[int]) -> None:
-        """Ask every node not seen before which client it is; a node that cannot say (no
-        partition-id in its node config) is known by its node id."""
-        new = [n for n in nodes if n not in self.client_of]
+        """Ask every node not seen before which client it is. A node whose answer is an error
+        (a bad node config: no or an out-of-range partition-id) is refused, with its reason
+        logged once, and never sampled; a node that names no client is known by its node id."""
+        new = [n for n in nodes if n not in self.client_of and n not in self.refused]
         if not new:
             return
         assert self.grid is not None
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-        replies = self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout)
+        replies = self._waiting_grid().send_and_receive(queries, timeout=self.cfg.round_timeout)
         for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.refused[node] = one_line(reply.error.reason)
+                log(WARNING, "node %s is not used: %s", node, self.refused[node])
+                continue
             client = node
-            if not reply.has_error() and METRICS_KEY in reply.content.metric_records:
+            if METRICS_KEY in reply.content.metric_records:
                 client = int(reply.content.metric_records[METRICS_KEY].get(CLIENT_ID_KEY, node))
             if client in self.node_of and self.node_of[client] != node:
                 log(WARNING, "node %s says it is client %s, which node %s already is; using its node id",
@@ -164,9 +170,15 @@ class AlgorithmStrategy(Strategy):
         messages = self.messages(tasks)
         self._sent = [wire_bytes(m) for m in messages]
         self._round = server_round
-        live = callable(getattr(self.grid, "push_messages", None))  # a real Grid: count replies as they come
-        grid = PollingGrid(self.grid, self._replies_arrived, stop=self.engine.stop) if live else self.grid
-        return self.outcomes(tasks, grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        replies = self._waiting_grid(self._replies_arrived).send_and_receive(messages, timeout=self.cfg.round_timeout)
+        return self.outcomes(tasks, replies)
+
+    def _waiting_grid(self, on_replies: Callable[[int, int, int, bool], None] | None = None) -> Grid:
+        """A real Grid wrapped to count replies as they come and to stop waiting on a stop request."""
+        assert self.grid is not None
+        if callable(getattr(self.grid, "push_messages", None)):
+            return PollingGrid(self.grid, on_replies, stop=self.engine.stop)
+        return self.grid  # LocalGrid: answers at once
 
     def _replies_arrived(self, done: int, total: int, errors: int, finished: bool) -> None:
         if self.on_replies is not None:

@@ -21,7 +21,7 @@ LinkState to its workers with ``add_messages_to_queue``: every 0.1 s, for **ever
 the federation, ``state.get_message_ins(node_id, limit=1)``, and each call scans **every
 stored message** and re-validates it. With 1,000 nodes and 100 messages in flight that is
 100,000 validations every 0.1 s, in a thread of the driver process that holds the GIL the
-ServerApp needs. ``fast_add_messages_to_queue`` does the same job in one pass per 0.1 s.
+ServerApp needs. ``fast_add_messages_to_queue`` does the same job in one pass every 10 ms.
 ``FEDSPARSE_FLOWER_POLLING=flower`` turns it off (for comparison).
 """
 
@@ -34,6 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from queue import Queue
 from typing import Any, Iterator
+
+# Flower's loop waits 0.1 s between passes: up to 0.1 s of every round spent waiting. One pass
+# over the messages in flight is cheap, so this one looks every 10 ms.
+DISPATCH_SECONDS = 0.01
 
 EXPECTED_PARAMS = ["state", "queue", "nodes_mapping", "f_stop"]
 
@@ -61,7 +65,7 @@ def fast_add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_s
                         ready.append(msg)
             for msg in ready:
                 queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(DISPATCH_SECONDS)
 
 
 @contextmanager

@@ -23,11 +23,22 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Check the run config, and what it names (folders, data, encoder), before any round.
+    A problem is logged as one line, ``fedsparse: error: ...`` (``flwr run --stream``,
+    ``flwr log``), and ends the ServerApp with an exception, not ``SystemExit``: Flower then
+    records the run as ``finished:failed`` with that line as its details (a ``SystemExit``
+    in the simulation's ServerApp thread ends it silently, as ``finished:completed``).
+    Unknown keys never get here: the SuperLink refuses them ("Invalid run configuration.")
+    and names them only in its own log; ``fedsparse check`` names them."""
+    from fedsparse.task import preflight
+
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-    except ValueError as err:
-        log(ERROR, "fedsparse: invalid run config: %s", err)
-        raise SystemExit(f"fedsparse: invalid run config: {err}") from None
+        preflight(cfg, partitions=engine_name(grid) == "simulation")
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        line = " ".join(str(err).split()) or type(err).__name__
+        log(ERROR, "fedsparse: error: %s", line)
+        raise ValueError(f"fedsparse: error: {line}") from None
     serve(grid, cfg)
 
 

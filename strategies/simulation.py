@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from fedsparse.accounting.memory import ProcessTreeMonitor
+from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
 from strategies.flower_internals import patched_vce, run_simulation_with_config
@@ -49,6 +53,74 @@ def write_app_dir(cfg: RunConfig, app_dir: Path) -> Path:
     return app_dir
 
 
+class SimulationExtraMissing(ImportError, ValueError):
+    """Ray is not installed: ``fedsparse`` was installed without its ``simulation`` extra.
+    A ``ValueError`` too, so that the CLI reports it as its one-line ``fedsparse: error: ...``."""
+
+
+def import_ray() -> Any:
+    """``ray``, or a one-line error saying how to get it (a client-only install has no Ray)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise SimulationExtraMissing(
+            f"the Simulation Engine needs Ray, which is not installed ({err}); install it with "
+            "pip install 'fedsparse[simulation]' (from a checkout: pip install -e '.[simulation]'), "
+            "or use --engine in-process or --engine plain", name="ray") from None
+    return ray
+
+
+def reap(pids: list[int], grace: float = 3.0) -> None:
+    """Wait up to ``grace`` seconds for ``pids`` to exit (Ray ends its workers after
+    ``ray.shutdown`` returns), then kill what is left: the run leaves no process behind."""
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.1)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+
+
+def start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` as Flower's Ray backend does it, with SIGINT and SIGTERM blocked while Ray
+    starts its processes."""
+    ray = import_ray()
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)  # as flwr's RayBackend.init_ray
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    # Ray's processes inherit the signal mask of the thread that starts them: with SIGINT and
+    # SIGTERM blocked they are not hit by a signal sent to the whole process group (a terminal's
+    # Ctrl-C, a service manager's stop); fedsparse gets it, stops, and shuts Ray down.
+    # Ray's core also installs a C-level SIGTERM handler in this process that logs a stack trace
+    # and then dies; the Python handlers in place before (fedsparse's clean stop) are put back.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(handlers))
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in handlers.items():
+                if h is not None:
+                    signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def simulate(cfg: RunConfig) -> RunMetrics:
     """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; returns the run's metrics."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -57,7 +129,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning; no GPUs used
     # One math thread per client actor: Ray runs floor(cores / client-cpus) actors side by side.
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cfg.client_cpus)))
-    import ray
+    ray = import_ray()
 
     from clients.client_app import app as client_app
     from strategies.server_app import app as server_app
@@ -69,13 +141,16 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     app_dir = Path(tempfile.mkdtemp(prefix="fedsparse-app-"))
     monitor = ProcessTreeMonitor(interval=1.0)
     try:
+        start_ray(backend_config["init_args"])
         write_app_dir(cfg, app_dir)
         with patched_vce() as fast_dispatch, monitor:
             run_simulation_with_config(server_app, client_app, cfg.num_clients, cfg.to_run_config(),
                                        backend_config, app_dir)
     finally:
+        children = process_tree()[1:]  # Ray's GCS, raylet, agents and workers
         if ray.is_initialized():
             ray.shutdown()
+        reap(children)
         shutil.rmtree(app_dir, ignore_errors=True)
     metrics_path = Path(cfg.out_dir) / "metrics.json"
     if not metrics_path.is_file():

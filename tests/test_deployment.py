@@ -167,18 +167,34 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self, port: int) -> None:
-        args = [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(port),
+    def start_superlink(self, port: int, certs: Path | None = None, node_auth: bool = False) -> None:
+        """Plaintext (``--insecure``), or TLS with the files of ``make_certificates(certs)``
+        and, with ``node_auth``, SuperNode authentication (docs/deployment.md, "TLS ...")."""
+        if certs is None:
+            security = ["--insecure"]
+        else:
+            security = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                        "--ssl-keyfile", str(certs / "server.key")]
+        if node_auth:
+            security.append("--enable-supernode-auth")
+        args = [_exe("flower-superlink"), *security, "--host", HOST, "--port", str(port),
                 "--disable-runtime-dependency-installation"]
         self.spawn("superlink", args, self._home("superlink"))
         self.wait_listening("superlink", port)
 
-    def start_supernode(self, partition_id: int, num_partitions: int, superlink_port: int, port: int) -> None:
-        name = f"supernode-{partition_id}"
-        args = [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{superlink_port}",
+    def start_supernode(self, partition_id: int, num_partitions: int, superlink_port: int, port: int,
+                        root_cert: Path | None = None, key: Path | None = None, name: str = "") -> str:
+        """A SuperNode: plaintext, or TLS trusting ``root_cert``; with ``key``, it authenticates
+        with that private key. Returns its name (the name of its log)."""
+        name = name or f"supernode-{partition_id}"
+        security = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key)]
+        args = [_exe("flower-supernode"), *security, "--superlink", f"{HOST}:{superlink_port}",
                 "--host", HOST, "--port", str(port),
                 "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
         self.spawn(name, args, self._home(name))  # own FLWR_HOME: nodes install the FAB there
+        return name
 
     def wait_listening(self, name: str, port: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -192,11 +208,27 @@ class Deployment:
                 time.sleep(0.2)
         raise AssertionError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s\n{self.tail()}")
 
-    def write_connection(self, superlink_port: int) -> Path:
-        """The ``[superlink.<name>]`` entry of the CLI's ``$FLWR_HOME/config.toml``."""
+    def write_connection(self, superlink_port: int, root_cert: Path | None = None) -> Path:
+        """The ``[superlink.<name>]`` entry of the CLI's ``$FLWR_HOME/config.toml``: plaintext,
+        or TLS trusting ``root_cert``."""
         config = self.cli_home / "config.toml"
-        config.write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{superlink_port}"\ninsecure = true\n')
+        security = "insecure = true" if root_cert is None else f'root-certificates = "{root_cert}"'
+        config.write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{superlink_port}"\n{security}\n')
         return config
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for_log(self, name: str, pattern: str, count: int = 1, timeout: float = 60.0) -> str:
+        """Wait until ``name``'s log has ``count`` lines matching ``pattern``; returns the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log(name)
+            if len(re.findall(pattern, text)) >= count:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: {count} x {pattern!r} not logged after {timeout:.0f}s\n{self.tail()}")
+            time.sleep(0.3)
 
     def flwr(self, name: str, args: list[str], timeout: float) -> tuple[int, str]:
         """Run the ``flwr`` CLI to completion: (exit code, output); fails the test on timeout
@@ -296,6 +328,43 @@ def run_config_arg(values: dict[str, object]) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
+def tiny_run_config(tmp_path: Path) -> dict[str, object]:
+    """Two clients, two rounds, a small head, on 300 train / 100 test images of the sample."""
+    data = sample_subset(tmp_path / "data", {"train": 30, "test": 10})
+    return {
+        "dataset": "cifar10",
+        "data-dir": str(data),
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "num-rounds": 2,
+        "local-steps": 5,
+        "hidden": "64,64",
+        "out-dir": str(tmp_path / "out"),  # resolved by the ServerApp process (the SuperLink's cwd if relative)
+        "cache-dir": str(tmp_path / "cache"),
+        "round-timeout": 120.0,
+    }
+
+
+def run_to_completion(deployment: Deployment, run_config: dict[str, object]) -> tuple[str, dict]:
+    """``flwr run --stream`` on the test's connection, then ``flwr ls``: the streamed log and
+    the run's ``flwr ls`` entry, after checking that the run finished as completed."""
+    rc, log = deployment.flwr(
+        "flwr-run", ["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config_arg(run_config)],
+        timeout=RUN_TIMEOUT,
+    )
+    assert rc == 0, f"flwr run exited with {rc}"
+    match = re.search(r"Successfully started run (\d+)", log)
+    assert match, "flwr run did not start a run"
+    run_id = match.group(1)
+    # `flwr run` exits 0 even when the ServerApp raises, so check the run's final status too
+    assert "ServerApp raised an exception" not in log
+    rc_ls, ls_out = deployment.flwr("flwr-ls", ["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60.0)
+    assert rc_ls == 0, f"flwr ls exited with {rc_ls}"
+    runs = json.loads(ls_out[ls_out.index("{"):])["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], runs
+    return log, runs[0]
+
+
 # --- the tests -------------------------------------------------------------------------------
 
 
@@ -308,20 +377,8 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
     from fedsparse.task import initial_head
 
     started = time.monotonic()
-    data = sample_subset(tmp_path / "data", {"train": 30, "test": 10})
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    run_config = {
-        "dataset": "cifar10",
-        "data-dir": str(data),
-        "num-clients": 2,
-        "clients-per-round": 2,
-        "num-rounds": 2,
-        "local-steps": 5,
-        "hidden": "64,64",
-        "out-dir": str(out),  # resolved by the ServerApp process, i.e. against the SuperLink's cwd if relative
-        "cache-dir": str(cache),
-        "round-timeout": 120.0,
-    }
+    run_config = tiny_run_config(tmp_path)
+    out = Path(run_config["out-dir"])
     link_port, *node_ports = free_ports(3)
     try:
         deployment.start_superlink(link_port)
@@ -330,24 +387,9 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
         deployment.write_connection(link_port)
 
         t_run = time.monotonic()
-        rc, log = deployment.flwr(
-            "flwr-run", ["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config_arg(run_config)],
-            timeout=RUN_TIMEOUT,
-        )
+        log, run = run_to_completion(deployment, run_config)
         t_run = time.monotonic() - t_run
-        assert rc == 0, f"flwr run exited with {rc}"
-        match = re.search(r"Successfully started run (\d+)", log)
-        assert match, "flwr run did not start a run"
-        run_id = match.group(1)
-        # `flwr run` exits 0 even when the ServerApp raises, so check the run's final status too
-        assert "ServerApp raised an exception" not in log
-        rc_ls, ls_out = deployment.flwr(
-            "flwr-ls", ["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60.0
-        )
-        assert rc_ls == 0, f"flwr ls exited with {rc_ls}"
-        runs = json.loads(ls_out[ls_out.index("{"):])["runs"]
-        assert [r["status"] for r in runs] == ["finished:completed"], runs
-        traffic = runs[0].get("network-traffic", {})  # the SuperLink's own count of the run's bytes
+        traffic = run.get("network-traffic", {})  # the SuperLink's own count of the run's bytes
 
         # --- written by the ServerApp running under the SuperLink ---
         assert f"writing to {out}" in log
@@ -421,3 +463,104 @@ def test_fab_code_finds_bundled_sample(tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", code, str(app), str(tmp_path / "cache")], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stdout + probe.stderr
+
+
+# --- TLS and SuperNode authentication ---------------------------------------------------------
+
+
+def _run_tool(args: list[str], cwd: Path) -> None:
+    if shutil.which(args[0]) is None:
+        pytest.skip(f"{args[0]} not installed")
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}{proc.stderr}"
+
+
+def make_certificates(dest: Path) -> Path:
+    """A self-signed CA (``ca.crt``) and a server certificate for 127.0.0.1 (``server.pem``,
+    ``server.key``): the openssl commands of docs/deployment.md."""
+    dest.mkdir(parents=True)
+    _run_tool(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=fedsparse-ca",
+               "-keyout", "ca.key", "-out", "ca.crt"], dest)
+    _run_tool(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={HOST}",
+               "-keyout", "server.key", "-out", "server.csr"], dest)
+    (dest / "san.ext").write_text(f"subjectAltName=IP:{HOST},DNS:localhost\n")
+    _run_tool(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+               "-days", "365", "-out", "server.pem", "-extfile", "san.ext"], dest)
+    return dest
+
+
+def make_key_pair(path: Path) -> Path:
+    """A SuperNode's EC key pair in OpenSSH format (``path``, ``path.pub``), as docs/deployment.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _run_tool(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(path)], path.parent)
+    return path
+
+
+def cli_json(deployment: Deployment, name: str, args: list[str]) -> dict:
+    """A ``flwr ... --format json`` command that must succeed: its JSON reply."""
+    rc, out = deployment.flwr(name, [*args, "--format", "json"], timeout=60.0)
+    assert rc == 0 and "{" in out, f"`flwr {' '.join(args)}` exited with {rc}:\n{out}"
+    reply = json.loads(out[out.index("{"):])
+    assert reply.get("success", True), reply
+    return reply
+
+
+FLEET_JOIN = r'"POST /v1/fleet/(?:register|activate)-node'  # a SuperNode joining, in the SuperLink's access log
+
+
+def test_tls_and_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
+    """A SuperLink with TLS and ``--enable-supernode-auth``: the two SuperNodes whose keys were
+    registered train two rounds; a SuperNode with an unregistered key and a plaintext one are
+    refused, and the SuperLink knows the two registered nodes only."""
+    certs = make_certificates(tmp_path / "certs")
+    ca = certs / "ca.crt"
+    keys = {name: make_key_pair(tmp_path / "keys" / name) for name in ("node0", "node1", "unregistered")}
+    run_config = tiny_run_config(tmp_path)
+    out = Path(run_config["out-dir"])
+    link_port, *node_ports = free_ports(5)
+    try:
+        deployment.start_superlink(link_port, certs=certs, node_auth=True)
+        deployment.write_connection(link_port, root_cert=ca)
+
+        # --- register two keys, start their SuperNodes over TLS, train two rounds ---
+        registered = {}
+        for i in (0, 1):
+            reply = cli_json(deployment, f"flwr-register-{i}",
+                             ["supernode", "register", f"{keys[f'node{i}']}.pub", CONNECTION, "--name", f"node{i}"])
+            registered[str(reply["node-id"])] = f"node{i}"
+        assert len(registered) == 2, registered
+        for i in (0, 1):
+            deployment.start_supernode(i, 2, link_port, node_ports[i], root_cert=ca, key=keys[f"node{i}"])
+        _, run = run_to_completion(deployment, run_config)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+        for entry in metrics["rounds"]:
+            assert (entry["clients"], entry["failures"]) == (2, 0), entry
+
+        # --- a key the SuperLink does not know: activation refused, the SuperNode exits ---
+        rogue = deployment.start_supernode(0, 2, link_port, node_ports[2], root_cert=ca, key=keys["unregistered"],
+                                           name="supernode-unregistered-key")
+        try:
+            rc = deployment.procs[rogue].wait(timeout=120.0)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the SuperNode with an unregistered key still runs\n{deployment.tail()}") from None
+        assert rc != 0
+        assert "Failed to activate SuperNode" in deployment.log(rogue)
+        assert "No SuperNode found with the given public key" in deployment.log("superlink")
+
+        # --- a plaintext SuperNode: no TLS handshake, so not one request reaches the Fleet API ---
+        joins = len(re.findall(FLEET_JOIN, deployment.log("superlink")))
+        assert joins >= 3, joins  # the two registered SuperNodes and the refused one are in the log
+        plain = deployment.start_supernode(1, 2, link_port, node_ports[3], name="supernode-plaintext")
+        deployment.wait_for_log(plain, r"Connection attempt failed", count=3, timeout=90.0)
+        assert deployment.procs[plain].poll() is None or deployment.procs[plain].returncode != 0
+        assert len(re.findall(FLEET_JOIN, deployment.log("superlink"))) == joins
+
+        # --- what the SuperLink knows: the two registered nodes, both online, no other ---
+        nodes = cli_json(deployment, "flwr-supernode-list", ["supernode", "list", CONNECTION])["nodes"]
+        assert {str(n["node-id"]): n["status"] for n in nodes} == {nid: "online" for nid in registered}, nodes
+        print(f"\nTLS + SuperNode auth: run {run.get('run-id', '?')} over TLS with nodes {sorted(registered.values())}; "
+              f"unregistered key refused (exit {rc}); plaintext SuperNode never reached the Fleet API")
+    except BaseException:
+        print(deployment.tail())
+        raise

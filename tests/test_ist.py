@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -501,3 +503,218 @@ class TestSubnetGroups:
         assert all_finite(w)
         w["layers.1.bias"][0] = float("nan")
         assert not all_finite(w)
+
+
+# --- variants for label skew: windows, per-weight merge, robust group rules --------------------
+
+from fedsparse.model.ist import (  # noqa: E402
+    GROUP_RULES,
+    merge_per_weight,
+    robust_mean,
+    robust_merge,
+    subnet_parts,
+    window_parts,
+)
+
+
+def naive_merge_per_weight(state, updates, scaling="none"):
+    """Reference per-weight merge, one scalar at a time: every entry is the weighted mean of
+    the updates whose slice holds it (weights: examples, or the class count of an output row
+    for updates that report class counts); entries no update holds keep their value."""
+    n = num_layers(state)
+    counts = [max(0, u.num_examples) for u in updates]
+    weights = [float(c) for c in counts] if sum(counts) else [1.0] * len(updates)
+    out = {k: v.clone() for k, v in state.items()}
+    for layer in range(n):
+        for kind in ("weight", "bias"):
+            key = f"layers.{layer}.{kind}"
+            full = state[key]
+            for pos in torch.cartesian_prod(*[torch.arange(s) for s in full.shape]).reshape(-1, full.dim()).tolist():
+                r = pos[0]
+                c = pos[1] if kind == "weight" else None
+                num = den = 0.0
+                for up, weight in zip(updates, weights):
+                    rows = up.index[layer].tolist() if layer < n - 1 else list(range(full.shape[0]))
+                    cols = up.index[layer - 1].tolist() if layer > 0 else list(range(state[f"layers.{layer}.weight"].shape[1]))
+                    if r not in rows or (c is not None and c not in cols):
+                        continue
+                    wt = weight
+                    if layer == n - 1 and up.class_counts is not None:
+                        wt = float(up.class_counts[r])
+                    value = up.state[key][rows.index(r)] if c is None else up.state[key][rows.index(r), cols.index(c)]
+                    if kind == "weight" and layer > 0 and scaling == "width":
+                        value = value / (state[f"layers.{layer}.weight"].shape[1] / len(up.index[layer - 1]))
+                    num += wt * float(value)
+                    den += wt
+                if den > 0:
+                    out[key][tuple(pos)] = num / den
+    return out
+
+
+def naive_robust(values, mask, rule, trim):
+    """Reference robust rule per coordinate: sort the counted entries, cut, average."""
+    flat_v = values.reshape(values.shape[0], -1).T.tolist()
+    flat_m = (mask if mask is not None else torch.ones_like(values, dtype=torch.bool)).reshape(values.shape[0], -1).T.tolist()
+    out = []
+    for vs, ms in zip(flat_v, flat_m):
+        xs = sorted(v for v, m in zip(vs, ms) if m)
+        if not xs:
+            out.append(0.0)
+            continue
+        if rule == "mean":
+            kept = xs
+        elif rule == "trimmed-mean":
+            k = int(math.floor(trim * len(xs)))
+            kept = xs[k:len(xs) - k]
+        else:
+            kept = xs[(len(xs) - 1) // 2: len(xs) // 2 + 1]
+        out.append(sum(kept) / len(kept))
+    return torch.tensor(out, dtype=torch.float64).reshape(values.shape[1:])
+
+
+def trained(state, index, shift, seed):
+    """A slice of ``state`` with seeded noise added, as a client would send it back."""
+    sub = slice_state(state, index)
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + shift * torch.randn(v.shape, generator=gen) for k, v in sub.items()}
+
+
+class TestWindows:
+    @pytest.mark.parametrize("k, overlap", [(1, 1.0), (3, 1.0), (3, 2.0), (4, 1.5), (2, 3.0)])
+    def test_windows_have_the_width_cover_and_multiplicity(self, k: int, overlap: float) -> None:
+        parts = window_parts(HIDDEN, k, overlap, seed=4)
+        for h, layer_parts in zip(HIDDEN, parts):
+            widths = [len(p) for p in layer_parts]
+            assert max(widths) - min(widths) <= 1
+            assert all(min(h, math.floor(overlap * h / k)) <= x <= min(h, math.ceil(overlap * h / k)) for x in widths)
+            hits = torch.bincount(torch.cat(layer_parts), minlength=h)
+            if overlap * h / k < h:  # no window holds everything: multiplicities floor/ceil(overlap)
+                assert math.floor(overlap) <= int(hits.min()) and int(hits.max()) <= math.ceil(overlap)
+            assert int(hits.min()) >= 1  # every neuron is in some window
+            for p in layer_parts:
+                assert torch.all(p[1:] > p[:-1])  # sorted, no repeats
+
+    def test_overlap_one_gives_disjoint_parts(self) -> None:
+        for layer_parts, h in zip(window_parts(HIDDEN, 3, 1.0, seed=1), HIDDEN):
+            assert sorted(torch.cat(layer_parts).tolist()) == list(range(h))
+
+    def test_random_scheme_without_overlap_is_the_authors_partition(self) -> None:
+        a = subnet_parts(HIDDEN, 3, "random", 1.0, seed=5, server_round=4, round_seed=77)
+        b = partition(HIDDEN, 3, seed=77)
+        assert all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+    def test_rolling_windows_turn_one_neuron_per_round_over_a_fixed_order(self) -> None:
+        r1 = subnet_parts((12,), 3, "rolling", 1.0, seed=5, server_round=1, round_seed=1)
+        r2 = subnet_parts((12,), 3, "rolling", 1.0, seed=5, server_round=2, round_seed=2)
+        order = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+        assert r1[0][0].tolist() == sorted(order[0:4].tolist())
+        assert r2[0][0].tolist() == sorted(order[1:5].tolist())
+        assert r2[0][2].tolist() == sorted(order[[9, 10, 11, 0]].tolist())
+        # over 12 rounds every neuron has been in every subnet
+        seen = [set() for _ in range(3)]
+        for r in range(1, 13):
+            for s, p in enumerate(subnet_parts((12,), 3, "rolling", 1.0, seed=5, server_round=r, round_seed=r)[0]):
+                seen[s] |= set(p.tolist())
+        assert all(s == set(range(12)) for s in seen)
+
+    def test_bad_arguments_raise(self) -> None:
+        with pytest.raises(ValueError, match="overlap"):
+            window_parts(HIDDEN, 2, 0.5, seed=0)
+        with pytest.raises(ValueError, match="subnet scheme"):
+            subnet_parts(HIDDEN, 2, "static", 1.0, 0, 1, 1)
+
+
+class TestMergePerWeight:
+    @pytest.mark.parametrize("scaling", ["none", "width"])
+    def test_overlapping_slices_with_class_counts_match_a_naive_loop(self, scaling: str) -> None:
+        w = random_state(10)
+        parts = window_parts(HIDDEN, 3, 2.0, seed=3)
+        counts = [torch.tensor([5.0, 0.0, 2.0]), None, torch.tensor([0.0, 0.0, 7.0]), torch.tensor([1.0, 3.0, 0.0])]
+        updates = []
+        for i, (subnet, cc) in enumerate(zip([0, 1, 2, 0], counts)):
+            idx = worker_indices(parts, subnet)
+            sub = trained(w, idx, 0.5, seed=i)
+            if scaling == "width":  # as sent: weights reading a partitioned layer scaled up
+                sub = {k: v * input_scale(w, idx, int(k.split(".")[1]), scaling) if k.endswith("weight") else v
+                       for k, v in sub.items()}
+            n = int(cc.sum()) if cc is not None else 4
+            updates.append(SliceUpdate(idx, sub, n, subnet, cc))
+        got = merge_per_weight(w, updates, scaling)
+        expected = naive_merge_per_weight(w, updates, scaling)
+        for key in w:
+            assert torch.allclose(got[key], expected[key], atol=1e-5), key
+
+    def test_rows_no_holder_trained_keep_their_value(self) -> None:
+        w = random_state(11)
+        idx = worker_indices(partition(HIDDEN, 2, seed=0), 0)
+        up = SliceUpdate(idx, trained(w, idx, 1.0, seed=1), 6, 0, torch.tensor([6.0, 0.0, 0.0]))
+        out = merge_per_weight(w, [up])
+        assert torch.equal(out["layers.2.weight"][1:], w["layers.2.weight"][1:])
+        assert torch.equal(out["layers.2.bias"][1:], w["layers.2.bias"][1:])
+        assert torch.allclose(out["layers.2.weight"][0, idx[1]], up.state["layers.2.weight"][0])
+
+    @pytest.mark.parametrize("scaling", ["none", "width"])
+    def test_without_overlap_or_class_counts_it_is_the_authors_stitch(self, scaling: str) -> None:
+        w = random_state(12)
+        parts = partition(HIDDEN, 3, seed=2)
+        updates = [SliceUpdate(worker_indices(parts, s), trained(w, worker_indices(parts, s), 0.3, seed=i), n, s)
+                   for i, (s, n) in enumerate([(0, 3), (1, 5), (0, 2), (2, 4), (1, 0)])]
+        got = merge_per_weight(w, updates, scaling)
+        expected = stitch(w, merge_by_subnet(updates), scaling)
+        for key in w:
+            assert torch.allclose(got[key], expected[key], atol=1e-5), key
+
+    def test_no_updates_returns_an_equal_copy(self) -> None:
+        w = random_state(13)
+        out = merge_per_weight(w, [])
+        assert all(torch.equal(out[k], w[k]) and out[k] is not w[k] for k in w)
+
+
+class TestRobustRules:
+    @pytest.mark.parametrize("rule", GROUP_RULES)
+    @pytest.mark.parametrize("n", [1, 2, 5, 6])
+    def test_robust_mean_matches_a_naive_loop(self, rule: str, n: int) -> None:
+        gen = torch.Generator().manual_seed(n)
+        values = torch.randn(n, 3, 4, generator=gen)
+        mask = torch.rand(n, 3, 4, generator=gen) > 0.3
+        for m in (None, mask):
+            got, count = robust_mean(values, m, rule, trim=0.2)
+            assert torch.allclose(got, naive_robust(values, m, rule, 0.2), atol=1e-6)
+            assert torch.equal(count, (m if m is not None else torch.ones_like(values, dtype=torch.bool)).sum(0))
+
+    def test_median_and_trimmed_mean_ignore_one_outlier(self) -> None:
+        values = torch.tensor([[1.0], [2.0], [3.0], [4.0], [1e9]])
+        assert float(robust_mean(values, None, "median")[0]) == 3.0
+        assert float(robust_mean(values, None, "trimmed-mean", trim=0.2)[0]) == 3.0
+        assert float(robust_mean(values, None, "mean")[0]) > 1e8
+
+    @pytest.mark.parametrize("rule", ["trimmed-mean", "median"])
+    def test_robust_merge_of_a_group_matches_a_naive_loop(self, rule: str) -> None:
+        w = random_state(14)
+        idx = worker_indices(partition(HIDDEN, 2, seed=1), 1)
+        counts = [torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 4.0]), torch.tensor([3.0, 1.0, 0.0]),
+                  torch.tensor([1.0, 0.0, 1.0])]
+        ups = [SliceUpdate(idx, trained(w, idx, 1.0, seed=i), int(c.sum()), 1, c) for i, c in enumerate(counts)]
+        merged = robust_merge(ups, rule, trim=0.25)
+        for key in ups[0].state:
+            stack = torch.stack([u.state[key] for u in ups])
+            mask = None
+            if key.startswith("layers.2."):
+                rows = torch.stack([c > 0 for c in counts])
+                mask = rows.view(4, 3, *([1] * (stack.dim() - 2))).expand_as(stack)
+            expected = naive_robust(stack, mask, rule, 0.25).to(torch.float32)
+            if mask is not None:  # row 1 has one voter; no row is without one here
+                assert bool(mask.any(0).all())
+            assert torch.allclose(merged.state[key], expected, atol=1e-6), key
+        assert merged.num_examples == sum(u.num_examples for u in ups)
+        assert torch.equal(merged.class_counts, sum(counts))
+
+    def test_robust_merge_rejects_different_subnets_and_unknown_rules(self) -> None:
+        w = random_state(15)
+        parts = partition(HIDDEN, 2, seed=0)
+        a = SliceUpdate(worker_indices(parts, 0), slice_state(w, worker_indices(parts, 0)), 1, 0)
+        b = SliceUpdate(worker_indices(parts, 1), slice_state(w, worker_indices(parts, 1)), 1, 1)
+        with pytest.raises(ValueError, match="different subnets"):
+            robust_merge([a, b], "median")
+        with pytest.raises(ValueError, match="group rule"):
+            robust_mean(torch.zeros(2, 1), None, "mode")

@@ -131,7 +131,7 @@ class TestIdentity:
         assert all(node != client for node, client in strategy.client_of.items())
         assert {c: n for n, c in strategy.client_of.items()} == strategy.node_of
 
-    def test_a_node_that_cannot_say_or_claims_a_taken_id_is_known_by_its_node_id(self, make_cfg):
+    def test_a_node_that_cannot_say_is_refused_and_one_that_claims_a_taken_id_is_known_by_its_node_id(self, make_cfg):
         cfg = make_cfg()
         odd = 2**40
 
@@ -155,8 +155,9 @@ class TestIdentity:
                 return out
 
         _, strategy, grid = started(cfg, OddGrid(cfg))
-        strategy.clients(cfg.clients_per_round)
-        assert strategy.client_of[odd] == odd and strategy.client_of[odd + 1] == odd + 1
+        clients = strategy.clients(cfg.clients_per_round)
+        assert odd not in strategy.client_of and "no partition-id" in strategy.refused[odd]
+        assert odd not in clients and strategy.client_of[odd + 1] == odd + 1 and odd + 1 in clients
         assert grid.partition_of[strategy.node_of[0]] == 0
 
 

@@ -37,7 +37,7 @@ def make_algorithm(cfg: "RunConfig") -> Algorithm:
     return cls(cfg)
 
 
-from fedsparse.algorithms import fedavg, ist  # noqa: E402,F401  (register the built-ins)
+from fedsparse.algorithms import closed_form, fedavg, ist  # noqa: E402,F401  (register the built-ins)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientTask", "ClientUpdate", "State", "algorithm_names", "make_algorithm",
            "register"]

@@ -30,6 +30,15 @@ State = dict[str, torch.Tensor]
 
 # What a client does with a task (``ClientTask.config[CLIENT_TASK]``); see fedsparse.engine.client.
 TRAIN = "train"  # train the received (sub-)head on its features, send it back
+STATS = "stats"  # send sufficient statistics of its features (closed-form heads: fed3r, fedncm)
+
+# Per-round settings an algorithm may add to ``ClientTask.config`` (ints, floats, strings).
+LABEL_AWARE_KEY = "label-aware"  # 1: train only the output rows of the classes held, reply class counts
+NUM_CLASSES_KEY = "num-classes"  # the head's output width (a client's shapes for class counts, statistics)
+STATS_KEY = "stats"  # which statistics a STATS task sends: "ridge", "ncm"
+CLASS_COUNTS = "class-counts"  # reply array of label-aware training: examples per class, float32 [C]
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass
@@ -45,6 +54,9 @@ class ClientTask:
         group: clients with the same group receive the same arrays (one copy is built).
         meta: what the algorithm keeps for ``aggregate`` (e.g. the slice's indices);
             server-side only, never sent.
+        reply: the arrays the client must send back (name -> (shape, dtype)) when they
+            differ from ``arrays`` (statistics, class counts); None = exactly ``arrays``.
+            The engine rejects any other reply (``reply_spec``).
     """
 
     client: int
@@ -52,6 +64,13 @@ class ClientTask:
     config: dict[str, Any] = field(default_factory=dict)
     group: int | None = None
     meta: Any = None
+    reply: Spec | None = None
+
+    def reply_spec(self) -> Spec:
+        """Name -> (shape, dtype) of every array the reply must hold, and nothing else."""
+        if self.reply is not None:
+            return dict(self.reply)
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.arrays.items()}
 
 
 @dataclass

@@ -6,16 +6,22 @@
     fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--dtypes fp32,bf16] [--out DIR]
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
     fedsparse overhead [CONFIG] [--clients-per-round 10,100,1000] [--rounds 3] [--out DIR]
+    fedsparse check [CONFIG] [--run-config "k=v ..." | --run-config FILE.toml] [--resume DIR]
     fedsparse keys
 
-Errors in user input (a missing file, an unknown key or value) end the command with one
-line on stderr and exit status 2.
+Errors in user input (a missing file, an unknown key, a value out of range, a folder that
+cannot be written, data or an encoder that cannot be used) end the command with one line on
+stderr, ``fedsparse: error: ...``, and exit status 2, before anything heavy (Ray) starts.
+``fedsparse check`` runs those checks alone: what ``flwr run`` reports only as
+"Invalid run configuration." it names.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +38,22 @@ def _default_config() -> Path | None:
 ENGINES = ("simulation", "in-process", "plain")
 
 
+def overrides_of(text: str) -> dict:
+    """``--run-config`` as ``flwr run`` takes it: ``"k=v ..."`` pairs, or one TOML file."""
+    text = (text or "").strip()
+    if text.endswith(".toml") and "=" not in text:
+        return load_toml(text)
+    try:
+        return parse_overrides(text)
+    except ValueError as err:
+        if "quotation" in str(err) or "escaped" in str(err):  # shlex: an unbalanced quote
+            raise ValueError(f"--run-config {text!r}: {str(err).lower()}") from None
+        raise
+
+
 def run_config_for(args: argparse.Namespace) -> RunConfig:
     """The run's config: defaults, CONFIG (or the resumed run's config), then overrides."""
-    overrides = parse_overrides(args.run_config or "")
+    overrides = overrides_of(args.run_config)
     if args.out:
         overrides["out-dir"] = str(Path(args.out).resolve())
     if args.resume:
@@ -64,14 +83,71 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
     source = args.resume or args.config or _default_config() or "defaults"
     print(f"fedsparse run ({args.engine}): {source} -> {cfg.out_dir}", flush=True)
+    if args.engine == "simulation":
+        from strategies.simulation import import_ray
+
+        import_ray()  # a client-only install has no Ray: say so before anything else
+        check_client_cpus(cfg)
     preflight(cfg)
-    metrics = run_with_engine(cfg, args.engine)
+    from fedsparse.commands.signals import stop_on_signals
+
+    with stop_on_signals(f"fedsparse run --resume {cfg.out_dir}") as interrupt:
+        metrics = run_with_engine(cfg, args.engine)
+    if interrupt.signum is not None:
+        print(f"stopped: {metrics.summary()}; results so far in {cfg.out_dir}")
+        return interrupt.exit_code
     print(f"done: {metrics.summary()}")
     mem = metrics.memory
     if mem.get("available"):
         print(f"memory: peak summed RSS {mem['peak_summed_rss_bytes'] / 2**30:.2f} GiB "
               f"(PSS {mem['peak_summed_pss_bytes'] / 2**30:.2f} GiB) over up to {mem['peak_processes']} processes")
     print(f"results: {cfg.out_dir}/metrics.json, model.pt, checkpoint.pt, accuracy.png")
+    return 0
+
+
+def check_client_cpus(cfg: RunConfig) -> None:
+    """On the Simulation Engine a client needs ``client-cpus`` of this machine's cores; more
+    than there are and Ray could not place a single client."""
+    cores = os.cpu_count() or 1
+    if cfg.client_cpus > cores:
+        raise ValueError(f"client-cpus ({cfg.client_cpus:g}) exceeds the {cores} CPU cores here; "
+                         "the Simulation Engine could not place a single client")
+
+
+def check_node_config(cfg: RunConfig, text: str) -> None:
+    """A SuperNode's ``--node-config`` against the run's data: both keys present, integers,
+    ``0 <= partition-id < num-partitions``, and a partition that holds examples."""
+    from fedsparse.data.datasets import load_splits
+    from fedsparse.data.partition import check_partition_id, client_split
+
+    node = parse_overrides(text)
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node]
+    if missing:
+        raise ValueError(f"node config {text!r} lacks {', '.join(missing)}; start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<n>'")
+    pid, n = check_partition_id(node["partition-id"], node["num-partitions"])
+    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    mine = client_split(train, pid, n, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
+    if not len(mine):
+        raise ValueError(f"node config {text!r}: partition {pid} of {n} holds no training examples")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every check ``fedsparse run`` makes before it starts, and nothing else."""
+    from fedsparse.engine.checkpoint import Checkpoint, check_resumable
+    from fedsparse.task import preflight
+
+    cfg = run_config_for(args)
+    if cfg.resume:
+        check_resumable(Checkpoint.load(cfg.out_dir), cfg.to_run_config())
+    deployment = args.deployment or bool(args.node_config)
+    if args.engine == "simulation" and not deployment:
+        check_client_cpus(cfg)
+    preflight(cfg, partitions=not deployment)
+    if args.node_config:
+        check_node_config(cfg, args.node_config)
+    print(f"fedsparse check: the config is valid ({args.resume or args.config or _default_config() or 'defaults'}"
+          f"{' + --run-config' if args.run_config else ''}); data, encoder and {cfg.out_dir} are usable")
     return 0
 
 
@@ -93,10 +169,29 @@ def run_with_engine(cfg: RunConfig, engine: str):
     raise ValueError(f"Unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
 
 
+def _check_pretrain_args(args: argparse.Namespace) -> None:
+    for flag, value, ok, rule in (
+        ("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--image-size", args.image_size, 1 <= args.image_size <= 4096, "in [1, 4096]"),
+        ("--seed", args.seed, args.seed >= 0, ">= 0"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+        ("--warmup-epochs", args.warmup_epochs, math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0,
+         "a finite number >= 0"),
+        ("--mask-ratio", args.mask_ratio, 0.0 <= args.mask_ratio < 1.0, "in [0, 1)"),
+        ("--max-minutes", args.max_minutes, math.isfinite(args.max_minutes) and args.max_minutes >= 0,
+         "a finite number >= 0 (0 = no limit)"),
+    ):
+        if not ok:
+            raise ValueError(f"fedsparse pretrain {flag} must be {rule}, got {value}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fedsparse.data.datasets import load_splits
+    from fedsparse.data.datasets import check_writable_dir, load_splits
     from fedsparse.inputs.pretrain import PretrainConfig, load_images, pretrain, resolve_device
 
+    _check_pretrain_args(args)
+    check_writable_dir(args.out, "--out")
     cfg = PretrainConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          warmup_epochs=args.warmup_epochs, mask_ratio=args.mask_ratio, seed=args.seed,
                          device=resolve_device(args.device), dtype=args.dtype)
@@ -114,8 +209,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from fedsparse.commands.probe import probe
 
-    overrides = parse_overrides(args.run_config or "")
-    cfg = resolve(args.config or _default_config(), overrides)
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     rows = probe(cfg, encoders, args.steps)
     for r in rows:
@@ -144,13 +238,20 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _writable_out(out: str) -> Path:
+    from fedsparse.data.datasets import check_writable_dir
+
+    return check_writable_dir(out, "--out")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedsparse.commands.bench import bench
 
-    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
-    out = Path(args.out)
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
+    out = _writable_out(args.out)
+    ratios, dtypes = _ratios(args.mask_ratios), _names(args.dtypes)
     print(f"fedsparse bench: {args.config or 'defaults'} ({cfg.encoder}, {cfg.image_size}px) -> {out}", flush=True)
-    bench(cfg, out, _ratios(args.mask_ratios), _names(args.dtypes), args.images, args.speed_images,
+    bench(cfg, out, ratios, dtypes, args.images, args.speed_images,
           report=lambda s: print(s, flush=True))
     print(f"results: {out}/bench.json, bench.md, bench.png")
     return 0
@@ -159,10 +260,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsparse.commands.sweep import sweep
 
-    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
-    out = Path(args.out)
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
+    out = _writable_out(args.out)
+    ratios = _ratios(args.mask_ratios)
     print(f"fedsparse sweep: {args.config or 'defaults'} -> {out}", flush=True)
-    rows = sweep(cfg, out, _ratios(args.mask_ratios), _names(args.strategies), _names(args.mask_modes),
+    rows = sweep(cfg, out, ratios, _names(args.strategies), _names(args.mask_modes),
                  report=lambda s: print(s, flush=True))
     print(f"{len(rows)} runs; results: {out}/sweep.csv, sweep.md, sweep.png")
     return 0
@@ -171,12 +273,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_overhead(args: argparse.Namespace) -> int:
     from fedsparse.commands.overhead import overhead
 
-    cfg = resolve(args.config or _default_config(), parse_overrides(args.run_config or ""))
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
     try:
         ks = [int(v) for v in _names(args.clients_per_round)]
     except ValueError:
         raise ValueError(f"--clients-per-round must be comma-separated integers, got {args.clients_per_round!r}") from None
-    out = Path(args.out)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--clients-per-round must list integers >= 1, got {args.clients_per_round!r}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    out = _writable_out(args.out)
     print(f"fedsparse overhead: {args.config or 'defaults'}, K in {ks}, {args.rounds} rounds -> {out}", flush=True)
     overhead(cfg, out, ks, args.rounds, tuple(_names(args.engines)), report=lambda s: print(s, flush=True))
     print(f"results: {out}/overhead.json, overhead.md")
@@ -200,9 +306,18 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``fedsparse: error: ...``) and exit 2, like
+    every other input error; ``--help`` shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        where = "" if self.prog == "fedsparse" else f"{self.prog.removeprefix('fedsparse ')}: "
+        self.exit(2, f"fedsparse: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsparse", description="Federated IST on sparse (masked) MAE features, on Flower.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="fedsparse", description="Federated IST on sparse (masked) MAE features, on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="run an experiment on the Flower Simulation Engine")
     run.add_argument("config", nargs="?", help="TOML run config (default: configs/quickstart.toml)")
     run.add_argument("--run-config", default="", help="overrides, e.g. \"mask-ratio=0.75 num-rounds=3\"")
@@ -258,13 +373,32 @@ def build_parser() -> argparse.ArgumentParser:
     ovh.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
     ovh.add_argument("--clients-per-round", default="10,100,1000", help="comma-separated K values")
     ovh.add_argument("--rounds", type=int, default=3, help="rounds per engine (the first is reported apart)")
-    ovh.add_argument("--engines", default="plain,in-process,simulation", help="any of plain, in-process, simulation")
+    ovh.add_argument("--engines", default="plain,in-process,simulation,reference",
+                     help="any of plain, in-process, simulation, reference (bare PyTorch, one process per worker)")
     ovh.add_argument("--run-config", default="", help="overrides, e.g. \"num-clients=1000\"")
     ovh.add_argument("--out", default="runs/overhead", help="folder for overhead.json and overhead.md")
     ovh.set_defaults(func=cmd_overhead)
+    chk = sub.add_parser("check", help="run every check `fedsparse run` (or a ServerApp) makes before it starts, "
+                                       "naming what is wrong; nothing runs")
+    chk.add_argument("config", nargs="?", help="TOML run config (default: configs/quickstart.toml)")
+    chk.add_argument("--run-config", default="", help="overrides as for fedsparse run / flwr run: \"k=v ...\" or a .toml file")
+    chk.add_argument("--out", default="", help="output directory (sets out-dir)")
+    chk.add_argument("--resume", default="", metavar="DIR", help="check a resume of the run in DIR")
+    chk.add_argument("--engine", default="simulation", choices=ENGINES, help="the driver the run would use")
+    chk.add_argument("--deployment", action="store_true",
+                     help="for flwr run on SuperNodes: skip the checks that depend on num-clients")
+    chk.add_argument("--node-config", default="", metavar="'partition-id=I num-partitions=N'",
+                     help="also check a SuperNode's --node-config against the data (implies --deployment)")
+    chk.set_defaults(func=cmd_check)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser
+
+
+def one_line(err: BaseException) -> str:
+    """An error as the one line the CLI promises."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fedsparse: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        print(f"fedsparse: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedsparse: interrupted", file=sys.stderr)

@@ -6,7 +6,10 @@ batches and local steps, the same ``RoundEngine``) run through three drivers:
 1. ``plain``: every client in this process, no Flower (``fedsparse.engine.plain``);
 2. ``in-process``: the Strategy adapter and the ClientApp exchanging real Messages, no Ray
    (``strategies.in_process.in_process_run``);
-3. ``simulation``: the Flower Simulation Engine on Ray (``strategies.simulation.simulate``).
+3. ``simulation``: the Flower Simulation Engine on Ray (``strategies.simulation.simulate``);
+4. ``reference``: a bare-PyTorch IST trainer with one process (one thread) per worker, the K
+   workers training at the same time (``fedsparse.commands.reference``); its final model is
+   checked to be the engine's, so both time the same work.
 
 Every client's features are extracted into the cache before anything is timed, so the
 rounds compare training and messaging only. The in-process drivers run torch with
@@ -25,12 +28,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from fedsparse.commands.reference import reference_rounds
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.task import client_features, distinct_partitions
 
-ENGINES = ("plain", "in-process", "simulation")
+ENGINES = ("plain", "in-process", "simulation", "reference")
 
 
 def _later_mean(rounds: list[RoundMetrics]) -> float:
@@ -91,6 +97,14 @@ def overhead(
                                "warm_cache_seconds": warm_cache(c, report)}
         for engine in engines:
             report(f"K={k}: {engine}")
+            if engine == "reference":
+                ref = reference_rounds(c)
+                row["reference_first_round_seconds"] = ref["seconds"][0]
+                row["reference_later_round_seconds"] = sum(ref["seconds"][1:]) / max(1, len(ref["seconds"]) - 1)
+                row["reference_final_accuracy"] = ref["accuracy"]
+                row["reference_workers"] = ref["workers"]
+                reference_state = ref["state"]
+                continue
             result = run_engine(c.replace(out_dir=str(out / f"{engine}-k{k}")), engine, report)
             if engine == "simulation":
                 row["simulation_peak_summed_rss_bytes"] = result.memory.get("peak_summed_rss_bytes")
@@ -103,6 +117,14 @@ def overhead(
         if "plain" in engines:
             for engine in engines:
                 row[f"{engine}_vs_plain"] = row[f"{engine}_later_round_seconds"] / row["plain_later_round_seconds"]
+        if "reference" in engines:
+            for engine in engines:
+                row[f"{engine}_vs_reference"] = (row[f"{engine}_later_round_seconds"]
+                                                 / row["reference_later_round_seconds"])
+            engine_models = [e for e in engines if e != "reference"]
+            if engine_models:  # the same work: the reference ends with the engine's model
+                final = torch.load(out / f"{engine_models[0]}-k{k}" / "model.pt")
+                row["reference_same_model"] = all(torch.equal(final[key], v) for key, v in reference_state.items())
         rows.append(row)
         report(f"K={k}: " + ", ".join(f"{e} {row[f'{e}_later_round_seconds']:.2f}s/round" for e in engines))
         (out / "overhead.json").write_text(json.dumps({"config": cfg.to_run_config(), "rows": rows}, indent=1))
@@ -114,6 +136,8 @@ def markdown(rows: list[dict[str, Any]], engines: tuple[str, ...]) -> str:
     head = ["clients per round"] + [f"{e} s/round (first)" for e in engines] + [f"{e} s/round (later)" for e in engines]
     if "plain" in engines:
         head += [f"{e} / plain" for e in engines if e != "plain"]
+    if "reference" in engines:
+        head += [f"{e} / reference" for e in engines if e != "reference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["clients_per_round"])]
@@ -121,5 +145,7 @@ def markdown(rows: list[dict[str, Any]], engines: tuple[str, ...]) -> str:
         cells += [f"{r[f'{e}_later_round_seconds']:.2f}" for e in engines]
         if "plain" in engines:
             cells += [f"{r[f'{e}_vs_plain']:.2f}x" for e in engines if e != "plain"]
+        if "reference" in engines:
+            cells += [f"{r[f'{e}_vs_reference']:.2f}x" for e in engines if e != "reference"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

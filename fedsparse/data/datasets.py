@@ -140,13 +140,24 @@ def _fingerprint(root: Path, paths: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _loose_images(folder: Path) -> int:
+    """Image files directly in ``folder`` (not in a class folder below it)."""
+    return sum(1 for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+
+
 def _image_set(root: Path, split_dir: str, name: str) -> ImageSet:
     base = root / split_dir if split_dir else root
     classes, rel = _list_class_tree(base)
-    if not rel:
+    with_images = sorted({Path(p).parts[0] for p in rel})
+    if len(with_images) < 2:
+        loose = _loose_images(base)
+        if with_images:
+            raise ValueError(f"{name} at {base} has fewer than 2 classes: only one class folder holds images "
+                             f"({with_images[0]}); at least 2 classes (<class>/<image> folders) are needed")
+        if loose:
+            raise ValueError(f"{name} at {base} has fewer than 2 classes: its {loose} images lie in no class folder; "
+                             "at least 2 classes (<class>/<image> folders) are needed")
         raise ValueError(f"no images found under {base} (expected <class>/<image> folders)")
-    if len(classes) < 2:
-        raise ValueError(f"{name} at {base} has {len(classes)} class folder(s); at least 2 are needed")
     paths = [str(Path(split_dir) / p) if split_dir else p for p in rel]
     class_index = {c: i for i, c in enumerate(classes)}
     labels = np.array([class_index[Path(p).relative_to(split_dir or ".").parts[0]] for p in paths], dtype=np.int64)
@@ -185,13 +196,58 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
+def check_writable_dir(path: str | Path, key: str) -> Path:
+    """``path`` as a folder this process can write into, or a one-line ``ValueError`` naming
+    ``key``. Folders created only for the check are removed again."""
+    p = Path(path).expanduser()
+    existing = next((a for a in (p, *p.parents) if a.exists() or a.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == p else f"lies under {existing}, which is a file"
+        raise ValueError(f"{key} {p} {where}, not a folder")
+    created = [a for a in (p, *p.parents) if not a.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fedsparse-write-check-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{key} {p} is not writable ({err.strerror or type(err).__name__})") from None
+    finally:
+        for a in created:  # deepest first; only the empty folders made above
+            try:
+                a.rmdir()
+            except OSError:
+                break
+    return p
+
+
+def check_decodable(images: "ImageSet", split: str, sample: int = 8) -> None:
+    """A one-line ``ValueError`` when none of up to ``sample`` images spread over ``images``
+    can be decoded (single unreadable files are skipped at extraction and counted)."""
+    from PIL import Image
+
+    if not len(images):
+        return
+    picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(sample, len(images)))})
+    reason = ""
+    for i in picks:
+        try:
+            with Image.open(images.root / images.paths[i]) as im:
+                im.load()
+            return
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            reason = reason or f"{images.paths[i]}: {(str(err).splitlines() or [type(err).__name__])[0]}"
+    raise ValueError(f"none of {len(picks)} {split} images sampled under {images.root} can be decoded as an image "
+                     f"({reason})")
+
+
 def _unwrap_single_folder(root: Path) -> Path:
     """``archive/RSSCN7/<class>/...`` -> ``archive/RSSCN7``: skip lone wrapper folders
     (a lone ``train/`` too: a training split alone is an image folder to split)."""
     while True:
         entries = [d for d in root.iterdir() if not d.name.startswith(".")]
-        if len(entries) != 1 or not entries[0].is_dir():
-            return root
+        if len(entries) != 1 or not entries[0].is_dir() or _loose_images(entries[0]):
+            return root  # a lone folder holding images is a class folder, not a wrapper
         root = entries[0]
 
 

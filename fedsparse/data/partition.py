@@ -3,6 +3,8 @@ full) and a client's share of a training set."""
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from fedsparse.data.datasets import ImageSet
@@ -24,13 +26,17 @@ def partition_indices(
     """
     n = len(labels)
     if num_partitions < 1 or num_partitions > n:
-        raise ValueError(f"cannot split {n} examples into {num_partitions} partitions")
+        raise ValueError(f"cannot split {n} examples into {num_partitions} partitions "
+                         f"(num-clients, or a SuperNode's num-partitions, must be in [1, {n}])")
     rng = np.random.default_rng(seed)
     if partitioner == "iid":
         parts = np.array_split(rng.permutation(n), num_partitions)
     elif partitioner == "dirichlet":
         parts = _dirichlet(labels, num_partitions, rng, alpha)
     elif partitioner == "shards":
+        if 2 * num_partitions > n:
+            raise ValueError(f"partitioner shards needs 2 examples per partition: {n} examples cannot make "
+                             f"{2 * num_partitions} shards for {num_partitions} partitions")
         order = np.argsort(labels, kind="stable")
         shards = np.array_split(order, 2 * num_partitions)
         pick = rng.permutation(2 * num_partitions)
@@ -56,6 +62,30 @@ def _dirichlet(labels: np.ndarray, k: int, rng: np.random.Generator, alpha: floa
     raise ValueError(f"Dirichlet(alpha={alpha}) left a client empty {tries} times; use fewer clients or a larger alpha")
 
 
+def check_partition_id(partition_id: object, num_partitions: object) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` as ints, or a one-line ``ValueError`` that says what a
+    SuperNode's ``--node-config`` must hold."""
+    usage = "start the SuperNode with --node-config 'partition-id=<i> num-partitions=<n>', 0 <= i < n"
+    values = []
+    for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+            raise ValueError(f"node config {key} must be an integer, got {value!r}; {usage}")
+        try:
+            number = int(value) if isinstance(value, (numbers.Integral, str)) or float(value).is_integer() else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ValueError(f"node config {key} must be an integer, got {value!r}; {usage}")
+        values.append(number)
+    pid, n = values
+    if n < 1:
+        raise ValueError(f"node config num-partitions must be >= 1, got {n}; {usage}")
+    if not 0 <= pid < n:
+        raise ValueError(f"node config partition-id {pid} is out of range for num-partitions {n} "
+                         f"(valid: 0..{n - 1}); {usage}")
+    return pid, n
+
+
 def client_split(
     train: ImageSet, partition_id: int, num_partitions: int, partitioner: str, seed: int, alpha: float
 ) -> ImageSet:
@@ -64,8 +94,7 @@ def client_split(
     ``partitioner = "full"`` is the authors' setting: every client (IST worker) reads the whole
     training set, and IST is pure model parallelism. Their features share one cache entry.
     """
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    check_partition_id(partition_id, num_partitions)
     if partitioner == "full":
         return train
     parts = _cached_partition(train, num_partitions, partitioner, seed, alpha)
@@ -84,3 +113,10 @@ def _cached_partition(train: ImageSet, num_partitions: int, partitioner: str, se
             _PARTITIONS.pop(next(iter(_PARTITIONS)))
         _PARTITIONS[key] = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
     return _PARTITIONS[key]
+
+
+def partition_sizes(train: ImageSet, num_partitions: int, partitioner: str, seed: int, alpha: float) -> list[int]:
+    """How many training images each partition holds (the most examples its client can have)."""
+    if partitioner == "full":
+        return [len(train)] * num_partitions
+    return [len(p) for p in _cached_partition(train, num_partitions, partitioner, seed, alpha)]

@@ -52,8 +52,13 @@ class Checkpoint:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-            raise ValueError(f"cannot read {path}: {type(err).__name__}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            from fedsparse.inputs.encoder import load_failure_reason
+
+            raise ValueError(f"cannot read {path}: {load_failure_reason(err)}") from None
+        keys = ("round", "state", "algorithm", "metrics", "config")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not all(k in data for k in keys):
+            raise ValueError(f"{path} is not a fedsparse checkpoint (format {FORMAT})")
+        if not isinstance(data["config"], dict) or not isinstance(data["state"], dict):
             raise ValueError(f"{path} is not a fedsparse checkpoint (format {FORMAT})")
         return cls(int(data["round"]), data["state"], data["algorithm"], data["metrics"], data["config"])
 

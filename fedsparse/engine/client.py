@@ -17,9 +17,10 @@ import torch
 
 from fedsparse import protocol as p
 from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes
-from fedsparse.algorithms.base import TRAIN, State
+from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, TRAIN, State
 from fedsparse.config import RunConfig
-from fedsparse.model.head import state_dims
+from fedsparse.model.closed_form import stats_for
+from fedsparse.model.head import MLPHead, state_dims
 from fedsparse.task import client_features, train_slice
 
 ROUND_KEYS = ("server-round", "local-steps", "lr", "batch-size")  # every training task carries these
@@ -55,15 +56,22 @@ def run_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: Sta
              config: Mapping[str, Any]) -> tuple[State, int, dict[str, float]]:
     """Do what the task says on this client's data: ``(arrays, num_examples, metrics)``."""
     kind = str(config.get(p.CLIENT_TASK_KEY, TRAIN))
+    if kind == STATS:
+        return run_stats_task(cfg, partition_id, num_partitions, arrays, config)
     if kind != TRAIN:
-        raise ValueError(f"unknown client task {kind!r}; this client knows: {TRAIN}")
+        raise ValueError(f"unknown client task {kind!r}; this client knows: {TRAIN}, {STATS}")
     server_round = int(round_setting(config, "server-round"))
     steps, lr, batch_size = (round_setting(config, k) for k in ("local-steps", "lr", "batch-size"))
+    label_aware = bool(int(config.get(LABEL_AWARE_KEY, 0)))
     feats = client_features(cfg, partition_id, num_partitions, server_round)
     t0 = time.perf_counter()
     with torch_threads(client_threads(cfg)):
         trained, loss = train_slice(cfg, arrays, feats, server_round, partition_id,
-                                    steps=int(steps), batch_size=int(batch_size), lr=float(lr))
+                                    steps=int(steps), batch_size=int(batch_size), lr=float(lr),
+                                    label_aware=label_aware)
+    if label_aware:  # which output rows it trained, and with how many examples each
+        num_classes = int(round_setting(config, NUM_CLASSES_KEY))
+        trained[CLASS_COUNTS] = torch.bincount(feats.y.long(), minlength=num_classes)[:num_classes].to(torch.float32)
     metrics = {
         p.TRAIN_LOSS_KEY: loss,
         p.TRAIN_SECONDS_KEY: time.perf_counter() - t0,
@@ -73,3 +81,26 @@ def run_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: Sta
         p.TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(arrays), int(batch_size)),
     }
     return trained, len(feats.y), metrics
+
+
+def run_stats_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: State,
+                   config: Mapping[str, Any]) -> tuple[State, int, dict[str, float]]:
+    """A ``stats`` task: the sufficient statistics (``config["stats"]``: ridge or ncm, see
+    ``fedsparse.model.closed_form``) of this client's features, or, when ``arrays`` holds an
+    MLP trunk (hidden layers only), of the trunk's last hidden activations."""
+    server_round = int(round_setting(config, "server-round"))
+    kind, num_classes = str(round_setting(config, STATS_KEY)), int(round_setting(config, NUM_CLASSES_KEY))
+    feats = client_features(cfg, partition_id, num_partitions, server_round)
+    t0 = time.perf_counter()
+    with torch_threads(client_threads(cfg)), torch.no_grad():
+        x = feats.x
+        if arrays:
+            x = torch.relu(MLPHead.from_state_dict(arrays)(x))  # a trunk: its last layer is a hidden one
+        stats = stats_for(kind, x, feats.y, num_classes)
+    metrics = {
+        p.TRAIN_SECONDS_KEY: time.perf_counter() - t0,
+        p.EXTRACT_SECONDS_KEY: feats.seconds,
+        p.CACHE_HIT_KEY: int(feats.cache_hit),
+        p.PEAK_RSS_KEY: peak_rss_bytes(),
+    }
+    return stats, len(feats.y), metrics

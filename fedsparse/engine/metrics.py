@@ -57,6 +57,7 @@ class RoundMetrics:
     client_bytes_sent_mean: float | None = None
     feature_cache_hits: int | None = None  # replies whose features came from the cache
     rejected: dict[str, int] = field(default_factory=dict)  # invalid replies by reason
+    update_ratio_max: float | None = None  # the largest accepted ||reply - sent|| / ||sent|| (update-bound)
     head_kept: bool = False  # the aggregate was not finite; the previous head was kept
 
     def line(self, num_rounds: int) -> str:

@@ -28,6 +28,8 @@ import torch
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
 from fedsparse.config import RunConfig
+from fedsparse.data.datasets import load_splits
+from fedsparse.data.partition import partition_sizes
 from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate
@@ -38,6 +40,11 @@ from fedsparse.task import initial_head, test_features
 
 log = logging.getLogger("fedsparse")
 
+UPDATE_RATIO_KEY = "update-ratio"  # set by check_reply on accepted updates (server side)
+
+# The process's stop request: engines watch it unless given their own event.
+STOP = threading.Event()
+
 
 @dataclass
 class Reply:
@@ -45,7 +52,7 @@ class Reply:
 
     client: int
     arrays: dict[str, torch.Tensor]
-    num_examples: object  # checked by check_reply: an int >= 0
+    num_examples: object  # checked by check_reply: an int, at least 1
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,30 +106,54 @@ class RejectedReply(ValueError):
         self.code = code
 
 
-def check_reply(task: ClientTask, reply: Reply) -> ClientUpdate:
+def update_ratio(sent: torch.Tensor, got: torch.Tensor) -> float:
+    """How far a reply moved an array: ``||got - sent|| / max(||sent||, FLOOR * sqrt(numel))``
+    (the floor keeps an array sent as zeros, e.g. a fresh bias, from making any change infinite)."""
+    scale = max(float(sent.float().norm()), UPDATE_FLOOR * sent.numel() ** 0.5)
+    return float((got.float() - sent.float()).norm()) / scale
+
+
+UPDATE_FLOOR = 0.01  # an RMS of 0.01 per entry: below any trained weight of the head
+
+
+def check_reply(task: ClientTask, reply: Reply, *, update_bound: float = 0.0,
+                max_examples: int | None = None) -> ClientUpdate:
     """The reply as an accepted update, or ``RejectedReply`` saying what is wrong with it.
 
-    A reply must hold exactly the arrays it was sent, each with the same dtype and shape,
-    all finite, and a non-negative integer example count.
+    A reply must hold exactly the arrays it was sent, each with the same dtype and shape
+    (or, where the task names a ``reply`` spec, exactly the arrays of that spec: statistics,
+    class counts), all finite, and an integer example count of at least 1 and at most
+    ``max_examples`` (the client's true partition size where the server knows it). With
+    ``update_bound`` > 0 every array it was sent may move by at most that many times its own
+    norm (``update_ratio``): a finite but absurd reply (all weights 1e38, a bias + 1e6) is
+    refused instead of ruining the head.
     """
-    missing = sorted(set(task.arrays) - set(reply.arrays))
-    extra = sorted(set(reply.arrays) - set(task.arrays))
+    spec = task.reply_spec()
+    missing = sorted(set(spec) - set(reply.arrays))
+    extra = sorted(set(reply.arrays) - set(spec))
     if missing or extra:
-        raise RejectedReply("arrays", f"arrays differ from those sent: missing {missing}, unexpected {extra}")
-    for key, sent in task.arrays.items():
+        raise RejectedReply("arrays", f"arrays differ from those expected: missing {missing}, unexpected {extra}")
+    for key, (shape, dtype) in spec.items():
         got = reply.arrays[key]
         if not isinstance(got, torch.Tensor):
             raise RejectedReply("arrays", f"{key} is not a tensor")
-        if got.dtype != sent.dtype:
-            raise RejectedReply("dtype", f"{key} has dtype {got.dtype}, sent as {sent.dtype}")
-        if tuple(got.shape) != tuple(sent.shape):
-            raise RejectedReply("shape", f"{key} has shape {tuple(got.shape)}, expected {tuple(sent.shape)}")
-        if not bool(torch.isfinite(got).all()):
+        if got.dtype != dtype:
+            raise RejectedReply("dtype", f"{key} has dtype {got.dtype}, expected {dtype}")
+        if tuple(got.shape) != tuple(shape):
+            raise RejectedReply("shape", f"{key} has shape {tuple(got.shape)}, expected {tuple(shape)}")
+        if not all_finite({key: got}):
             raise RejectedReply("non-finite", f"{key} holds NaN or Inf")
     n = reply.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RejectedReply("num-examples", f"invalid num-examples {n!r}")
-    return ClientUpdate(task.client, reply.arrays, n, reply.metrics)
+    if max_examples is not None and n > max_examples:
+        raise RejectedReply("num-examples", f"claims {n} examples; at most {max_examples} are possible")
+    # arrays that come back as sent (a spec may add others: class counts): bound how far they moved
+    ratio = max((update_ratio(task.arrays[k], reply.arrays[k]) for k in task.arrays if k in spec), default=0.0)
+    if update_bound > 0 and ratio > update_bound:
+        raise RejectedReply("update-bound", f"moved its arrays {ratio:.3g} times their norm; "
+                                            f"update-bound is {update_bound:g}")
+    return ClientUpdate(task.client, reply.arrays, n, {**reply.metrics, UPDATE_RATIO_KEY: ratio})
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -141,28 +172,47 @@ class RoundEngine:
     """
 
     def __init__(self, cfg: RunConfig, algorithm: Algorithm | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.algorithm = algorithm if algorithm is not None else make_algorithm(cfg)
         self.report = report if report is not None else log.info
         self.out = Path(cfg.out_dir)
-        self.stop = threading.Event()  # set from a signal handler: the run ends after the current round
+        # set (e.g. by fedsparse.commands.signals on Ctrl-C): no new round starts, and a round still
+        # waiting for replies is abandoned (not counted); the finished rounds stay on disk
+        self.stop = stop if stop is not None else STOP
         self.test, self.num_classes = test_features(cfg)
         self.head_dims = initial_head(cfg, self.test.x.shape[1], self.num_classes).dims
         self.state: State = {}
         self.done = 0  # rounds finished
         self.metrics: RunMetrics | None = None
         self._t_start = time.perf_counter()
+        self._sizes: list[int] | None = None  # partition sizes, when the driver is exact about them
+        self._exact_sizes = False
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
         return initial_head(self.cfg, self.test.x.shape[1], self.num_classes).state_dict()
+
+    def max_examples(self, client: int) -> int | None:
+        """The most examples a reply of ``client`` may claim: its partition's true size where the
+        server knows the partitions (simulation, in-process, plain), else ``max-examples``."""
+        if self._sizes is None:
+            self._sizes = []
+            if self._exact_sizes:
+                train, _ = load_splits(self.cfg.dataset, self.cfg.data_dir, self.cfg.cache_dir)
+                self._sizes = partition_sizes(train, self.cfg.num_clients, self.cfg.partitioner, self.cfg.seed,
+                                              self.cfg.dirichlet_alpha)
+        if 0 <= client < len(self._sizes):
+            return self._sizes[client]
+        return self.cfg.max_examples or None
 
     # --- start: fresh or resumed -------------------------------------------------------------
     def start(self, transport: Transport) -> int:
         """Initial head and evaluation, or the checkpoint's state when ``cfg.resume``; returns
         the number of rounds already done."""
         self._t_start = time.perf_counter()
+        # drivers whose clients are the partitions 0..num-clients-1 of the server's own data set
+        self._exact_sizes = transport.name in ("plain", "in-process", "simulation")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             ckpt = Checkpoint.load(self.out)
@@ -217,7 +267,8 @@ class RoundEngine:
                 log.warning("round %d: ignoring an unexpected reply from client %s", server_round, reply.client)
                 continue
             try:
-                accepted[reply.client] = check_reply(task, reply)
+                accepted[reply.client] = check_reply(task, reply, update_bound=self.cfg.update_bound,
+                                                     max_examples=self.max_examples(reply.client))
             except RejectedReply as err:
                 failures.append(Failure(reply.client, "invalid", one_line(err), err.code))
         answered = set(accepted) | {f.client for f in failures}
@@ -253,6 +304,7 @@ class RoundEngine:
             bytes_down_total=int(sum(down)), bytes_up_total=int(sum(up)),
             seconds=time.perf_counter() - started, elapsed=time.perf_counter() - self._t_start,
             rejected=rejected, head_kept=kept, **client_summary([u.metrics for u in updates]),
+            update_ratio_max=max((u.metrics.get(UPDATE_RATIO_KEY, 0.0) for u in updates), default=None),
         )
         self.metrics.rounds.append(entry)
         self.done = server_round

@@ -104,20 +104,43 @@ def build_builtin(image_size: int = 32) -> nn.Module:
         return _vit(image_size, **BUILTIN_ARCH)
 
 
+def load_failure_reason(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` (or safetensors) could not read a file, in a
+    few words. Never torch's advice to retry with ``weights_only=False``: that would run
+    whatever code the file holds."""
+    text = str(err)
+    if isinstance(err, EOFError) or not text.strip():
+        return f"the file is empty or truncated ({type(err).__name__})"
+    if "Weights only load failed" in text or "weights_only" in text:
+        # keep only the unpickler's own reason, e.g. "Unsupported operand 26" or "Unsupported global: ..."
+        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        detail = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
+        detail = detail.split(". ")[0].rstrip(".")
+        return "not a checkpoint of plain tensors" + (f" ({detail})" if detail else "")
+    if "zip archive" in text or "central directory" in text:
+        return "not a readable PyTorch checkpoint (a corrupt or truncated zip archive)"
+    if type(err).__module__.startswith("safetensors"):
+        return f"not a readable safetensors file ({' '.join(text.split())[:200]})"
+    return f"not a PyTorch checkpoint ({type(err).__name__}: {' '.join(text.split())[:200]})"
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, fedsparse metadata or {}) from a .pth/.pt/.bin/.safetensors file."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-        arch = json.loads(meta["fedsparse_arch"]) if "fedsparse_arch" in meta else {}
-        return load_file(str(path)), arch
+        try:
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+            arch = json.loads(meta["fedsparse_arch"]) if "fedsparse_arch" in meta else {}
+            return load_file(str(path)), arch
+        except Exception as err:  # noqa: BLE001 - safetensors and json raise their own kinds
+            raise ValueError(f"cannot read checkpoint {path}: {load_failure_reason(err)}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds here
-        raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {load_failure_reason(err)}") from None
     arch: dict[str, Any] = {}
     if isinstance(obj, dict) and "fedsparse_arch" in obj:
         arch = dict(obj["fedsparse_arch"])
@@ -156,9 +179,12 @@ DROPPED_KEYS = ("decoder", "mask_token", "head.", "fc_norm.")
 def load_checkpoint(path: str | Path) -> nn.Module:
     """A ViT encoder from a checkpoint; missing or mis-shaped encoder keys are an error."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"encoder {p} is a folder; give a checkpoint file (.pth, .pt, .bin, .safetensors)")
     if not p.is_file():
         raise FileNotFoundError(f"encoder checkpoint not found: {p}")
     state, arch = _read_checkpoint(p)
+    check_finite(state, f"encoder checkpoint {p}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(DROPPED_KEYS)}
     arch = arch or infer_vit_arch(state)
@@ -176,6 +202,14 @@ def load_checkpoint(path: str | Path) -> nn.Module:
             raise ValueError(f"checkpoint {p}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     return model
+
+
+def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """A one-line ``ValueError`` naming ``what`` and its first tensors that hold NaN or Inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what} holds NaN or Inf weights in {len(bad)} tensor(s): "
+                         f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, half: bool = False) -> None:
@@ -214,9 +248,11 @@ def _create_timm(name: str, image_size: int, weights_file: str | None, random_in
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights_file).expanduser()), "hf_hub_id": None, "url": None}
     try:
         return timm.create_model(name, **kwargs)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - timm, torch and safetensors raise many kinds here
         if weights_file is not None:
-            raise ValueError(f"cannot load weights {weights_file} into {name}: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"cannot load weights {weights_file} into {name}: {load_failure_reason(err)}") from None
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
         raise ValueError(
             f"cannot fetch hub weights for {name!r} ({type(err).__name__}); offline choices: "
             f"encoder = 'builtin', a checkpoint file, or '{name}@<local weights file>'"
@@ -255,6 +291,7 @@ def load_encoder(spec: str, image_size: int) -> Encoder:
         raise ValueError(f"encoder {spec!r} takes {pe.img_size[0]}x{pe.img_size[0]} images but image-size is {image_size}")
     if getattr(model, "cls_token", None) is None:
         raise ValueError(f"encoder {spec!r} has no CLS token; fedsparse needs a ViT with class token")
+    check_finite(model.state_dict(), f"encoder {spec!r}")
     return Encoder(
         model=model,
         spec=spec,
@@ -332,6 +369,15 @@ def encode(
     if not out:
         return torch.empty(0, encoder.dim)
     return torch.cat(out)
+
+
+def check_output(encoder: Encoder, dtype: str = "fp32") -> None:
+    """A one-line ``ValueError`` when the encoder's CLS feature of a plain grey image, all
+    patches visible, is not finite (finite weights can still overflow)."""
+    images = torch.full((1, 3, encoder.image_size, encoder.image_size), 0.5)
+    keep = torch.arange(encoder.num_patches).unsqueeze(0)
+    if not bool(torch.isfinite(encode(encoder, images, keep, dtype)).all()):
+        raise ValueError(f"encoder {encoder.spec!r} gives NaN or Inf features on a plain test image")
 
 
 def load_image(path: Path | BinaryIO, image_size: int) -> torch.Tensor | None:

@@ -115,17 +115,31 @@ def train_steps(
     batches: Sequence[torch.Tensor],
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
+    classes: torch.Tensor | None = None,
 ) -> float:
     """Adam over the given index batches; returns the mean training loss.
 
     features: [N, D] float; labels: [N] long. A fresh Adam (as a stateless client uses
-    each round) unless ``optimizer`` carries state over from earlier calls.
+    each round) unless ``optimizer`` carries state over from earlier calls. ``classes``
+    (label-aware training, as HeteroFL under label skew): the softmax runs over these
+    classes only (every label must be one of them), so the output rows of the other classes
+    get no gradient and, with a fresh Adam, come back unchanged.
     """
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    remap = None
+    if classes is not None:
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        remap = torch.full((int(classes.max()) + 1 if len(classes) else 1,), -1, dtype=torch.long)
+        remap[classes] = torch.arange(len(classes))
+        if labels.numel() and (int(labels.max()) >= len(remap) or bool((remap[labels] < 0).any())):
+            raise ValueError("label-aware training: a label is not among the given classes")
     total = 0.0
     for idx in batches:
-        loss = nn.functional.cross_entropy(model(features[idx]), labels[idx])
+        if classes is None:
+            loss = nn.functional.cross_entropy(model(features[idx]), labels[idx])
+        else:
+            loss = nn.functional.cross_entropy(model(features[idx])[:, classes], remap[labels[idx]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

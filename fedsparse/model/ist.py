@@ -31,11 +31,19 @@ server sends every weight that reads a partitioned hidden layer multiplied by
 (inverted-dropout scaling in weight space; the ReLU network is positively homogeneous, so the
 client trains exactly the rescaled sub-network and needs no change). ``"none"`` is the
 authors' behaviour.
+
+For label-skewed clients (``ist-variant = "skew"``): ``window_parts`` / ``subnet_parts`` give
+overlapping or rolling (FedRolex) subnets, ``merge_per_weight`` averages every weight over the
+updates that trained it (output rows over the clients holding the class, when they report
+class counts; HeteroFL), and ``robust_mean`` / ``robust_merge`` combine a group's replies by a
+coordinate-wise trimmed mean or median instead of the mean.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Mapping, Sequence
 
 import torch
@@ -164,13 +172,16 @@ class SliceUpdate:
     """One worker's trained slice: its hidden indices, its sub-state and its example count.
 
     ``subnet`` names the subnet the slice belongs to; updates of the same subnet are
-    averaged by ``merge_by_subnet``. ``None`` = a subnet of its own.
+    averaged by ``merge_by_subnet``. ``None`` = a subnet of its own. ``class_counts`` ([C],
+    optional): the client's examples per class, when it trained only the output rows of the
+    classes it holds (label-aware training; ``merge_per_weight`` then weighs row ``c`` by them).
     """
 
     index: list[torch.Tensor]
     state: Mapping[str, torch.Tensor]
     num_examples: int
     subnet: int | None = None
+    class_counts: torch.Tensor | None = None
 
 
 def example_weights(counts: Sequence[int]) -> list[float]:
@@ -217,8 +228,17 @@ def merge_by_subnet(updates: Sequence[SliceUpdate]) -> list[SliceUpdate]:
 
 
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
-    """True when no tensor of ``state`` holds NaN or Inf."""
-    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in state.values())
+    """True when no tensor of ``state`` holds NaN or Inf.
+
+    The sum of a tensor is finite only if all its entries are (NaN and Inf propagate); only a
+    non-finite sum (which finite entries can reach by overflow) needs the entry-wise check.
+    The sum is several times cheaper than ``isfinite`` on a big tensor.
+    """
+    for v in state.values():
+        t = torch.as_tensor(v)
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            return False
+    return True
 
 
 def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], scaling: str = "none") -> State:
@@ -254,3 +274,201 @@ def stitch(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], sc
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Raw tensor bytes of a state dict: ``sum(numel * element_size)``."""
     return sum(int(t.numel()) * int(t.element_size()) for t in state.values())
+
+
+# --- variants for label-skewed clients: overlapping windows, per-weight merge, robust groups ----------
+
+IST_VARIANTS = ("authors", "skew")  # the authors' IST; the label-skew options (fedsparse.algorithms.ist)
+SUBNET_SCHEMES = ("random", "rolling")
+GROUP_RULES = ("mean", "trimmed-mean", "median")
+
+
+def window_parts(hidden: Sequence[int], k: int, overlap: float, seed: int, offset: int = 0) -> list[list[torch.Tensor]]:
+    """``k`` windows per hidden layer over a seeded circular order of its neurons: window ``s``
+    holds positions ``floor(s h / k)`` up to ``floor((s + overlap) h / k)`` (exclusive; at most
+    all ``h``), turned by ``offset``.
+
+    Every neuron lies in ``floor(overlap)`` or ``ceil(overlap)`` windows and widths differ by at
+    most one; ``overlap = 1`` gives ``k`` disjoint near-equal parts, like ``partition``.
+    ``offset`` turns the circle (FedRolex's rolling window: the starts move by ``offset``
+    neurons); ``seed`` draws the circle (one permutation per layer).
+
+    Returns:
+        ``parts[layer][subnet]``: sorted ``LongTensor`` of neuron indices (windows overlap
+        when ``overlap > 1``; together they cover every neuron).
+    """
+    if k < 1:
+        raise ValueError(f"number of subnets must be >= 1, got {k}")
+    if not overlap >= 1.0:
+        raise ValueError(f"overlap must be >= 1, got {overlap}")
+    if any(h < k for h in hidden):
+        raise ValueError(f"cannot split hidden layers {list(hidden)} into {k} non-empty subnets")
+    frac = Fraction(overlap).limit_denominator(10**6)
+    gen = torch.Generator().manual_seed(int(seed))
+    parts: list[list[torch.Tensor]] = []
+    for h in hidden:
+        order = torch.randperm(h, generator=gen)
+        layer_parts = []
+        for s in range(k):
+            start = (s * h) // k
+            width = min(h, math.floor((s + frac) * h / k) - start)
+            layer_parts.append(order[(start + int(offset) + torch.arange(width)) % h].sort().values)
+        parts.append(layer_parts)
+    return parts
+
+
+def subnet_parts(hidden: Sequence[int], k: int, scheme: str, overlap: float, seed: int, server_round: int,
+                 round_seed: int) -> list[list[torch.Tensor]]:
+    """The round's subnets under ``scheme``.
+
+    - ``random`` (the authors' IST): a fresh seeded permutation every round (``round_seed``),
+      cut into ``k`` windows (``partition`` itself when ``overlap = 1``);
+    - ``rolling`` (FedRolex): one circular order per layer for the whole run (``seed``), the
+      ``k`` windows turned by ``server_round - 1`` neurons each round, so that over the rounds
+      every neuron moves through every window and meets every group of clients.
+    """
+    if scheme not in SUBNET_SCHEMES:
+        raise ValueError(f"unknown subnet scheme {scheme!r}; valid: {', '.join(SUBNET_SCHEMES)}")
+    if scheme == "random":
+        if overlap == 1.0:
+            return partition(hidden, k, round_seed)
+        return window_parts(hidden, k, overlap, round_seed)
+    return window_parts(hidden, k, overlap, seed, offset=server_round - 1)
+
+
+def _update_weights(updates: Sequence[SliceUpdate]) -> list[float]:
+    """Example counts as weights; 1 each when no update reports an example."""
+    counts = [max(0, int(u.num_examples)) for u in updates]
+    return [float(c) for c in counts] if sum(counts) > 0 else [1.0] * len(updates)
+
+
+def row_weights(update: SliceUpdate, weight: float, n_out: int) -> torch.Tensor:
+    """Per-output-row weights of one update: its class counts when it reports them (a client
+    that trained only its own classes' rows), else ``weight`` for every row."""
+    if update.class_counts is None:
+        return torch.full((n_out,), float(weight))
+    counts = torch.as_tensor(update.class_counts, dtype=torch.float32).clamp(min=0)
+    if counts.shape != (n_out,):
+        raise ValueError(f"class counts of shape {tuple(counts.shape)} for {n_out} output rows")
+    return counts
+
+
+def merge_per_weight(state: Mapping[str, torch.Tensor], updates: Sequence[SliceUpdate], scaling: str = "none") -> State:
+    """Every weight becomes the weighted mean of the updates that trained it; weights no update
+    trained keep their value (HeteroFL's rule; Diao et al. 2021).
+
+    An update trains its slice (hidden biases with their neurons, the whole output bias). Its
+    weight is its example count, except on the output layer when it reports ``class_counts``:
+    there row ``c`` (weights and bias) counts with the update's examples of class ``c``, so a
+    client that holds no example of ``c`` leaves row ``c`` to those that do. Without class
+    counts and without overlapping slices this equals ``stitch(state, merge_by_subnet(updates))``.
+    ``scaling`` is undone per update, as in ``stitch``.
+    """
+    check_scaling(scaling)
+    n = num_layers(state)
+    out: State = {k: v.detach().clone() for k, v in state.items()}
+    if not updates:
+        return out
+    num = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+    den = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+    for up, weight in zip(updates, _update_weights(updates)):
+        for layer in range(n):
+            wkey, bkey = f"layers.{layer}.weight", f"layers.{layer}.bias"
+            full = state[wkey]
+            rows, cols = _rows_cols(up.index, layer, n)
+            r = rows if rows is not None else torch.arange(full.shape[0])
+            c = cols if cols is not None else torch.arange(full.shape[1])
+            w_new = torch.as_tensor(up.state[wkey], dtype=torch.float64)
+            scale = input_scale(state, up.index, layer, scaling)
+            if scale != 1.0:
+                w_new = w_new / scale
+            if layer == n - 1:
+                rw = row_weights(up, weight, full.shape[0]).to(torch.float64)
+            else:
+                rw = torch.full((len(r),), float(weight), dtype=torch.float64)
+            grid = (r.unsqueeze(1).expand(len(r), len(c)), c.unsqueeze(0).expand(len(r), len(c)))
+            num[wkey].index_put_(grid, rw.unsqueeze(1) * w_new, accumulate=True)
+            den[wkey].index_put_(grid, rw.unsqueeze(1).expand(len(r), len(c)).clone(), accumulate=True)
+            b_new = torch.as_tensor(up.state[bkey], dtype=torch.float64)
+            num[bkey].index_put_((r,), rw * b_new, accumulate=True)
+            den[bkey].index_put_((r,), rw, accumulate=True)
+    for key in out:
+        seen = den[key] > 0
+        merged = num[key] / den[key].clamp(min=1e-300)
+        out[key] = torch.where(seen, merged.to(out[key].dtype), out[key])
+    return out
+
+
+def robust_mean(values: torch.Tensor, mask: torch.Tensor | None, rule: str, trim: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise ``rule`` over dim 0 of ``values``, counting only entries where ``mask``.
+
+    - ``mean``: the plain mean;
+    - ``trimmed-mean``: drop the ``floor(trim * m)`` smallest and largest of the ``m`` entries
+      of every coordinate, average the rest (Yin et al. 2018);
+    - ``median``: the middle entry (the mean of the two middle ones for an even ``m``).
+
+    Returns ``(result, count)``: coordinates with ``count == 0`` (no entry) hold 0.
+    """
+    if rule not in GROUP_RULES:
+        raise ValueError(f"unknown group rule {rule!r}; valid: {', '.join(GROUP_RULES)}")
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    values = values.to(torch.float64)
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    m = mask.sum(0)
+    if rule == "mean":
+        total = torch.where(mask, values, torch.zeros_like(values)).sum(0)
+        return total / m.clamp(min=1), m
+    ordered = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(0).values
+    pos = torch.arange(values.shape[0]).view(-1, *([1] * (values.dim() - 1)))
+    if rule == "trimmed-mean":
+        lo = torch.floor(trim * m.to(torch.float64)).to(torch.long)
+        hi = m - lo  # exclusive
+    else:
+        lo, hi = (m - 1).clamp(min=0) // 2, m // 2 + 1
+    keep = (pos >= lo) & (pos < hi) & (pos < m)
+    total = torch.where(keep, ordered, torch.zeros_like(ordered)).sum(0)
+    return total / keep.sum(0).clamp(min=1), m
+
+
+def robust_merge(updates: Sequence[SliceUpdate], rule: str, trim: float = 0.1) -> SliceUpdate:
+    """One update from updates of one subnet (same index): ``rule`` per coordinate (``robust_mean``).
+
+    ``mean`` is ``merge_updates`` (example-weighted). The robust rules weigh every client
+    alike (a count that a client reports is not trusted to weigh its vote); on the output layer
+    of updates with ``class_counts`` only the clients holding a class vote on its row. The
+    result reports the group's total examples and summed class counts, so that groups are
+    weighed by their examples when merged with others.
+    """
+    if len(updates) == 1:
+        return updates[0]
+    if rule == "mean":
+        if any(u.class_counts is not None for u in updates):
+            raise ValueError("robust_merge: updates with class counts are averaged by merge_per_weight")
+        return merge_updates(updates)
+    first = updates[0]
+    for up in updates[1:]:
+        if len(up.index) != len(first.index) or any(not torch.equal(a, b) for a, b in zip(up.index, first.index)):
+            raise ValueError("robust_merge got updates of different subnets")
+    n_layers = len(first.index) + 1
+    out_w, out_b = f"layers.{n_layers - 1}.weight", f"layers.{n_layers - 1}.bias"
+    aware = any(u.class_counts is not None for u in updates)
+    n_out = int(torch.as_tensor(first.state[out_b]).shape[0])
+    rows = torch.stack([row_weights(u, 1.0, n_out) > 0 for u in updates]) if aware else None
+    state: State = {}
+    for key, ref in first.state.items():
+        stack = torch.stack([torch.as_tensor(u.state[key]) for u in updates])
+        mask = None
+        if rows is not None and key in (out_w, out_b):
+            mask = rows.view(len(updates), n_out, *([1] * (stack.dim() - 2))).expand_as(stack)
+        value, count = robust_mean(stack, mask, rule, trim)
+        ref_t = torch.as_tensor(ref)
+        if mask is not None:  # a row no member trained: keep what was sent (all members hold it)
+            value = torch.where(count > 0, value, stack[0].to(torch.float64))
+        state[key] = value.to(ref_t.dtype)
+    total = sum(max(0, int(u.num_examples)) for u in updates)
+    counts = None
+    if aware:
+        counts = sum(row_weights(u, max(0, int(u.num_examples)), n_out) for u in updates)
+    return SliceUpdate(first.index, state, total, first.subnet, counts)
