@@ -49,3 +49,22 @@ def test_bad_arguments_are_errors(cfg, tmp_path, change, kwargs, needle):
     args = {"rounds": 2, "engines": ("plain",), **kwargs}
     with pytest.raises(ValueError, match=needle):
         overhead(cfg.replace(**change), tmp_path, [2], report=lambda s: None, **args)
+
+
+def test_the_bare_pytorch_reference_trains_the_engines_model_in_parallel_processes(cfg, tmp_path):
+    authors = cfg.replace(ist_variant="authors", partitioner="full", num_clients=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (row,) = overhead(authors, tmp_path / "o", [2], rounds=3, engines=("plain", "reference"), report=lambda s: None)
+    assert row["reference_workers"] == 2 and row["reference_later_round_seconds"] > 0
+    assert row["reference_same_model"] is True  # the same work, so the times compare
+    assert row["reference_final_accuracy"] == row["plain_final_accuracy"]
+    assert "plain / reference" in (tmp_path / "o" / "overhead.md").read_text()
+
+
+def test_the_reference_is_left_out_where_it_does_not_apply(cfg, tmp_path):
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (row,) = overhead(cfg, tmp_path / "o", [2], rounds=2, engines=("plain", "reference"), report=said.append)
+    assert "reference_later_round_seconds" not in row and any("leaving it out" in s for s in said)

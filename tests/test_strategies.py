@@ -65,9 +65,13 @@ def make_cfg(data, tmp_path):
     counter = itertools.count()
 
     def make(**changes) -> RunConfig:
+        # The authors' IST (its stitching is what these tests check; the skew variant's merge is
+        # tested in test_algorithms.py), and no update bound: hand-built replies move every weight
+        # by 1.0, far more than training does (the bound is tested in test_engine/test_hostile).
         base = dict(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="10,11",
                     num_clients=10, clients_per_round=3, num_rounds=3, local_steps=3, batch_size=4,
-                    cache_dir=str(cache), out_dir=str(tmp_path / f"run{next(counter)}"))
+                    cache_dir=str(cache), out_dir=str(tmp_path / f"run{next(counter)}"),
+                    ist_variant="authors", update_bound=0.0)
         base.update(changes)
         return RunConfig(**base)
 
@@ -498,16 +502,19 @@ class QueueGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def answer_query(self, m):
         from clients.client_app import app
 
+        node = m.metadata.dst_node_id
+        ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                      node_config={"partition-id": self.nodes.index(node), "num-partitions": len(self.nodes)})
+        return app(m, ctx)
+
+    def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
             assert m.metadata.message_type == MessageType.QUERY, "train messages go through push/pull"
-            node = m.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                          node_config={"partition-id": self.nodes.index(node), "num-partitions": len(self.nodes)})
-            out.append(app(m, ctx))
+            out.append(self.answer_query(m))
         return out
 
     def push_messages(self, messages):
@@ -515,7 +522,9 @@ class QueueGrid:
         for i, m in enumerate(messages):
             m.metadata.__dict__["_message_id"] = f"m{len(self.ready)}-{i}-{id(m)}"
             ids.append(m.metadata.message_id)
-            if m.metadata.dst_node_id not in self.silent:
+            if m.metadata.message_type == MessageType.QUERY:
+                self.ready.append(self.answer_query(m))
+            elif m.metadata.dst_node_id not in self.silent:
                 self.ready.append(self.reply(m))
         return ids
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedsparse.commands.reference import reference_rounds
+from fedsparse.commands.reference import reference_rounds, supports as reference_supports
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
@@ -85,6 +85,10 @@ def overhead(
             raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if rounds < 2:
         raise ValueError("--rounds must be >= 2: the first round is reported apart")
+    if "reference" in engines and not reference_supports(cfg):
+        report("the bare-PyTorch reference runs only the authors' pure IST (ist-variant = authors, "
+               "one subnet per client); leaving it out")
+        engines = tuple(e for e in engines if e != "reference")
     if cfg.mask_mode == "random":
         raise ValueError("overhead needs cacheable features; use mask-mode per-image or shared")
     out = Path(out_dir).resolve()

@@ -40,11 +40,17 @@ def _worker(conn: Any, run_config: dict[str, Any]) -> None:
         conn.send((trained, len(feats.y)))
 
 
+def supports(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` is what the reference implements: the authors' IST, one subnet per client."""
+    return cfg.strategy == "ist" and cfg.ist_variant == "authors" and cfg.num_subnets == cfg.clients_per_round
+
+
 def reference_rounds(cfg: RunConfig, workers: int | None = None) -> dict[str, Any]:
     """``cfg.num_rounds`` pure-IST rounds with ``min(K, workers)`` worker processes; returns
     the seconds of every round, the final state and its test accuracy."""
-    if cfg.strategy != "ist" or cfg.num_subnets != cfg.clients_per_round:
-        raise ValueError("the bare-PyTorch reference runs pure IST (strategy = ist, one subnet per client)")
+    if not supports(cfg):
+        raise ValueError("the bare-PyTorch reference runs the authors' pure IST "
+                         "(strategy = ist, ist-variant = authors, one subnet per client)")
     from fedsparse.task import initial_head, test_features
 
     test, n_classes = test_features(cfg)

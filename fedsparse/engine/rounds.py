@@ -30,6 +30,7 @@ from fedsparse.algorithms.base import State
 from fedsparse.config import RunConfig
 from fedsparse.data.datasets import load_splits
 from fedsparse.data.partition import partition_sizes
+from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate
@@ -277,7 +278,8 @@ class RoundEngine:
             log.warning("round %d: client %s %s: %s", server_round, f.client,
                         {"error": "failed", "invalid": "sent a bad reply", "lost": "did not reply"}[f.kind], f.reason)
         updates = [accepted[t.client] for t in tasks if t.client in accepted]  # task order, not arrival order
-        new_state = self.algorithm.aggregate(server_round, self.state, tasks, updates)
+        with torch_threads(1):  # sums over clients come out the same whatever this process's thread count
+            new_state = self.algorithm.aggregate(server_round, self.state, tasks, updates)
         kept = not all_finite(new_state)
         if kept:
             log.warning("round %d: the aggregated head is not finite; keeping the previous head", server_round)

@@ -125,7 +125,8 @@ def train_steps(
     classes only (every label must be one of them), so the output rows of the other classes
     get no gradient and, with a fresh Adam, come back unchanged.
     """
-    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+    # fused: one kernel per step for all parameters instead of a loop over tensors (BENCHMARKS.md §6)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     model.train()
     remap = None
     if classes is not None:
