@@ -136,7 +136,8 @@ class AlgorithmStrategy(Strategy):
 
     # --- tasks <-> messages -------------------------------------------------------------------
     def messages(self, tasks: list[ClientTask]) -> list[Message]:
-        """One Message per task; clients of the same group share one RecordDict."""
+        """One Message per task; clients of the same group share one RecordDict. Their serialized
+        sizes are kept as the round's bytes down."""
         contents: dict[object, RecordDict] = {}
         out = []
         for task in tasks:
@@ -144,6 +145,7 @@ class AlgorithmStrategy(Strategy):
             if key not in contents:
                 contents[key] = RecordDict({ARRAYS_KEY: ArrayRecord(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
             out.append(Message(content=contents[key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
+        self._sent = [wire_bytes(m) for m in out]  # bytes down, reported with the round's outcomes
         return out
 
     def outcomes(self, tasks: list[ClientTask], replies: Iterable[Message]) -> Exchange:
@@ -168,7 +170,6 @@ class AlgorithmStrategy(Strategy):
     def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
         assert self.grid is not None, "bind a Grid first"
         messages = self.messages(tasks)
-        self._sent = [wire_bytes(m) for m in messages]
         self._round = server_round
         replies = self._waiting_grid(self._replies_arrived).send_and_receive(messages, timeout=self.cfg.round_timeout)
         return self.outcomes(tasks, replies)
@@ -189,9 +190,7 @@ class AlgorithmStrategy(Strategy):
         self.bind(grid)
         self._started = time.perf_counter()
         self._tasks = self.engine.plan_round(server_round, self.clients(self.cfg.clients_per_round))
-        messages = self.messages(self._tasks)
-        self._sent = [wire_bytes(m) for m in messages]
-        return messages
+        return self.messages(self._tasks)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.engine.finish_round(server_round, self._tasks, self.outcomes(self._tasks, replies), self._started)

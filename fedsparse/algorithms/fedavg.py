@@ -14,23 +14,11 @@ import torch
 
 from fedsparse.algorithms import register
 from fedsparse.algorithms.base import Algorithm, ClientTask, ClientUpdate, State
-from fedsparse.model.ist import example_weights, robust_mean
+from fedsparse.model.ist import robust_mean, weighted_mean
 from fedsparse.model.server_opt import ServerOptimizer
 
 if TYPE_CHECKING:
     from fedsparse.config import RunConfig
-
-
-def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int]) -> State:
-    """``sum_i w_i * state_i`` with ``w_i = n_i / sum(n)`` (equal weights when no examples)."""
-    weights = example_weights(counts)
-    out: State = {}
-    for key, ref in states[0].items():
-        acc = torch.zeros_like(ref, dtype=torch.float32 if not ref.is_floating_point() else ref.dtype)
-        for w, s in zip(weights, states):
-            acc += w * s[key].to(acc.dtype)
-        out[key] = acc
-    return out
 
 
 def robust_state(states: Sequence[Mapping[str, torch.Tensor]], rule: str, trim: float) -> State:

@@ -126,32 +126,8 @@ def slice_state(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]
     return out
 
 
-def expected_slice_shapes(state: Mapping[str, torch.Tensor], index: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Shapes that ``slice_state(state, index)`` has; used to validate client replies."""
-    n = num_layers(state)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in range(n):
-        out_dim, in_dim = state[f"layers.{layer}.weight"].shape
-        rows, cols = _rows_cols(index, layer, n)
-        out_dim = len(rows) if rows is not None else out_dim
-        in_dim = len(cols) if cols is not None else in_dim
-        shapes[f"layers.{layer}.weight"] = (int(out_dim), int(in_dim))
-        shapes[f"layers.{layer}.bias"] = (int(out_dim),)
-    return shapes
 
 
-def check_slice(sub: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise ``ValueError`` naming the first key whose presence, shape or values are wrong."""
-    missing = sorted(set(expected) - set(sub))
-    extra = sorted(set(sub) - set(expected))
-    if missing or extra:
-        raise ValueError(f"slice keys differ: missing {missing}, unexpected {extra}")
-    for key, shape in expected.items():
-        got = tuple(sub[key].shape)
-        if got != tuple(shape):
-            raise ValueError(f"slice {key} has shape {got}, expected {tuple(shape)}")
-        if not torch.isfinite(sub[key]).all():
-            raise ValueError(f"slice {key} holds NaN or Inf")
 
 
 def client_groups(k: int, g: int) -> list[int]:
@@ -192,6 +168,19 @@ def example_weights(counts: Sequence[int]) -> list[float]:
     return [1.0 / len(counts)] * len(counts)
 
 
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], counts: Sequence[int]) -> State:
+    """``sum_i w_i * state_i`` with ``w_i = example_weights(counts)[i]``, key by key."""
+    weights = example_weights(counts)
+    out: State = {}
+    for key, ref in states[0].items():
+        ref = torch.as_tensor(ref)
+        acc = torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+        for w, s in zip(weights, states):
+            acc += w * torch.as_tensor(s[key], dtype=acc.dtype)
+        out[key] = acc
+    return out
+
+
 def merge_updates(updates: Sequence[SliceUpdate]) -> SliceUpdate:
     """The example-weighted mean of updates of one subnet (same index), as one update.
 
@@ -206,14 +195,7 @@ def merge_updates(updates: Sequence[SliceUpdate]) -> SliceUpdate:
     for up in updates[1:]:
         if len(up.index) != len(first.index) or any(not torch.equal(a, b) for a, b in zip(up.index, first.index)):
             raise ValueError("merge_updates got updates of different subnets")
-    weights = example_weights([u.num_examples for u in updates])
-    state: State = {}
-    for key, ref in first.state.items():
-        ref = torch.as_tensor(ref)
-        acc = torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
-        for w, u in zip(weights, updates):
-            acc += w * torch.as_tensor(u.state[key], dtype=acc.dtype)
-        state[key] = acc
+    state = weighted_mean([u.state for u in updates], [u.num_examples for u in updates])
     total = sum(max(0, int(u.num_examples)) for u in updates)
     return SliceUpdate(first.index, state, total, first.subnet)
 
