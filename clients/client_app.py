@@ -7,13 +7,15 @@ settings of the message, run the task on this node's data, encode the reply. The
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
-from fedsparse.data.partition import check_partition_id
+from fedsparse.data.partition import NodeData, check_partition_id, node_data
 from fedsparse.engine.client import run_task
-from fedsparse.protocol import ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, NUM_PARTITIONS_KEY
+from fedsparse.profiles import PROFILE_RECORD, Profile, client_profile
+from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY,
+                                NUM_PARTITIONS_KEY, OWN_DATA_KEY)
 
 app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
@@ -27,20 +29,46 @@ def node_partition(context: Context) -> tuple[int, int]:
                          "'partition-id=<i> num-partitions=<n>'") from None
 
 
+def node_of(context: Context) -> NodeData:
+    """This node's data: a partition (``partition-id``, ``num-partitions``) or its own images
+    (``data-dir``, optional ``client-id``); a bad node config is a one-line error."""
+    return node_data(context.node_config)
+
+
+def node_profile_of(context: Context, node: NodeData) -> Profile | None:
+    """This node's device profile: its node config's ``profile`` (with ``profile-<field>``
+    overrides), else its share of the run's ``device-profiles`` (simulation), else None; a bad
+    node config is a one-line error."""
+    return client_profile(run_config_of(context), node.client_id, context.node_config)
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is (its partition), so that rounds pair
-    data, subnets and seeds by partition, not by Flower's node ids."""
-    pid, n = node_partition(context)
-    return Message(RecordDict({METRICS_KEY: MetricRecord({CLIENT_ID_KEY: pid, NUM_PARTITIONS_KEY: n})}), reply_to=msg)
+    """Tell the server which client this node is (its partition, or the ``client-id`` of a
+    node with its own data), so that rounds pair data, subnets and seeds by that id, not by
+    Flower's node ids. A node with its own data and no ``client-id`` names no id (the server
+    then knows it by its node id) and says ``own-data``."""
+    node = node_of(context)
+    values = {NUM_PARTITIONS_KEY: node.num_partitions}
+    if node.client_id is not None:
+        values[CLIENT_ID_KEY] = node.client_id
+    if node.data_dir:
+        values[OWN_DATA_KEY] = 1
+    content = RecordDict({METRICS_KEY: MetricRecord(values)})
+    profile = node_profile_of(context, node)
+    if profile is not None:  # the server sizes this node's slice, steps and batch to it
+        content[PROFILE_RECORD] = ConfigRecord(profile.to_dict())
+    return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config_of(context)
-    pid, n = node_partition(context)
+    node = node_of(context)
     arrays = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    trained, num_examples, metrics = run_task(cfg, pid, n, arrays, dict(msg.content[CONFIG_KEY]))
+    trained, num_examples, metrics = run_task(cfg, node.client_id, node.num_partitions, arrays,
+                                              dict(msg.content[CONFIG_KEY]), data_dir=node.data_dir,
+                                              profile=node_profile_of(context, node))
     content = RecordDict({ARRAYS_KEY: ArrayRecord(trained),
                           METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, **metrics})})
     return Message(content=content, reply_to=msg)

@@ -75,7 +75,7 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
         return call_next(msg, context)
     conf = msg.content.config_records.get(CONFIG_KEY)
     server_round = int(conf.get("server-round", 0)) if conf is not None else 0
-    partition_id = int(context.node_config.get("partition-id", context.node_id))
+    partition_id = int(context.node_config.get("partition-id", context.node_config.get("client-id", context.node_id)))
     fault = draw_fault(cfg.seed, server_round, partition_id, cfg.fault_rate, cfg.fault_mode)
     where = f"round {server_round}, partition {partition_id}"
     if fault is None:

@@ -37,6 +37,7 @@ class RunConfig:
     out_dir: str = "runs/latest"  # metrics.json, model.pt, accuracy.png
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5  # only for partitioner = "dirichlet"
+    classes: str = ""  # the run's class list, "cat,dog,..." (label = position); "" = the data set's classes
     # --- sparse input -----------------------------------------------------------------
     encoder: str = "builtin"  # "builtin", a timm model name (hub weights), or a checkpoint path
     image_size: int = 32
@@ -79,11 +80,14 @@ class RunConfig:
     batch_size: int = 64
     lr: float = 0.001
     seed: int = 0
+    # --- heterogeneous devices (fedsparse/profiles.py; issue 13) -------------------------
+    device_profiles: str = ""  # simulation: "tiny:0.5,small:0.3,large:0.2" spreads profiles; "" = none
 
     def __post_init__(self) -> None:
         _check_types(self)  # first: the checks below compare numbers
         _check_choice("dataset", self.dataset, _dataset_names())
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
+        _check_classes(self.classes)
         _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
         _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
@@ -126,6 +130,7 @@ class RunConfig:
         if not self.encoder.strip():
             raise ValueError("encoder must not be empty; use 'builtin', a timm model name or a checkpoint path")
         _check_ranges(self)
+        _check_profiles(self)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -216,6 +221,22 @@ def _check_ranges(cfg: "RunConfig") -> None:
         raise ValueError(f"image-size must be at most {MAX_IMAGE_SIZE}, got {cfg.image_size}")
     if not cfg.out_dir.strip():
         raise ValueError("out-dir must not be empty (it is where metrics.json, model.pt and checkpoint.pt go)")
+
+
+def _check_profiles(cfg: "RunConfig") -> None:
+    """``device-profiles``: known names, shares > 0 summing to 1; IST slices sized to
+    capacity need disjoint subnets (see ``fedsparse.algorithms.ist``)."""
+    from fedsparse.profiles import parse_profile_spread  # local: profiles imports torch
+
+    if parse_profile_spread(cfg.device_profiles) and cfg.strategy == "ist" and cfg.ist_variant == "skew" \
+            and cfg.ist_overlap > 1.0:
+        raise ValueError(f"device-profiles needs disjoint IST subnets (ist-overlap = 1), got ist-overlap {cfg.ist_overlap:g}")
+
+
+def _check_classes(text: str) -> None:
+    from fedsparse.data.datasets import parse_classes  # local import: data imports heavy deps lazily
+
+    parse_classes(text)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:

@@ -25,6 +25,7 @@ TRAIN_SECONDS_KEY = "train-seconds"
 CLIENT_TASK_KEY = "client-task"  # what a client does with a task (fedsparse.algorithms.base)
 CLIENT_ID_KEY = "partition-id"  # a query reply: who the node is
 NUM_PARTITIONS_KEY = "num-partitions"
+OWN_DATA_KEY = "own-data"  # a query reply: 1 for a node that trains on its own images (node config data-dir)
 
 
 def wire_bytes(obj: Any) -> int:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.data.datasets import ImageSet, default_cache_dir, load_splits
-from fedsparse.data.partition import client_split
-from fedsparse.inputs.features import FeatureCache, Features, cached_features, extract, get_encoder
+from fedsparse.data.datasets import (ImageSet, client_folders, default_cache_dir, folder_test_set, load_splits,
+                                     own_images, parse_classes, with_classes)
+from fedsparse.data.partition import client_split, folder_client, partition_sizes
+from fedsparse.inputs.features import FeatureCache, Features, cached_features, extract, feature_key, get_encoder
 from fedsparse.seeds import derive_seed
 from fedsparse.model.head import MLPHead, batch_order, train_steps
 
@@ -59,18 +61,124 @@ def distinct_partitions(cfg: RunConfig) -> int:
     return 1 if cfg.partitioner == "full" else cfg.num_clients
 
 
-def client_features(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int | None = None) -> Features:
-    """The masked CLS features of one client's partition (extracted once and cached, except
-    with ``mask-mode = random``, where ``server_round`` seeds fresh masks)."""
+def run_classes(cfg: RunConfig) -> tuple[str, ...]:
+    """The run's class list (a label is a position in it), the same on every device: the
+    run-config key ``classes`` when set, else the classes of the server's test set (with
+    ``partitioner = "folders"``: ``data-dir/test/``; otherwise the data set's)."""
+    return parse_classes(cfg.classes) or _server_test_set(cfg).classes
+
+
+def _server_test_set(cfg: RunConfig) -> ImageSet:
+    if cfg.partitioner == "folders":
+        return folder_test_set(client_folders(cfg.data_dir, cfg.cache_dir)[1])
+    return load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)[1]
+
+
+def test_images(cfg: RunConfig) -> ImageSet:
+    """The server's test set, labelled by the run's class list."""
+    return with_classes(_server_test_set(cfg), run_classes(cfg), "the server's test set")
+
+
+def training_set(cfg: RunConfig) -> ImageSet:
+    """The training split that partitions cut (not ``folders``), labelled by the run's classes."""
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    return with_classes(train, run_classes(cfg), "the training set") if cfg.classes else train
+
+
+def client_images(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str = "") -> ImageSet:
+    """One client's images, labelled by the run's class list: a node's own ``data_dir``
+    (``<class>/<image>``, any subset of the classes), else its sub-folder of ``data-dir``
+    (``partitioner = "folders"``), else its partition of the training set. A class folder that
+    is not in the run's list is a one-line ``ValueError``."""
+    if data_dir:
+        return own_images(data_dir, run_classes(cfg), "node config data-dir")
+    if cfg.partitioner == "folders":
+        names, root = client_folders(cfg.data_dir, cfg.cache_dir)
+        name = folder_client(names, partition_id, num_partitions)
+        return own_images(root / name, run_classes(cfg), f"client folder {name!r} of data-dir")
+    return client_split(training_set(cfg), partition_id, num_partitions, cfg.partitioner, cfg.seed,
+                        cfg.dirichlet_alpha)
+
+
+def partition_sizes_of(cfg: RunConfig) -> list[int]:
+    """How many training images each of the ``num-clients`` simulated clients holds."""
+    if cfg.partitioner == "folders":
+        names, _ = client_folders(cfg.data_dir, cfg.cache_dir)
+        return [len(client_images(cfg, i, len(names))) for i in range(len(names))]
+    return partition_sizes(training_set(cfg), cfg.num_clients, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
+
+
+def client_features(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int | None = None,
+                    data_dir: str = "") -> Features:
+    """The masked CLS features of one client's partition (extracted once and cached, except
+    with ``mask-mode = random``, where ``server_round`` seeds fresh masks). Where the whole
+    training split's features are cached (``whole_split_features``), the client's rows are
+    taken from them instead of extracting its images again.
+
+    A client with its own images (a node's ``data_dir``, or ``partitioner = "folders"``) has
+    a cache entry keyed by those images and the run's class list, not by a partition id."""
+    if data_dir or cfg.partitioner == "folders":
+        mine = client_images(cfg, partition_id, num_partitions, data_dir)
+        return features(cfg, mine, group=f"own-{mine.fingerprint}", server_round=server_round)
+    train = training_set(cfg)
     mine = client_split(train, partition_id, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
+    rows = rows_of_whole_split(cfg, train, mine)
+    if rows is not None:
+        return rows
     return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}", server_round=server_round)
+
+
+def whole_split_features(cfg: RunConfig) -> Features:
+    """The features of the whole training split, extracted once into the cache.
+
+    With fixed per-image masks an image's features depend only on the image (its mask is
+    drawn from its id, ``fedsparse.inputs.masking``), not on which client holds it, so every
+    partitioning of the split (any ``partitioner``, ``dirichlet-alpha``, ``num-clients`` or
+    ``seed``) can read its clients' rows from this one entry (``rows_of_whole_split``):
+    ``fedsparse sweep`` over partitionings extracts each image once instead of once per
+    partitioning."""
+    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    return features(cfg.replace(mask_mode="per-image"), train, group="train")
+
+
+_WHOLE: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = {}  # one whole split per process
+_WHOLE_KEYS: dict[tuple, dict] = {}
+
+
+def rows_of_whole_split(cfg: RunConfig, train: ImageSet, mine: ImageSet) -> Features | None:
+    """``mine``'s rows of the whole split's cached features (a cache hit, 0 s of extraction), or
+    None where that entry is absent, holds skipped images (rows would not line up), or the
+    masks are not fixed per image."""
+    if cfg.mask_mode != "per-image" or len(mine) == len(train):
+        return None
+    cache = FeatureCache(default_cache_dir(cfg.cache_dir))
+    setting = (cfg.encoder, cfg.image_size, cfg.mask_ratio, cfg.mask_seed, cfg.preprocessing, cfg.encoder_dtype,
+               train.fingerprint, len(train), str(cache.root))
+    if setting not in _WHOLE_KEYS:  # hashing 50,000 image ids costs ~2 ms: once per setting
+        _WHOLE_KEYS[setting] = feature_key(get_encoder(cfg.encoder, cfg.image_size), train, cfg.mask_ratio,
+                                           cfg.mask_seed, "per-image", "train", cfg.preprocessing, cfg.encoder_dtype)
+    key = _WHOLE_KEYS[setting]
+    path = str(cache.path(key))
+    if path not in _WHOLE:
+        if not Path(path).is_file():
+            return None
+        entry = cache.load(key)
+        if entry is None or entry[2] != 0:
+            return None
+        _WHOLE.clear()  # 50,000 x 192 floats is 38 MB: keep one split
+        _WHOLE[path] = (entry[0], entry[1], {rel: i for i, rel in enumerate(train.paths)})
+    x, y, row = _WHOLE[path]
+    try:
+        index = torch.tensor([row[rel] for rel in mine.paths], dtype=torch.long)
+    except KeyError:  # not a subset of this split
+        return None
+    return Features(x.index_select(0, index), y.index_select(0, index), 0.0, True, 0)  # x[index] is 1000x slower here
 
 
 def test_features(cfg: RunConfig) -> tuple[Features, int]:
     """(features of the held-out split, number of classes), for server-side evaluation; its
     masks are fixed in every mode."""
-    _, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
+    test = test_images(cfg)
     return features(cfg, test, group="test"), len(test.classes)
 
 
@@ -123,10 +231,18 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     cache_key = "cache-dir" if cfg.cache_dir else "$FEDSPARSE_CACHE" if os.environ.get("FEDSPARSE_CACHE") else "the cache"
     check_writable_dir(default_cache_dir(cfg.cache_dir), cache_key)
     make_algorithm(cfg)  # an unknown strategy is a one-line error here
-    train, test = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    check_decodable(train, "training")
-    check_decodable(test, "test")
-    if partitions:
+    if cfg.partitioner == "folders":
+        names, _ = client_folders(cfg.data_dir, cfg.cache_dir)
+        check_decodable(test_images(cfg), "test")
+        if partitions:
+            folder_client(names, 0, cfg.num_clients)  # one folder per client
+            for i, name in enumerate(names):
+                check_decodable(client_images(cfg, i, len(names)), f"client folder {name!r}", sample=2)
+    else:
+        train, test = training_set(cfg), test_images(cfg)
+        check_decodable(train, "training")
+        check_decodable(test, "test")
+    if partitions and cfg.partitioner != "folders":
         if cfg.num_clients > len(train):
             raise ValueError(f"num-clients ({cfg.num_clients}) exceeds the {len(train)} training images")
         client_split(train, 0, cfg.num_clients, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)  # every partition

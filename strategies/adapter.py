@@ -29,6 +29,7 @@ from flwr.supercore import log
 from fedsparse.algorithms import ClientTask
 from fedsparse.algorithms.base import State
 from fedsparse.engine.rounds import Exchange, Failure, Reply, RoundEngine, one_line
+from fedsparse.profiles import PROFILE_RECORD, Profile
 from fedsparse.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
@@ -60,6 +61,13 @@ def decode_reply(reply: Message, client: int) -> Reply | Failure:
     return Reply(client, state, metrics[NUM_EXAMPLES_KEY], values)
 
 
+def reported_profile(reply: Message) -> Profile | None:
+    """The device profile a node reported in its identity-query reply (None: it has none); a
+    malformed one is a one-line ``ValueError``."""
+    record = reply.content.config_records.get(PROFILE_RECORD)
+    return None if record is None else Profile.from_dict(dict(record))
+
+
 class AlgorithmStrategy(Strategy):
     """The engine's tasks as Flower messages.
 
@@ -80,6 +88,7 @@ class AlgorithmStrategy(Strategy):
         self.client_of: dict[int, int] = {}  # node id -> client id (its partition)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.refused: dict[int, str] = {}  # node id -> why it is not used (its identity query failed)
+        self.profiles: dict[int, Profile | None] = {}  # client id -> the device profile it reported (the engine plans by it)
         self._tasks: list[ClientTask] = []
         self._sent: list[int] = []
         self._started = 0.0
@@ -106,6 +115,12 @@ class AlgorithmStrategy(Strategy):
                 self.refused[node] = one_line(reply.error.reason)
                 log(WARNING, "node %s is not used: %s", node, self.refused[node])
                 continue
+            try:
+                profile = reported_profile(reply)
+            except ValueError as err:
+                self.refused[node] = one_line(f"bad device profile: {err}")
+                log(WARNING, "node %s is not used: %s", node, self.refused[node])
+                continue
             client = node
             if METRICS_KEY in reply.content.metric_records:
                 client = int(reply.content.metric_records[METRICS_KEY].get(CLIENT_ID_KEY, node))
@@ -114,6 +129,7 @@ class AlgorithmStrategy(Strategy):
                     node, client, self.node_of[client])
                 client = node
             self.client_of[node], self.node_of[client] = client, node
+            self.profiles[client] = profile
 
     def clients(self, k: int) -> list[int]:
         """Ids of the connected, identified clients; waits (and says so) until ``k`` nodes
@@ -151,7 +167,7 @@ class AlgorithmStrategy(Strategy):
     def outcomes(self, tasks: list[ClientTask], replies: Iterable[Message]) -> Exchange:
         """Decode the replies of a round (the engine checks and counts the rest)."""
         expected = {self.node_of[t.client] for t in tasks}
-        got, failures, up = [], [], []
+        got, failures, up, up_of = [], [], [], {}
         for reply in replies:
             node = reply.metadata.src_node_id
             up.append(wire_bytes(reply))
@@ -159,9 +175,10 @@ class AlgorithmStrategy(Strategy):
                 log(WARNING, "ignoring a reply from node %s, which was not sent a task", node)
                 continue
             expected.discard(node)
+            up_of[self.client_of[node]] = up[-1]
             outcome = decode_reply(reply, self.client_of[node])
             (failures if isinstance(outcome, Failure) else got).append(outcome)
-        return Exchange(got, failures, list(self._sent), up)
+        return Exchange(got, failures, list(self._sent), up, up_of)
 
     # --- the engine's Transport ---------------------------------------------------------------
     def model_bytes(self, state: State) -> int:

@@ -141,3 +141,48 @@ def test_round_settings_come_from_the_message(cfg, shared_cache):
     reply = app(train_message(full, **{"local-steps": 0}), context(cfg, partition_id=5))
     got = reply.content[ARRAYS_KEY].to_torch_state_dict()
     assert all(torch.equal(got[k], full[k]) for k in full)
+
+
+# --- a node with its own images (node config data-dir; issue 13) ------------------------------
+
+
+def own_context(cfg: RunConfig, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=cfg.to_run_config())
+
+
+def test_node_with_its_own_images_identifies_and_trains(cfg, tmp_path, make_image_tree):
+    from fedsparse.protocol import OWN_DATA_KEY
+    from fedsparse.task import client_images
+
+    data = make_image_tree(tmp_path / "camera", {"": 3}, classes=("dog", "cat"))  # 2 of the run's 10 classes
+    node = {"data-dir": str(data), "client-id": 4}
+    query = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+    m = app(query, own_context(cfg, node)).content[METRICS_KEY]
+    assert m[CLIENT_ID_KEY] == 4 and m[OWN_DATA_KEY] == 1
+    anonymous = app(query, own_context(cfg, {"data-dir": str(data)})).content[METRICS_KEY]
+    assert CLIENT_ID_KEY not in anonymous and anonymous[OWN_DATA_KEY] == 1  # the server knows it by its node id
+
+    mine = client_images(cfg, 0, 1, str(data))
+    assert mine.classes[:4] == ("airplane", "automobile", "bird", "cat")  # the bundled sample's class list
+    assert sorted(set(mine.labels.tolist())) == [3, 5]  # cat and dog at the run's indices, not 0 and 1
+    full = initial_head(cfg, 192, 10).state_dict()
+    reply = app(train_message(full), own_context(cfg, node))
+    assert not reply.has_error(), reply.error
+    assert reply.content[METRICS_KEY][NUM_EXAMPLES_KEY] == 6
+    got = reply.content[ARRAYS_KEY].to_torch_state_dict()
+    want, _, _ = run_task(cfg, 4, 1, full, round_config(1), data_dir=str(data))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # without a client-id its batches are seeded by its data: the same images give the same arrays
+    a = app(train_message(full), own_context(cfg, {"data-dir": str(data)})).content[ARRAYS_KEY].to_torch_state_dict()
+    b, _, _ = run_task(cfg, None, 1, full, round_config(1), data_dir=str(data))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_node_with_an_unknown_class_folder_fails_in_one_line(cfg, tmp_path, make_image_tree):
+    # the SuperNode turns the exception into an error reply, which the server counts as failed
+    # (tests/test_deployment.py::test_own_data_node_on_deployment_engine)
+    data = make_image_tree(tmp_path / "camera", {"": 1}, classes=("cat", "zebra"))
+    full = initial_head(cfg, 192, 10).state_dict()
+    with pytest.raises(ValueError, match="class folder 'zebra', which is not one of the run's 10 classes") as err:
+        app(train_message(full), own_context(cfg, {"data-dir": str(data), "client-id": 1}))
+    assert "\n" not in str(err.value)

@@ -53,6 +53,16 @@ class TestPartitionIndices:
         assert h_iid > 0.9 * np.log(10)  # near-uniform classes per client
         assert h_dir < 0.7 * h_iid
 
+    def test_dirichlet_never_leaves_a_client_empty(self) -> None:
+        """Alpha 0.1 for 400 clients of 600 examples leaves clients empty in every draw: the
+        last draw's empty clients get one example each, and the parts still cover every example once."""
+        parts = partition_indices(LABELS, 400, "dirichlet", seed=0, alpha=0.1)
+        assert min(len(p) for p in parts) >= 1
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
+        assert sum(len(p) == 1 for p in parts) > 10  # the repaired ones (and others)
+        again = partition_indices(LABELS, 400, "dirichlet", seed=0, alpha=0.1)
+        assert all(np.array_equal(x, y) for x, y in zip(parts, again))
+
     def test_shards_give_each_client_few_classes(self) -> None:
         parts = partition_indices(LABELS, 5, "shards", seed=0)  # 10 shards of 60: one class each
         for p in parts:
@@ -238,3 +248,160 @@ def test_full_partitioner_gives_every_client_the_whole_training_set(tmp_path, ma
     train, _ = load_splits("imagefolder", str(root), str(tmp_path / "cache"))
     for pid in range(3):
         assert client_split(train, pid, 3, "full", 0, 0.5).paths == train.paths
+
+
+# --- a client's own data (issue 13): class folders labelled by the run's class list ---------
+
+
+class TestOwnData:
+    RUN = ("bird", "cat", "dog")
+
+    def test_labels_follow_the_run_class_list_not_the_folder(self, tmp_path, make_image_tree) -> None:
+        from fedsparse.data.datasets import own_images
+
+        root = make_image_tree(tmp_path / "mine", {"": 2}, classes=("dog", "bird"))  # a subset, any order
+        mine = own_images(root, self.RUN)
+        assert mine.classes == self.RUN
+        by_class = {p.split("/")[0]: int(label) for p, label in zip(mine.paths, mine.labels)}
+        assert by_class == {"bird": 0, "dog": 2}
+        one_class = own_images(make_image_tree(tmp_path / "one", {"": 1}, classes=("cat",)), self.RUN)
+        assert one_class.labels.tolist() == [1]  # a single class is enough for a client
+
+    def test_unknown_class_is_a_one_line_error(self, tmp_path, make_image_tree) -> None:
+        from fedsparse.data.datasets import own_images
+
+        root = make_image_tree(tmp_path / "mine", {"": 1}, classes=("cat", "zebra"))
+        with pytest.raises(ValueError, match="class folder 'zebra', which is not one of the run's 3 classes") as err:
+            own_images(root, self.RUN)
+        assert "\n" not in str(err.value)
+
+    def test_fingerprint_follows_data_and_classes(self, tmp_path, make_image_tree, image_writer) -> None:
+        from fedsparse.data.datasets import own_images
+
+        a = make_image_tree(tmp_path / "a", {"": 1}, classes=("cat",))
+        b = make_image_tree(tmp_path / "b", {"": 1}, classes=("cat",))  # same relative paths, another folder
+        fa, fb = own_images(a, self.RUN).fingerprint, own_images(b, self.RUN).fingerprint
+        assert fa != fb and fa == own_images(a, self.RUN).fingerprint
+        assert own_images(a, ("cat", "dog")).fingerprint != fa  # other labels: another cache entry
+        image_writer(a / "cat" / "extra.png", seed=99)
+        assert own_images(a, self.RUN).fingerprint != fa
+
+    @pytest.mark.parametrize("case, fragment", [
+        ("missing", "data-dir not found"), ("empty", "no images found under"), ("loose", "lie in no class folder"),
+    ])
+    def test_bad_folders_are_one_line(self, tmp_path, image_writer, case, fragment) -> None:
+        from fedsparse.data.datasets import own_images
+
+        root = tmp_path / case
+        if case != "missing":
+            root.mkdir()
+        if case == "loose":
+            image_writer(root / "x.png")
+        with pytest.raises((ValueError, FileNotFoundError), match=fragment) as err:
+            own_images(root, self.RUN)
+        assert "\n" not in str(err.value)
+
+    @pytest.mark.parametrize("text, fragment", [
+        ("cat", "only one class"), ("cat,,dog", "empty name"), ("cat,dog,cat", "'cat' twice"),
+    ])
+    def test_classes_key_is_checked(self, text, fragment) -> None:
+        from fedsparse.config import RunConfig
+
+        with pytest.raises(ValueError, match=fragment):
+            RunConfig(classes=text)
+        assert RunConfig(classes=" cat , dog ").classes == " cat , dog "
+
+    def test_node_data_reads_the_node_config(self, tmp_path) -> None:
+        from fedsparse.data.partition import NodeData, node_data
+
+        (tmp_path / "d").mkdir()
+        assert node_data({"partition-id": 1, "num-partitions": 4}) == NodeData(1, 4, "")
+        assert node_data({"data-dir": str(tmp_path / "d")}) == NodeData(None, 1, str(tmp_path / "d"))
+        assert node_data({"data-dir": str(tmp_path / "d"), "client-id": 7}).client_id == 7
+        for config, fragment in [
+            ({"data-dir": str(tmp_path / "nope")}, "data-dir .* is not found"),
+            ({"data-dir": 3}, "data-dir must be a folder path"),
+            ({"data-dir": str(tmp_path / "d"), "partition-id": 0}, "both data-dir and partition-id"),
+            ({"data-dir": str(tmp_path / "d"), "client-id": -1}, "client-id must be an integer >= 0"),
+            ({"data-dir": str(tmp_path / "d"), "client-id": "a"}, "client-id must be an integer >= 0"),
+            ({"num-partitions": 2}, "lacks 'partition-id'"),
+        ]:
+            with pytest.raises(ValueError, match=fragment) as err:
+                node_data(config)
+            assert "\n" not in str(err.value)
+
+
+class TestFoldersPartitioner:
+    def make(self, root: Path, make_image_tree, clients=("alice", "bob", "carol")) -> Path:
+        make_image_tree(root / "test", {"": 1}, classes=("bird", "cat", "dog"))
+        for i, name in enumerate(clients):
+            make_image_tree(root / name, {"": 1 + i}, classes=(("bird", "cat"), ("dog",), ("cat", "dog"))[i % 3])
+        return root
+
+    def cfg(self, root: Path, tmp_path: Path, **changes):
+        from fedsparse.config import RunConfig
+
+        values = dict(dataset="imagefolder", data_dir=str(root), partitioner="folders", num_clients=3,
+                      clients_per_round=2, cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"))
+        return RunConfig(**{**values, **changes})
+
+    def test_one_client_per_sub_folder_sorted_by_name(self, tmp_path, make_image_tree) -> None:
+        from fedsparse.task import client_images, partition_sizes_of, run_classes, test_images
+
+        cfg = self.cfg(self.make(tmp_path / "fed", make_image_tree), tmp_path)
+        assert run_classes(cfg) == ("bird", "cat", "dog")  # from data-dir/test/
+        assert len(test_images(cfg)) == 3
+        got = [client_images(cfg, i, 3) for i in range(3)]
+        assert [g.root.name for g in got] == ["alice", "bob", "carol"]
+        assert [sorted(set(g.labels.tolist())) for g in got] == [[0, 1], [2], [1, 2]]
+        assert partition_sizes_of(cfg) == [2, 2, 6]
+
+    def test_classes_key_orders_the_labels(self, tmp_path, make_image_tree) -> None:
+        from fedsparse.task import client_images, test_images
+
+        cfg = self.cfg(self.make(tmp_path / "fed", make_image_tree), tmp_path, classes="dog,cat,bird,fish")
+        assert client_images(cfg, 1, 3).labels.tolist() == [0, 0]  # bob's dog folder
+        assert test_images(cfg).classes == ("dog", "cat", "bird", "fish")
+
+    @pytest.mark.parametrize("case, fragment", [
+        ("count", r"num-clients .* is 4, but data-dir holds 3 client folders \(alice, bob, carol\)"),
+        ("no-test", "needs data-dir/test/"),
+        ("no-data-dir", "partitioner folders needs data-dir"),
+        ("unknown-class", "client folder 'bob' of data-dir .* has class folder 'zebra'"),
+        ("test-class", "the server's test set has class folder 'dog', which is not one of the run's 2 classes"),
+    ])
+    def test_bad_layouts_are_one_line_errors(self, tmp_path, make_image_tree, case, fragment) -> None:
+        from fedsparse.task import preflight
+
+        root = self.make(tmp_path / "fed", make_image_tree)
+        changes: dict = {}
+        if case == "count":
+            changes = {"num_clients": 4}
+        elif case == "no-test":
+            shutil.rmtree(root / "test")
+        elif case == "no-data-dir":
+            changes = {"data_dir": ""}
+        elif case == "unknown-class":
+            make_image_tree(root / "bob", {"": 1}, classes=("zebra",))
+        elif case == "test-class":
+            changes = {"classes": "bird,cat"}
+        with pytest.raises((ValueError, FileNotFoundError), match=fragment) as err:
+            preflight(self.cfg(root, tmp_path, **changes))
+        assert "\n" not in str(err.value)
+
+    def test_a_run_with_folder_clients(self, tmp_path, make_image_tree) -> None:
+        """Two rounds of the plain driver: every client trains on its own folder, and the
+        server evaluates on data-dir/test/."""
+        from fedsparse.engine.plain import PlainTransport
+        from fedsparse.engine.rounds import RoundEngine
+
+        cfg = self.cfg(self.make(tmp_path / "fed", make_image_tree), tmp_path, hidden="16,16", num_rounds=2,
+                       local_steps=2, batch_size=4)
+        metrics = RoundEngine(cfg, report=lambda s: None).run(PlainTransport(cfg))
+        assert [(r.clients, r.failures) for r in metrics.rounds] == [(2, 0), (2, 0)]
+        assert metrics.num_classes == 3 and metrics.test_examples == 3
+        sizes = {0: 2, 1: 2, 2: 6}  # alice, bob, carol
+        for r in metrics.rounds:  # one record per sampled client, with what its reply reported
+            assert [c["status"] for c in r.per_client] == ["ok", "ok"]
+            for c in r.per_client:
+                assert c["examples"] == sizes[c["client"]] and c["bytes_down"] > 0 and c["train_seconds"] >= 0

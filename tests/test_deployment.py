@@ -183,16 +183,18 @@ class Deployment:
         self.wait_listening("superlink", port)
 
     def start_supernode(self, partition_id: int, num_partitions: int, superlink_port: int, port: int,
-                        root_cert: Path | None = None, key: Path | None = None, name: str = "") -> str:
+                        root_cert: Path | None = None, key: Path | None = None, name: str = "",
+                        node_config: str = "") -> str:
         """A SuperNode: plaintext, or TLS trusting ``root_cert``; with ``key``, it authenticates
-        with that private key. Returns its name (the name of its log)."""
+        with that private key; ``node_config`` replaces its partition keys (e.g. a node with its
+        own data: ``data-dir='...' client-id=0``). Returns its name (the name of its log)."""
         name = name or f"supernode-{partition_id}"
         security = ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
         if key is not None:
             security += ["--auth-supernode-private-key", str(key)]
         args = [_exe("flower-supernode"), *security, "--superlink", f"{HOST}:{superlink_port}",
                 "--host", HOST, "--port", str(port),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+                "--node-config", node_config or f"partition-id={partition_id} num-partitions={num_partitions}"]
         self.spawn(name, args, self._home(name))  # own FLWR_HOME: nodes install the FAB there
         return name
 
@@ -386,6 +388,13 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
             deployment.start_supernode(i, 2, link_port, port)
         deployment.write_connection(link_port)
 
+        # An unknown key never reaches fedsparse: Flower's CLI says only "Invalid run
+        # configuration", the SuperLink's log names the key (docs/deployment.md says so).
+        rc, bad = deployment.flwr("flwr-run-bad-key", ["run", str(REPO), CONNECTION, "--run-config",
+                                                       run_config_arg({**run_config, "bogus-key": 3})], timeout=120)
+        assert "Invalid run configuration" in bad, bad
+        deployment.wait_for_log("superlink", r"Could not start run: Key 'bogus-key' is not present", timeout=10)
+
         t_run = time.monotonic()
         log, run = run_to_completion(deployment, run_config)
         t_run = time.monotonic() - t_run
@@ -430,6 +439,53 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
         print(f"\ndeployment test: {time.monotonic() - started:.1f}s before teardown; `flwr run` {t_run:.1f}s, "
               f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
               + ", ".join(f"{r['seconds']:.1f}s" for r in metrics["rounds"]))
+    except BaseException:
+        print(deployment.tail())
+        raise
+
+
+CIFAR10_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+
+
+def own_folder(tmp_path: Path, name: str, classes: dict[str, str]) -> Path:
+    """A node's own images: ``{folder name: sample class}`` folders of 10 images each, taken from
+    the bundled sample (a folder may carry a name that is not a class of the run)."""
+    src = sample_subset(tmp_path / f"{name}-src", {"train": 10}) / "train"
+    dest = tmp_path / name
+    dest.mkdir()
+    for folder, sample_class in classes.items():
+        shutil.copytree(src / sample_class, dest / folder)
+    return dest
+
+
+def test_own_data_nodes_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> None:
+    """A SuperNode with its own image folder (node config data-dir, a subset of the classes)
+    trains two rounds; a SuperNode whose folder holds a class the run does not know answers
+    with an error, which the server counts as a failed reply, every round it is sampled."""
+    good = own_folder(tmp_path, "camera", {"cat": "cat", "dog": "dog", "ship": "ship"})
+    bad = own_folder(tmp_path, "odd-camera", {"cat": "cat", "zebra": "horse"})
+    run_config = {**tiny_run_config(tmp_path), "classes": CIFAR10_CLASSES}  # no node needs the data set
+    out = Path(run_config["out-dir"])
+    link_port, *node_ports = free_ports(3)
+    try:
+        deployment.start_superlink(link_port)
+        deployment.start_supernode(0, 1, link_port, node_ports[0], name="supernode-camera",
+                                   node_config=f"data-dir='{good}' client-id=0")
+        deployment.start_supernode(1, 1, link_port, node_ports[1], name="supernode-odd-camera",
+                                   node_config=f"data-dir='{bad}' client-id=1")
+        deployment.write_connection(link_port)
+        run_to_completion(deployment, run_config)
+
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+        for entry in metrics["rounds"]:
+            assert (entry["clients"], entry["failures"], entry["failed_error"]) == (1, 1, 1), entry
+            records = {c["client"]: c for c in entry["per_client"]}
+            assert records[0]["status"] == "ok" and records[0]["examples"] == 30, records[0]
+            assert records[1]["status"] == "error", records[1]
+            assert "class folder 'zebra', which is not one of the run's 10 classes" in records[1]["reason"]
+        hits = [next(c for c in r["per_client"] if c["client"] == 0)["feature_cache_hit"] for r in metrics["rounds"]]
+        assert hits == [0, 1]  # extracted in round 1, from the cache in round 2
     except BaseException:
         print(deployment.tail())
         raise

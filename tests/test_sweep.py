@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_centralized_sweep_writes_the_table(cfg, tmp_path):
     for r in rows:
         assert r["rounds"] == 3 and 0.0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0
     assert (out / "sweep.png").stat().st_size > 0
-    assert "| imagefolder | 0.9 | per-image | centralized |" in (out / "sweep.md").read_text()
+    assert "| imagefolder | 0.9 | per-image | iid | centralized |" in (out / "sweep.md").read_text()
 
 
 def test_a_finished_run_is_reused_and_a_changed_one_is_not(cfg, tmp_path):
@@ -87,3 +88,46 @@ def test_a_federated_sweep_on_the_plain_engine_reuses_and_resumes_its_runs(cfg, 
 def test_an_unknown_engine_is_an_error(cfg, tmp_path):
     with pytest.raises(ValueError, match="Unknown engine 'ray'"):
         quiet_sweep(cfg, tmp_path, [0.5], ["ist"], ["per-image"], engine="ray")
+
+
+def test_a_heterogeneity_sweep_compares_strategies_per_partitioning(cfg, tmp_path):
+    """``partitions``: one run per (partitioning, strategy); the bytes columns and the
+    megabytes to 90% of FedAvg come from the runs' own per-round records."""
+    from fedsparse.commands.sweep import cumulative_mb
+    from fedsparse.engine.metrics import RunMetrics
+
+    out = tmp_path / "het"
+    short = cfg.replace(num_rounds=2, clients_per_round=4)
+    strategies = ["ist", "ist-authors", "fedavg(local-steps=2)", "fed3r", "fedncm", "centralized"]
+    rows = quiet_sweep(short, out, [0.5], strategies, ["per-image"], engine="plain", partitions=["0.3", "iid"])
+    assert [(r["partition"], r["strategy"]) for r in rows] == [(p, s) for p in ("dir0.3", "iid") for s in strategies]
+    for r in rows:
+        run = RunMetrics.load(Path(r["run_dir"]) / "metrics.json")
+        assert run.config["partitioner"] == ("iid" if r["partition"] == "iid" else "dirichlet")
+        if r["strategy"] == "centralized":
+            assert r["total_mb"] is None and r["mb_to_90pct_fedavg"] is None
+            continue
+        assert r["total_mb"] == pytest.approx(sum(x.bytes_down_total + x.bytes_up_total for x in run.rounds) / 1e6)
+        fedavg = next(f for f in rows if f["strategy"] == "fedavg(local-steps=2)" and f["partition"] == r["partition"])
+        reached = [mb for mb, acc in cumulative_mb(run) if acc >= 0.9 * fedavg["final_accuracy"]]
+        assert r["mb_to_90pct_fedavg"] == (reached[0] if reached else None)
+    by = {(r["partition"], r["strategy"]): r for r in rows}
+    assert by["iid", "ist-authors"]["bytes_down_per_client"] < by["iid", "fedavg(local-steps=2)"]["bytes_down_per_client"]
+    fedavg_run = RunMetrics.load(Path(by["iid", "fedavg(local-steps=2)"]["run_dir"]) / "metrics.json")
+    assert (fedavg_run.config["strategy"], fedavg_run.config["local-steps"]) == ("fedavg", 2)  # its own setting
+    assert Path(by["iid", "fedavg(local-steps=2)"]["run_dir"]).name == "per-image-r0.5-iid-fedavg-local-steps-2"
+    assert by["iid", "fed3r"]["bytes_down_per_client"] < by["iid", "ist"]["bytes_down_per_client"]  # stats go up only
+    assert RunMetrics.load(Path(by["iid", "ist-authors"]["run_dir"]) / "metrics.json").config["ist-variant"] == "authors"
+    assert (out / "sweep-bytes.png").stat().st_size > 0
+    assert "| dir0.3 | fed3r |" in (out / "sweep.md").read_text()
+
+
+def test_an_unknown_partition_is_an_error(cfg, tmp_path):
+    with pytest.raises(ValueError, match="Unknown strategy 'fedprox'"):
+        quiet_sweep(cfg, tmp_path, [0.5], ["fedprox(mu=1)"], ["per-image"])
+    with pytest.raises(ValueError, match="Unknown config key 'local-stepz'"):
+        quiet_sweep(cfg, tmp_path, [0.5], ["fedavg(local-stepz=1)"], ["per-image"], engine="plain")
+    with pytest.raises(ValueError, match="Unknown partition 'skewed'"):
+        quiet_sweep(cfg, tmp_path, [0.5], ["ist"], ["per-image"], partitions=["skewed"])
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        quiet_sweep(cfg, tmp_path, [0.5], ["ist"], ["per-image"], partitions=["-1"])

@@ -45,3 +45,22 @@ def test_random_mode_evaluates_on_fixed_test_masks(cfg):
     fixed, n_classes = test_features(cfg)
     rand, _ = test_features(cfg.replace(mask_mode="random"))
     assert n_classes == 2 and torch.equal(fixed.x, rand.x)
+
+
+def test_clients_read_their_rows_of_the_whole_split_once_it_is_cached(cfg):
+    """Per-image masks depend on the image alone, so a client's features are its rows of the
+    whole training split's entry, for any partitioning: no extraction after the first."""
+    from fedsparse.task import whole_split_features
+
+    settings = [cfg, cfg.replace(partitioner="dirichlet", num_clients=3, clients_per_round=3)]
+    alone = [[client_features(c, i, c.num_clients) for i in range(c.num_clients)] for c in settings]
+    assert not any(f.cache_hit for fs in alone for f in fs)  # each client extracted its own images
+    whole = whole_split_features(cfg)
+    assert not whole.cache_hit and len(whole.y) == 12
+    for c, extracted in zip(settings, alone):
+        for i, own in enumerate(extracted):
+            rows = client_features(c, i, c.num_clients)
+            assert rows.cache_hit and rows.seconds == 0.0
+            assert torch.equal(rows.y, own.y) and torch.allclose(rows.x, own.x, atol=1e-5)  # batch rounding aside
+    other = client_features(cfg.replace(mask_ratio=0.5), 0, 2)  # no whole-split entry at this ratio
+    assert not other.cache_hit

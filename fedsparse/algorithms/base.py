@@ -94,6 +94,10 @@ class Algorithm(ABC):
 
     name: ClassVar[str] = ""
     client_task: ClassVar[str] = TRAIN
+    # True: ``plan`` takes ``capacities=`` (one relative capacity per client, from device
+    # profiles; fedsparse.profiles) and sizes what it sends to them (IST). The engine passes
+    # them only to such algorithms and only when some client of the round has a profile.
+    supports_capacities: ClassVar[bool] = False
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg

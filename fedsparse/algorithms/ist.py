@@ -23,6 +23,27 @@ each with its own key:
   (FedAvgM, FedAdam), its moments saved with the run.
 
 The README section "IST under label skew" has the measurements behind the defaults.
+
+**Slices sized to capacity** (``device-profiles``, ``fedsparse.profiles``). When the round's
+clients have different capacities (a profile's ``width``; a client without a profile counts
+as 1), the engine passes them to ``plan`` and every hidden layer is cut in proportion to them
+(``proportional_partition``): a client's share of each layer is ``c_i / sum(c)`` of the
+round's capacities, so a ``tiny`` client (0.25) receives and trains a smaller slice than a
+``large`` one (1.0), and its bytes down and up follow (the middle block shrinks with the
+square of the share). Capacities are relative: a share never exceeds ``c_i / max(c)``, and
+the partition still covers every neuron. With G < K the clients are ordered by capacity and
+cut into G groups of near-equal size (``capacity_groups``), so clients of the same profile
+share a subnet, and a group's capacity is its weakest member's (every member trains the
+whole slice, so the slice must fit the weakest). Equal capacities (all clients of one profile,
+or none with a profile) plan exactly as without profiles.
+
+Between rounds nothing about a neuron's owner is kept: every round re-partitions from
+scratch by that round's clients and capacities (``random``: a fresh permutation, cut by the
+round's shares; ``rolling``: the run's fixed neuron order turned by one neuron a round and
+cut by the round's shares). Every neuron keeps its weights on the server whichever slice it
+falls into; a neuron in the slice of a client that fails (or a block between two slices) is
+not trained that round and stays unchanged. Overlapping subnets (``ist-overlap`` > 1) with
+capacities are refused (one line: the overlap windows have equal widths by construction).
 """
 
 from __future__ import annotations
@@ -50,6 +71,8 @@ from fedsparse.model.ist import (
     merge_by_subnet,
     merge_per_weight,
     partition,
+    proportional_partition,
+    capacity_groups,
     robust_merge,
     slice_state,
     stitch,
@@ -123,6 +146,7 @@ def merge_groups(state: Mapping[str, torch.Tensor], slices: Sequence[SliceUpdate
 @register
 class IST(Algorithm):
     name = "ist"
+    supports_capacities = True
 
     def __init__(self, cfg: "RunConfig", options: ISTOptions | None = None) -> None:
         super().__init__(cfg)
@@ -145,10 +169,33 @@ class IST(Algorithm):
         return subnet_parts(hidden_sizes(state), g, self.options.scheme, self.options.overlap,
                             derive_seed("neuron-order", self.cfg.seed), server_round, round_seed)
 
-    def plan(self, server_round: int, state: Mapping[str, torch.Tensor], clients: Sequence[int]) -> list[ClientTask]:
+    def capacity_parts(self, server_round: int, state: Mapping[str, torch.Tensor],
+                       capacities: Sequence[float]) -> list[list[torch.Tensor]]:
+        """The round's subnets with sizes in proportion to ``capacities`` (module docstring)."""
+        opts = self.options
+        if opts.variant != "authors" and opts.overlap != 1.0:
+            raise ValueError(f"IST slices sized to capacity need disjoint subnets (ist-overlap = 1), "
+                             f"got ist-overlap {opts.overlap:g}")
+        if opts.variant != "authors" and opts.scheme == "rolling":
+            return proportional_partition(hidden_sizes(state), capacities, derive_seed("neuron-order", self.cfg.seed),
+                                          offset=server_round - 1)
+        return proportional_partition(hidden_sizes(state), capacities, derive_seed("partition", self.cfg.seed,
+                                                                                   server_round))
+
+    def plan(self, server_round: int, state: Mapping[str, torch.Tensor], clients: Sequence[int],
+             capacities: Sequence[float] | None = None) -> list[ClientTask]:
+        """One slice per group; with ``capacities`` (one per client, > 0) that differ, slices
+        sized to them (module docstring), else near-equal slices."""
         opts = self.options
         g = self.num_subnets(len(clients))
-        parts = self.parts(server_round, state, g)
+        if capacities is not None and len(capacities) != len(clients):
+            raise ValueError(f"got {len(capacities)} capacities for {len(clients)} clients")
+        if capacities is None or len({float(c) for c in capacities}) <= 1:
+            groups = client_groups(len(clients), g)
+            parts = self.parts(server_round, state, g)
+        else:
+            groups, group_caps = capacity_groups(capacities, g)
+            parts = self.capacity_parts(server_round, state, group_caps)
         indices = [worker_indices(parts, s) for s in range(g)]
         slices = [slice_state(state, index, opts.scaling) for index in indices]
         config: dict[str, Any] = {"num-subnets": g}
@@ -160,7 +207,7 @@ class IST(Algorithm):
                         CLASS_COUNTS: ((num_classes,), torch.float32)} for sub in slices]
         return [
             ClientTask(client, slices[s], {"subnet": s, **config}, group=s, meta=indices[s], reply=replies[s])
-            for client, s in zip(clients, client_groups(len(clients), g))
+            for client, s in zip(clients, groups)
         ]
 
     def aggregate(self, server_round: int, state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],

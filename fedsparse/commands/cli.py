@@ -7,6 +7,7 @@
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
     fedsparse overhead [CONFIG] [--clients-per-round 10,100,1000] [--rounds 3] [--out DIR]
     fedsparse check [CONFIG] [--run-config "k=v ..." | --run-config FILE.toml] [--resume DIR]
+    fedsparse devices [CONFIG] [--profiles tiny,small,large] [--rounds 3] [--data-dir DIR] [--out DIR]
     fedsparse keys
 
 Errors in user input (a missing file, an unknown key, a value out of range, a folder that
@@ -117,17 +118,25 @@ def check_client_cpus(cfg: RunConfig) -> None:
 def check_node_config(cfg: RunConfig, text: str) -> None:
     """A SuperNode's ``--node-config`` against the run's data: both keys present, integers,
     ``0 <= partition-id < num-partitions``, and a partition that holds examples."""
-    from fedsparse.data.datasets import load_splits
-    from fedsparse.data.partition import check_partition_id, client_split
+    from fedsparse.data.partition import check_partition_id
 
     node = parse_overrides(text)
+    if "data-dir" in node:  # a node with its own images: their classes must be the run's
+        from fedsparse.data.partition import node_data
+        from fedsparse.task import client_images
+
+        mine = client_images(cfg, 0, 1, node_data(node).data_dir)
+        print(f"fedsparse check: node data-dir {mine.root}: {len(mine)} images in "
+              f"{len(set(mine.labels.tolist()))} of the run's {len(mine.classes)} classes")
+        return
     missing = [k for k in ("partition-id", "num-partitions") if k not in node]
     if missing:
         raise ValueError(f"node config {text!r} lacks {', '.join(missing)}; start the SuperNode with "
                          "--node-config 'partition-id=<i> num-partitions=<n>'")
     pid, n = check_partition_id(node["partition-id"], node["num-partitions"])
-    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    mine = client_split(train, pid, n, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
+    from fedsparse.task import client_images
+
+    mine = client_images(cfg, pid, n)
     if not len(mine):
         raise ValueError(f"node config {text!r}: partition {pid} of {n} holds no training examples")
 
@@ -265,8 +274,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     ratios = _ratios(args.mask_ratios)
     print(f"fedsparse sweep: {args.config or 'defaults'} -> {out}", flush=True)
     rows = sweep(cfg, out, ratios, _names(args.strategies), _names(args.mask_modes),
-                 report=lambda s: print(s, flush=True))
-    print(f"{len(rows)} runs; results: {out}/sweep.csv, sweep.md, sweep.png")
+                 report=lambda s: print(s, flush=True), engine=args.engine,
+                 partitions=_names(args.partitions) if args.partitions else None)
+    print(f"{len(rows)} runs; results: {out}/sweep.csv, sweep.md, sweep.png, sweep-bytes.png")
     return 0
 
 
@@ -286,6 +296,33 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     print(f"fedsparse overhead: {args.config or 'defaults'}, K in {ks}, {args.rounds} rounds -> {out}", flush=True)
     overhead(cfg, out, ks, args.rounds, tuple(_names(args.engines)), report=lambda s: print(s, flush=True))
     print(f"results: {out}/overhead.json, overhead.md")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import signal
+
+    from fedsparse.commands.devices import devices_run, parse_limits, parse_profiles
+
+    cfg = resolve(args.config or _default_config(), {"num-rounds": args.rounds, **overrides_of(args.run_config)})
+    profiles = parse_profiles(args.profiles)
+    if args.images < 1 or args.test_images < 1:
+        raise ValueError("--images and --test-images must be >= 1")
+    out = _writable_out(args.out)
+    print(f"fedsparse devices: {len(profiles)} emulated devices ({args.profiles}), {cfg.num_rounds} rounds -> {out}",
+          flush=True)
+
+    def stop(signum, frame):  # a service manager's SIGTERM: stop like Ctrl-C (every process started is ended)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        devices_run(cfg, profiles, out, args.data_dir, args.images, args.test_images, args.timeout, args.limits,
+                    report=lambda s: print(s, flush=True),
+                    memory_limits=parse_limits(args.memory_limit_mib, len(profiles)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"results: {out}/devices.json, devices.md, run/metrics.json")
     return 0
 
 
@@ -363,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     swp = sub.add_parser("sweep", help="run the experiment at each mask ratio: the paper's accuracy/storage table")
     swp.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
     swp.add_argument("--mask-ratios", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated")
-    swp.add_argument("--strategies", default="ist", help="any of ist, fedavg, centralized (comma-separated)")
+    swp.add_argument("--strategies", default="ist",
+                     help="any of ist, ist-authors, fedavg, fedopt, fed3r, fedncm, centralized (comma-separated)")
+    swp.add_argument("--partitions", default="",
+                     help="heterogeneity axis: iid and Dirichlet concentrations, e.g. 0.1,0.5,1,iid (default: the config's)")
+    swp.add_argument("--engine", default="simulation", choices=ENGINES,
+                     help="driver of the federated runs (the same config gives the same model on each)")
     swp.add_argument("--mask-modes", default="per-image",
                      help="per-image (fixed masks), shared, random (drawn anew every round: the ablation)")
     swp.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=10\"")
@@ -388,8 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--deployment", action="store_true",
                      help="for flwr run on SuperNodes: skip the checks that depend on num-clients")
     chk.add_argument("--node-config", default="", metavar="'partition-id=I num-partitions=N'",
-                     help="also check a SuperNode's --node-config against the data (implies --deployment)")
+                     help="also check a SuperNode's --node-config against the data (implies --deployment): its "
+                          "partition, or its own data-dir='/path' against the run's classes")
     chk.set_defaults(func=cmd_check)
+    dev = sub.add_parser("devices", help="emulate devices on this machine: a SuperLink and one SuperNode per profile, "
+                                         "each under memory and CPU limits, through flwr run")
+    dev.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    dev.add_argument("--profiles", default="tiny,small,large", help="one device per name (fedsparse.profiles)")
+    dev.add_argument("--rounds", type=int, default=3, help="rounds to run (sets num-rounds; --run-config wins)")
+    dev.add_argument("--data-dir", default="",
+                     help="one sub-folder per device (<device>/<class>/<image>) and test/; default: a split of the sample")
+    dev.add_argument("--images", type=int, default=100, help="images per device when splitting the sample")
+    dev.add_argument("--test-images", type=int, default=200, help="server test images when splitting the sample")
+    dev.add_argument("--limits", default="auto", choices=["auto", "cgroup", "rlimit"],
+                     help="auto: cgroups where they can be made here, else RLIMIT_AS and CPU affinity")
+    dev.add_argument("--memory-limit-mib", default="",
+                     help="per device, an OS memory limit replacing budget + SuperNode overhead, e.g. 300,0 "
+                          "(0 = the profile's): a device with less memory than its profile says")
+    dev.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole flwr run")
+    dev.add_argument("--run-config", default="", help="overrides, e.g. \"hidden='64,64' local-steps=5\"")
+    dev.add_argument("--out", default="runs/devices", help="folder for devices.json, devices.md, the run and its logs")
+    dev.set_defaults(func=cmd_devices)
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser

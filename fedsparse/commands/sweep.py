@@ -17,13 +17,28 @@ matches its config is reused, and an interrupted federated run is resumed from i
 ``metrics.json`` is a ``RunMetrics`` (the centralized head's too, with engine
 ``centralized``).
 
+``partitions`` adds a heterogeneity axis: each entry is ``iid`` or a Dirichlet concentration
+(``0.1``: strong label skew), and every (mode, ratio) runs once per partitioning. The
+strategies then compare on data of growing skew: ``ist`` (the config's IST, by default the
+label-skew variant), ``ist-authors`` (the paper's IST on the same data), ``fedavg`` on the full
+head, the closed-form heads ``fed3r`` and ``fedncm``, and ``centralized``. With fixed masks the
+whole training split is extracted once (``fedsparse.task.whole_split_features``) and every
+partitioning reads its clients' rows from it. A strategy may carry settings of its own:
+``fedavg(local-steps=5)`` runs FedAvg with 5 local steps beside IST's 20.
+
 Outputs in the sweep folder: ``sweep.csv`` (one row per run), ``sweep.md`` (the table),
-``sweep.png`` (best and final accuracy, and storage, against the mask ratio).
+``sweep.png`` (best and final accuracy, and storage, against the mask ratio), and
+``sweep-bytes.png`` (accuracy against the cumulative megabytes the clients received and sent,
+one curve per strategy, one panel per partitioning and ratio). The bytes columns: per client
+and round (down, up), and ``mb_to_90pct_fedavg``, the megabytes sent both ways by all clients
+until the first evaluated round at 90% of FedAvg's final accuracy on the same data (empty
+where the run never got there, or where no FedAvg ran).
 """
 
 from __future__ import annotations
 
 import csv
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,14 +53,24 @@ from fedsparse.config import RunConfig
 from fedsparse.data.datasets import load_splits
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.inputs.features import get_encoder
-from fedsparse.task import distinct_partitions
+from fedsparse.task import distinct_partitions, whole_split_features
 
-STRATEGIES = ("ist", "fedavg", "centralized")
+# strategy name -> the config changes that make it (centralized trains the config's head in one process)
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ist": {"strategy": "ist"},
+    "ist-authors": {"strategy": "ist", "ist_variant": "authors"},
+    "fedavg": {"strategy": "fedavg"},
+    "fedopt": {"strategy": "fedopt"},
+    "fed3r": {"strategy": "fed3r"},
+    "fedncm": {"strategy": "fedncm"},
+    "centralized": {"strategy": "ist"},
+}
 MODES = ("per-image", "shared", "random")
 COLUMNS = (
-    "dataset", "mask_ratio", "mask_mode", "strategy", "train_images", "masked_images_bytes", "cls_bytes",
+    "dataset", "mask_ratio", "mask_mode", "partition", "strategy", "train_images", "masked_images_bytes", "cls_bytes",
     "best_accuracy", "final_accuracy", "rounds", "client_encoder_gmacs", "client_extract_seconds",
-    "client_train_seconds", "bytes_down_per_client", "wall_seconds", "run_dir",
+    "client_train_seconds", "bytes_down_per_client", "bytes_up_per_client", "total_mb", "mb_to_90pct_fedavg",
+    "wall_seconds", "run_dir",
 )
 
 
@@ -53,8 +78,48 @@ def _tag(r: float) -> str:
     return f"r{r:g}"
 
 
-def run_dir(out: Path, mode: str, r: float, strategy: str) -> Path:
-    return out / f"{mode}-{_tag(r)}-{strategy}"
+def run_dir(out: Path, mode: str, r: float, strategy: str, partition: str = "") -> Path:
+    return out / (f"{mode}-{_tag(r)}-{partition}-{strategy}" if partition else f"{mode}-{_tag(r)}-{strategy}")
+
+
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``fedavg`` or ``fedavg(local-steps=5 batch-size=32)`` -> (name, run-config overrides):
+    a strategy with settings of its own (e.g. fewer local steps for the full head's clients)."""
+    from fedsparse.config import parse_overrides
+
+    spec = spec.strip()
+    name, _, rest = spec.partition("(")
+    name = name.strip()
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    if not rest:
+        return name, {}
+    if not rest.endswith(")"):
+        raise ValueError(f"strategy {spec!r}: settings go in parentheses, e.g. fedavg(local-steps=5)")
+    return name, parse_overrides(rest[:-1])
+
+
+def _dir_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
+
+
+def parse_partition(spec: str) -> tuple[str, dict[str, Any]]:
+    """``iid`` or a Dirichlet concentration (``0.5``) -> (its tag, its config changes)."""
+    spec = spec.strip()
+    if spec == "iid":
+        return "iid", {"partitioner": "iid"}
+    try:
+        alpha = float(spec)
+    except ValueError:
+        raise ValueError(f"Unknown partition {spec!r}; valid: iid or a Dirichlet concentration > 0 (e.g. 0.5)") from None
+    if not (alpha > 0 and alpha < float("inf")):
+        raise ValueError(f"Dirichlet concentration must be finite and > 0, got {spec!r}")
+    return f"dir{alpha:g}", {"partitioner": "dirichlet", "dirichlet_alpha": alpha}
+
+
+def partition_label(cfg: RunConfig) -> str:
+    """How ``cfg`` splits the training data, for the table: iid, dir0.5, shards, full."""
+    return f"dir{cfg.dirichlet_alpha:g}" if cfg.partitioner == "dirichlet" else cfg.partitioner
 
 
 def _same_run(saved: dict[str, Any], cfg: RunConfig) -> bool:
@@ -94,10 +159,13 @@ def federated(cfg: RunConfig, engine: str = "simulation") -> RunMetrics:
     its folder is reused, an interrupted one resumed after its last finished round."""
     from fedsparse.commands.cli import run_with_engine
 
+    from fedsparse.task import preflight
+
     out = Path(cfg.out_dir)
     done = _finished(out, cfg)
     if done is not None:
         return done
+    preflight(cfg)  # a bad setting is one line here, not a failure in every client
     return run_with_engine(cfg.replace(resume=_resumable(out, cfg)), engine)
 
 
@@ -150,9 +218,24 @@ def _sum(values: list[float | None]) -> float:
     return float(sum(v or 0.0 for v in values))
 
 
+def cumulative_mb(metrics: RunMetrics) -> list[tuple[float, float]]:
+    """(megabytes received and sent by all clients so far, accuracy) at every evaluated round."""
+    total, points = 0, []
+    for r in metrics.rounds:
+        total += r.bytes_down_total + r.bytes_up_total
+        if r.accuracy is not None:
+            points.append((total / 1e6, r.accuracy))
+    return points
+
+
+def mb_to_reach(metrics: RunMetrics, target: float) -> float | None:
+    """Megabytes both ways, all clients, until the first evaluated round at ``target`` accuracy."""
+    return next((mb for mb, acc in cumulative_mb(metrics) if acc >= target), None)
+
+
 def row_for(cfg: RunConfig, strategy: str, metrics: RunMetrics, shape: ViTShape, n_train: int) -> dict[str, Any]:
     rounds = metrics.rounds
-    fed = strategy != "centralized"
+    fed = strategy.partition("(")[0] != "centralized"
     # Encoder work of one client: once per partition with fixed masks, every round with random ones.
     per_client = n_train / distinct_partitions(cfg)
     extractions = cfg.num_rounds if cfg.mask_mode == "random" else 1
@@ -161,6 +244,7 @@ def row_for(cfg: RunConfig, strategy: str, metrics: RunMetrics, shape: ViTShape,
         "dataset": cfg.dataset,
         "mask_ratio": cfg.mask_ratio,
         "mask_mode": cfg.mask_mode,
+        "partition": partition_label(cfg),
         "strategy": strategy,
         "train_images": n_train,
         "masked_images_bytes": masked_images_bytes(n_train, shape, cfg.mask_ratio),
@@ -172,9 +256,28 @@ def row_for(cfg: RunConfig, strategy: str, metrics: RunMetrics, shape: ViTShape,
         "client_extract_seconds": _sum([r.client_extract_seconds_max for r in rounds]) if fed else None,
         "client_train_seconds": _sum([r.client_train_seconds_max for r in rounds]) if fed else None,
         "bytes_down_per_client": (sum(r.bytes_down_per_client for r in rounds) / len(rounds)) if fed and rounds else None,
+        "bytes_up_per_client": (sum(r.bytes_up_per_client for r in rounds) / len(rounds)) if fed and rounds else None,
+        "total_mb": sum(r.bytes_down_total + r.bytes_up_total for r in rounds) / 1e6 if fed else None,
+        "mb_to_90pct_fedavg": None,  # filled in by with_targets once FedAvg's run on the same data is known
         "wall_seconds": metrics.wall_seconds,
         "run_dir": str(Path(cfg.out_dir)),
     }
+
+
+def _same_data(row: dict[str, Any]) -> tuple:
+    return row["mask_mode"], row["mask_ratio"], row["partition"]
+
+
+def _name(row: dict[str, Any]) -> str:
+    return row["strategy"].partition("(")[0]
+
+
+def with_targets(rows: list[dict[str, Any]], runs: list[RunMetrics]) -> None:
+    """Fill ``mb_to_90pct_fedavg`` for every federated row whose data has a FedAvg row."""
+    for row, metrics in zip(rows, runs):
+        fedavg = [r for r in rows if _name(r) == "fedavg" and _same_data(r) == _same_data(row)]
+        if _name(row) != "centralized" and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
+            row["mb_to_90pct_fedavg"] = mb_to_reach(metrics, 0.9 * fedavg[0]["final_accuracy"])
 
 
 def sweep(
@@ -185,42 +288,56 @@ def sweep(
     modes: list[str],
     report: Callable[[str], None] = print,
     engine: str = "simulation",
+    partitions: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every (mode, ratio, strategy); write sweep.csv, sweep.md and sweep.png; return the rows.
+    """Run every (mode, ratio, partition, strategy); write sweep.csv, sweep.md, sweep.png and
+    sweep-bytes.png; return the rows.
 
     ``engine`` runs the federated strategies: ``simulation`` (the Flower Simulation Engine),
     ``in-process`` (Flower messages, no Ray) or ``plain`` (PyTorch only); the same config
     gives the same model on each, so a finished run is reused whichever engine ran it.
+    ``partitions``: ``iid`` and Dirichlet concentrations (``parse_partition``); None runs the
+    config's own partitioning (and keeps the run folders' names without a partition tag).
     """
     from fedsparse.commands.cli import ENGINES
 
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
-    for s in strategies:
-        if s not in STRATEGIES:
-            raise ValueError(f"Unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
+    specs = {s: parse_strategy(s) for s in strategies}
+    for name, own in specs.values():  # a bad setting is an error before the first run
+        RunConfig.from_run_config({**cfg.to_run_config(), **own})
     for m in modes:
         if m not in MODES:
             raise ValueError(f"Unknown mask mode {m!r}; valid: {', '.join(MODES)}")
+    parts = [parse_partition(p) for p in partitions] if partitions else [("", {})]
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     encoder = get_encoder(cfg.encoder, cfg.image_size)
     shape = ViTShape.of(encoder.model, cfg.image_size)
     rows: list[dict[str, Any]] = []
-    plan = [(m, r, s) for m in modes for r in ratios for s in strategies]
+    runs: list[RunMetrics] = []
+    plan = [(m, r, p, s) for m in modes for r in ratios for p in parts for s in strategies]
     t0 = time.perf_counter()
-    for i, (mode, r, strategy) in enumerate(plan, 1):
-        # centralized keeps the run config of IST (head, optimizer, steps) and trains in one process
-        c = cfg.replace(mask_ratio=r, mask_mode=mode, strategy="ist" if strategy == "centralized" else strategy,
-                        out_dir=str(run_dir(out, mode, r, strategy)))
-        report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {strategy} ({time.perf_counter() - t0:.0f}s so far)")
-        metrics = centralized(c) if strategy == "centralized" else federated(c, engine)
+    for i, (mode, r, (tag, changes), strategy) in enumerate(plan, 1):
+        name, own = specs[strategy]
+        c = cfg.replace(mask_ratio=r, mask_mode=mode, **changes, **STRATEGIES[name],
+                        out_dir=str(run_dir(out, mode, r, _dir_name(strategy), tag)))
+        if own:
+            c = RunConfig.from_run_config({**c.to_run_config(), **own})
+        report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {partition_label(c)}, {strategy} "
+               f"({time.perf_counter() - t0:.0f}s so far)")
+        if len(parts) > 1 and mode != "random":  # every partitioning reads its clients' rows from one extraction
+            whole_split_features(c.replace(mask_mode=mode))
+        metrics = centralized(c) if name == "centralized" else federated(c, engine)
         row = row_for(c, strategy, metrics, shape, len(train))
         rows.append(row)
+        runs.append(metrics)
+        with_targets(rows, runs)
         report(f"    best {row['best_accuracy']:.4f}, final {row['final_accuracy']:.4f}")
         write(rows, out)
     plot(rows, out / "sweep.png")
+    plot_bytes(rows, runs, out / "sweep-bytes.png")
     return rows
 
 
@@ -238,15 +355,18 @@ def _fmt(v: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| data set | mask ratio | masks | strategy | masked images MB | CLS tokens MB | best acc | final acc | "
+        "| data set | mask ratio | masks | partition | strategy | masked images MB | CLS tokens MB | best acc | "
+        "final acc | MB down / client / round | MB up / client / round | MB to 90% of FedAvg | "
         "client encoder GMACs | client extract s | client train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['mask_ratio']:g} | {r['mask_mode']} | {r['strategy']} | "
+            f"| {r['dataset']} | {r['mask_ratio']:g} | {r['mask_mode']} | {r['partition']} | {r['strategy']} | "
             f"{_fmt(r['masked_images_bytes'], 1e6)} | {_fmt(r['cls_bytes'], 1e6)} | {r['best_accuracy']:.4f} | "
-            f"{r['final_accuracy']:.4f} | {_fmt(r['client_encoder_gmacs'], 1, 1)} | "
+            f"{r['final_accuracy']:.4f} | {_fmt(r['bytes_down_per_client'], 1e6, 3)} | "
+            f"{_fmt(r['bytes_up_per_client'], 1e6, 3)} | {_fmt(r['mb_to_90pct_fedavg'], 1, 0)} | "
+            f"{_fmt(r['client_encoder_gmacs'], 1, 1)} | "
             f"{_fmt(r['client_extract_seconds'], 1, 1)} | {_fmt(r['client_train_seconds'], 1, 1)} |"
         )
     return "\n".join(lines) + "\n"
@@ -260,10 +380,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in sorted({(r["strategy"], r["mask_mode"]) for r in rows}):
-        sel = sorted((r for r in rows if (r["strategy"], r["mask_mode"]) == key), key=lambda r: r["mask_ratio"])
+    several = len({r["partition"] for r in rows}) > 1
+    for key in sorted({(r["strategy"], r["mask_mode"], r["partition"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["strategy"], r["mask_mode"], r["partition"]) == key),
+                     key=lambda r: r["mask_ratio"])
         xs = [r["mask_ratio"] for r in sel]
-        line, = ax.plot(xs, [r["best_accuracy"] for r in sel], marker="o", label=f"{key[0]}, {key[1]} masks (best)")
+        label = f"{key[0]}, {key[1]} masks" + (f", {key[2]}" if several else "") + " (best)"
+        line, = ax.plot(xs, [r["best_accuracy"] for r in sel], marker="o", label=label)
         ax.plot(xs, [r["final_accuracy"] for r in sel], ls="--", color=line.get_color(), label="final")
     ax.set(xlabel="mask ratio", ylabel="test accuracy", title=f"accuracy vs mask ratio ({rows[0]['dataset']})")
     ax.legend(fontsize=7)
@@ -279,3 +402,49 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_bytes(rows: list[dict[str, Any]], runs: list[RunMetrics], path: Path) -> Path | None:
+    """Accuracy against the cumulative megabytes the clients received and sent (log scale), one
+    curve per federated strategy, one panel per (mode, ratio, partition); the centralized head
+    (no bytes) as a dotted line. None when no federated run sent anything."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({_same_data(r) for r in rows}, key=lambda k: (k[0], k[1], _partition_order(k[2])))
+    if not any(r["total_mb"] for r in rows):
+        return None
+    cols = min(len(panels), 4)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        for row, metrics in zip(rows, runs):
+            if _same_data(row) != key:
+                continue
+            if _name(row) == "centralized":
+                ax.axhline(row["final_accuracy"], ls=":", color="grey", label="centralized (final)")
+                continue
+            pts = [(mb, acc) for mb, acc in cumulative_mb(metrics) if mb > 0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 3 else None,
+                        label=row["strategy"])
+        mode, ratio, part = key
+        ax.set(xscale="log", xlabel="MB sent, all clients, both ways (cumulative)", ylabel="test accuracy",
+               title=f"{part}, r={ratio:g}" + ("" if mode == "per-image" else f", {mode} masks"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _partition_order(tag: str) -> tuple[int, float]:
+    """dir0.1 < dir0.5 < dir1 < iid (growing homogeneity), then the rest."""
+    if tag.startswith("dir"):
+        return 0, float(tag[3:])
+    return (1, 0.0) if tag == "iid" else (2, 0.0)

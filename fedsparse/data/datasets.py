@@ -429,6 +429,101 @@ def author_split(full: ImageSet, n_train: int, n_test: int) -> tuple[ImageSet, I
     return full.subset(np.sort(perm[:k])), full.subset(np.sort(perm[k:]))
 
 
+# --- a client's own data: its class folders, labelled by the run's class list -----------
+
+TEST_FOLDER = "test"  # partitioner = "folders": data-dir/test/ is the server's test set
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """The run-config key ``classes`` (``"airplane,cat,dog"``) as a tuple; ``""`` -> ``()``
+    (the run's data set then names the classes). Names must be distinct and non-empty, and
+    there must be at least 2."""
+    if not text.strip():
+        return ()
+    names = tuple(c.strip() for c in text.split(","))
+    if any(not c for c in names):
+        raise ValueError(f"classes {text!r} holds an empty name; give comma-separated class folder names")
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise ValueError(f"classes {text!r} names {dupes[0]!r} twice")
+    if len(names) < 2:
+        raise ValueError(f"classes {text!r} names only one class; a classifier needs at least 2")
+    return names
+
+
+def with_classes(images: ImageSet, classes: Sequence[str], where: str) -> ImageSet:
+    """``images`` relabelled by the run's class list (label = index of its class name in
+    ``classes``); a class of ``images`` that is not in the list is a one-line ``ValueError``."""
+    classes = tuple(classes)
+    if images.classes == classes:
+        return images
+    index = {c: i for i, c in enumerate(classes)}
+    present = sorted({images.classes[int(label)] for label in np.unique(images.labels)})
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise ValueError(f"{where} has class folder {unknown[0]!r}, which is not one of the run's "
+                         f"{len(classes)} classes ({', '.join(classes)})")
+    labels = np.array([index[images.classes[int(label)]] for label in images.labels], dtype=np.int64)
+    fingerprint = hashlib.sha256(f"{images.fingerprint}|{','.join(classes)}".encode()).hexdigest()[:16]
+    return ImageSet(images.root, images.paths, labels, classes, fingerprint)
+
+
+def own_images(folder: str | Path, classes: Sequence[str], where: str = "data-dir") -> ImageSet:
+    """A client's own images: ``folder/<class>/<image>`` (any subset of the run's ``classes``,
+    one class is enough), labelled by the index of each class name in ``classes``.
+
+    Its fingerprint covers the folder's resolved path, every image's relative path, size and
+    modification time, and the class list, so its feature-cache entry is keyed by the data
+    itself (and by the labels), never by a partition id. Errors are one line naming ``where``.
+    """
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{where} not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"{where} {root} is not a folder (expected <class>/<image> folders)")
+    _, rel = _list_class_tree(root)
+    if not rel:
+        loose = _loose_images(root)
+        detail = f": its {loose} images lie in no class folder" if loose else ""
+        raise ValueError(f"no images found under {where} {root}{detail} (expected <class>/<image> folders)")
+    index = {c: i for i, c in enumerate(classes)}
+    present = sorted({Path(p).parts[0] for p in rel})
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise ValueError(f"{where} {root} has class folder {unknown[0]!r}, which is not one of the run's "
+                         f"{len(classes)} classes ({', '.join(classes)})")
+    labels = np.array([index[Path(p).parts[0]] for p in rel], dtype=np.int64)
+    digest = hashlib.sha256(f"{root.resolve()}|{_fingerprint(root, rel)}|{','.join(classes)}".encode()).hexdigest()[:16]
+    return ImageSet(root, tuple(rel), labels, tuple(classes), digest)
+
+
+@lru_cache(maxsize=4)
+def folder_test_set(root: Path) -> ImageSet:
+    """``partitioner = "folders"``: the server's test set, ``root/test/<class>/<image>``."""
+    return _image_set(root, TEST_FOLDER, "the folders test set")
+
+
+@lru_cache(maxsize=4)
+def client_folders(data_dir: str, cache_dir: str = "") -> tuple[tuple[str, ...], Path]:
+    """``partitioner = "folders"``: (names of the client sub-folders of ``data_dir``, sorted;
+    the folder that holds them). ``data-dir/test/`` is the server's test set, not a client; a
+    ``.tar.gz`` is extracted into the cache first."""
+    if not data_dir:
+        raise ValueError("partitioner folders needs data-dir: a folder with one sub-folder per client "
+                         "(<client>/<class>/<image>) and test/ (the server's test set, <class>/<image>)")
+    root = _locate_root(data_dir, default_cache_dir(cache_dir), "folders")
+    if not root.is_dir():
+        raise ValueError(f"data-dir {root} is not a folder")
+    if not (root / TEST_FOLDER).is_dir():
+        raise ValueError(f"partitioner folders needs data-dir/{TEST_FOLDER}/ (the server's test set, "
+                         f"<class>/<image> folders); {root} has none")
+    names = tuple(sorted(d.name for d in root.iterdir()
+                         if d.is_dir() and not d.name.startswith(".") and d.name != TEST_FOLDER))
+    if not names:
+        raise ValueError(f"partitioner folders: data-dir {root} has no client sub-folder besides {TEST_FOLDER}/")
+    return names, root
+
+
 def describe(dataset: ImageSet) -> str:
     counts = np.bincount(dataset.labels, minlength=len(dataset.classes))
     return json.dumps(dict(zip(dataset.classes, counts.tolist())))

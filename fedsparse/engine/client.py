@@ -21,6 +21,8 @@ from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES
 from fedsparse.config import RunConfig
 from fedsparse.model.closed_form import stats_for
 from fedsparse.model.head import MLPHead, state_dims
+from fedsparse.inputs.features import encoder_batch
+from fedsparse.profiles import Profile, fit_profile
 from fedsparse.task import client_features, train_slice
 
 ROUND_KEYS = ("server-round", "local-steps", "lr", "batch-size")  # every training task carries these
@@ -52,21 +54,37 @@ def round_setting(config: Mapping[str, Any], key: str) -> Any:
         raise ValueError(f"the server's message lacks {key!r} (per-round settings come only from the message)") from None
 
 
-def run_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: State,
-             config: Mapping[str, Any]) -> tuple[State, int, dict[str, float]]:
-    """Do what the task says on this client's data: ``(arrays, num_examples, metrics)``."""
+def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arrays: State,
+             config: Mapping[str, Any], data_dir: str = "",
+             profile: Profile | None = None) -> tuple[State, int, dict[str, float]]:
+    """Do what the task says on this client's data: ``(arrays, num_examples, metrics)``.
+
+    ``profile``: this device's profile (``fedsparse.profiles``; None = the run's own settings).
+    Before anything else the client predicts its peak memory and fits its encoder batch to the
+    profile's budget, or refuses the task with a one-line ``MemoryBudgetError``
+    (``fit_profile``); it then extracts at the profile's mask ratio and encoder dtype and
+    trains with the profile's threads. Local steps and batch size still come from the task
+    (the server sets them from the same profile).
+
+    ``data_dir``: the node's own images (``<class>/<image>``) instead of a partition; its
+    ``partition_id`` is then the node's ``client-id``, or None, and its batches are seeded by
+    its data instead (``batch_seed_id``)."""
     kind = str(config.get(p.CLIENT_TASK_KEY, TRAIN))
     if kind == STATS:
-        return run_stats_task(cfg, partition_id, num_partitions, arrays, config)
+        return run_stats_task(cfg, partition_id, num_partitions, arrays, config, data_dir, profile)
     if kind != TRAIN:
         raise ValueError(f"unknown client task {kind!r}; this client knows: {TRAIN}, {STATS}")
     server_round = int(round_setting(config, "server-round"))
     steps, lr, batch_size = (round_setting(config, k) for k in ("local-steps", "lr", "batch-size"))
     label_aware = bool(int(config.get(LABEL_AWARE_KEY, 0)))
-    feats = client_features(cfg, partition_id, num_partitions, server_round)
+    fit = fit_profile(cfg, profile, state_dims(arrays), int(batch_size)) if profile is not None else None
+    if fit is not None:
+        cfg = fit.cfg
+    with encoder_batch(fit.encoder_batch if fit is not None else None):
+        feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
     t0 = time.perf_counter()
-    with torch_threads(client_threads(cfg)):
-        trained, loss = train_slice(cfg, arrays, feats, server_round, partition_id,
+    with torch_threads(fit.threads if fit is not None else client_threads(cfg)):
+        trained, loss = train_slice(cfg, arrays, feats, server_round, batch_seed_id(cfg, partition_id, data_dir),
                                     steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                                     label_aware=label_aware)
     if label_aware:  # which output rows it trained, and with how many examples each
@@ -79,20 +97,36 @@ def run_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: Sta
         p.CACHE_HIT_KEY: int(feats.cache_hit),
         p.PEAK_RSS_KEY: peak_rss_bytes(),
         p.TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(arrays), int(batch_size)),
+        **(fit.metrics() if fit is not None else {}),
     }
     return trained, len(feats.y), metrics
 
 
-def run_stats_task(cfg: RunConfig, partition_id: int, num_partitions: int, arrays: State,
-                   config: Mapping[str, Any]) -> tuple[State, int, dict[str, float]]:
+def batch_seed_id(cfg: RunConfig, partition_id: int | None, data_dir: str) -> int | str:
+    """What a client's batches are seeded by (with the run's seed and the round): its partition
+    or client id; a node with its own data and no ``client-id``, its data's fingerprint."""
+    if partition_id is not None:
+        return partition_id
+    from fedsparse.task import client_images
+
+    return f"data-{client_images(cfg, 0, 1, data_dir).fingerprint}"
+
+
+def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arrays: State,
+                   config: Mapping[str, Any], data_dir: str = "",
+                   profile: Profile | None = None) -> tuple[State, int, dict[str, float]]:
     """A ``stats`` task: the sufficient statistics (``config["stats"]``: ridge or ncm, see
     ``fedsparse.model.closed_form``) of this client's features, or, when ``arrays`` holds an
     MLP trunk (hidden layers only), of the trunk's last hidden activations."""
     server_round = int(round_setting(config, "server-round"))
     kind, num_classes = str(round_setting(config, STATS_KEY)), int(round_setting(config, NUM_CLASSES_KEY))
-    feats = client_features(cfg, partition_id, num_partitions, server_round)
+    fit = fit_profile(cfg, profile, state_dims(arrays) if arrays else (), 1) if profile is not None else None
+    if fit is not None:
+        cfg = fit.cfg
+    with encoder_batch(fit.encoder_batch if fit is not None else None):
+        feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
     t0 = time.perf_counter()
-    with torch_threads(client_threads(cfg)), torch.no_grad():
+    with torch_threads(fit.threads if fit is not None else client_threads(cfg)), torch.no_grad():
         x = feats.x
         if arrays:
             x = torch.relu(MLPHead.from_state_dict(arrays)(x))  # a trunk: its last layer is a hidden one
@@ -102,5 +136,6 @@ def run_stats_task(cfg: RunConfig, partition_id: int, num_partitions: int, array
         p.EXTRACT_SECONDS_KEY: feats.seconds,
         p.CACHE_HIT_KEY: int(feats.cache_hit),
         p.PEAK_RSS_KEY: peak_rss_bytes(),
+        **(fit.metrics() if fit is not None else {}),
     }
     return stats, len(feats.y), metrics

@@ -59,6 +59,9 @@ class RoundMetrics:
     rejected: dict[str, int] = field(default_factory=dict)  # invalid replies by reason
     update_ratio_max: float | None = None  # the largest accepted ||reply - sent|| / ||sent|| (update-bound)
     head_kept: bool = False  # the aggregate was not finite; the previous head was kept
+    # one record per sampled client (client_records), in task order; empty for rounds of more
+    # than PER_CLIENT_MAX clients (metrics.json is rewritten every round)
+    per_client: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self, num_rounds: int) -> str:
         """The one line printed when the round ends."""
@@ -93,6 +96,36 @@ def client_summary(metrics: Sequence[dict[str, float]]) -> dict[str, Any]:
         "client_bytes_sent_mean": _mean(vals(p.BYTES_SENT_KEY)),
         "feature_cache_hits": int(sum(hits)) if hits else None,
     }
+
+
+PER_CLIENT_MAX = 100  # rounds with more sampled clients keep no per-client records
+
+# reply metric (fedsparse.protocol) -> per-client record field
+PER_CLIENT_FIELDS = {
+    "train-seconds": "train_seconds", "extract-seconds": "extract_seconds", "peak-rss-bytes": "peak_rss_bytes",
+    "bytes-received": "bytes_received", "bytes-sent": "bytes_sent", "feature-cache-hit": "feature_cache_hit",
+    "train-loss": "train_loss",
+    # a client with a device profile (fedsparse.profiles)
+    "predicted-peak-bytes": "predicted_peak_bytes", "memory-budget-bytes": "memory_budget_bytes",
+    "encoder-batch": "encoder_batch", "mask-ratio": "mask_ratio", "encoder-macs-per-image": "encoder_macs_per_image",
+    "train-tensor-bytes": "train_tensor_bytes",
+}
+
+
+def client_record(client: int, status: str, bytes_down: int | None, metrics: dict[str, float] | None = None,
+                  examples: int | None = None, reason: str = "") -> dict[str, Any]:
+    """One sampled client of a round: ``status`` ``ok`` or its failure kind (``error``,
+    ``invalid``, ``lost``) with the ``reason``; the bytes the server sent it; and what its reply
+    reported (seconds extracting and training, peak RSS, bytes as the client measured them)."""
+    rec: dict[str, Any] = {"client": client, "status": status, "bytes_down": bytes_down}
+    if examples is not None:
+        rec["examples"] = examples
+    for key, name in PER_CLIENT_FIELDS.items():
+        if metrics and key in metrics:
+            rec[name] = metrics[key]
+    if reason:
+        rec["reason"] = reason
+    return rec
 
 
 @dataclass

@@ -13,6 +13,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import run_task
 from fedsparse.engine.rounds import Exchange, Failure, Reply, one_line
 from fedsparse.model.ist import state_bytes
+from fedsparse.profiles import profile_for
 
 
 class PlainTransport:
@@ -30,13 +31,15 @@ class PlainTransport:
         return state_bytes(state)
 
     def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
-        replies, failures, up = [], [], []
+        replies, failures, up, up_of = [], [], [], {}
         for task in tasks:
             try:
-                arrays, n, metrics = run_task(self.cfg, task.client, self.cfg.num_clients, task.arrays, task.config)
+                arrays, n, metrics = run_task(self.cfg, task.client, self.cfg.num_clients, task.arrays, task.config,
+                                              profile=profile_for(self.cfg, task.client))
             except Exception as err:  # noqa: BLE001 - a failing client is counted, not fatal
                 failures.append(Failure(task.client, "error", one_line(f"{type(err).__name__}: {err}")))
                 continue
             replies.append(Reply(task.client, arrays, n, metrics))
             up.append(state_bytes(arrays))
-        return Exchange(replies, failures, [state_bytes(t.arrays) for t in tasks], up)
+            up_of[task.client] = up[-1]
+        return Exchange(replies, failures, [state_bytes(t.arrays) for t in tasks], up, up_of)

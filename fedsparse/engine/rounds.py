@@ -28,16 +28,17 @@ import torch
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
 from fedsparse.config import RunConfig
-from fedsparse.data.datasets import load_splits
-from fedsparse.data.partition import partition_sizes
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
-from fedsparse.engine.metrics import RoundMetrics, RunMetrics, client_summary, plot_accuracy
+from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate
 from fedsparse.model.ist import all_finite
+from fedsparse.model.ist import state_bytes
+from fedsparse.model.head import state_dims
+from fedsparse.profiles import Profile, profile_for
 from fedsparse.protocol import CLIENT_TASK_KEY
 from fedsparse.seeds import derive_seed
-from fedsparse.task import initial_head, test_features
+from fedsparse.task import initial_head, partition_sizes_of, test_features
 
 log = logging.getLogger("fedsparse")
 
@@ -76,6 +77,7 @@ class Exchange:
     failures: list[Failure]
     bytes_down: list[int]  # per message sent
     bytes_up: list[int]  # per reply received
+    bytes_up_of: dict[int, int] = field(default_factory=dict)  # client -> bytes of its reply (per-client records)
 
 
 class Transport(Protocol):
@@ -189,6 +191,7 @@ class RoundEngine:
         self._t_start = time.perf_counter()
         self._sizes: list[int] | None = None  # partition sizes, when the driver is exact about them
         self._exact_sizes = False
+        self._transport: Transport | None = None
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
@@ -200,9 +203,7 @@ class RoundEngine:
         if self._sizes is None:
             self._sizes = []
             if self._exact_sizes:
-                train, _ = load_splits(self.cfg.dataset, self.cfg.data_dir, self.cfg.cache_dir)
-                self._sizes = partition_sizes(train, self.cfg.num_clients, self.cfg.partitioner, self.cfg.seed,
-                                              self.cfg.dirichlet_alpha)
+                self._sizes = partition_sizes_of(self.cfg)
         if 0 <= client < len(self._sizes):
             return self._sizes[client]
         return self.cfg.max_examples or None
@@ -214,6 +215,7 @@ class RoundEngine:
         self._t_start = time.perf_counter()
         # drivers whose clients are the partitions 0..num-clients-1 of the server's own data set
         self._exact_sizes = transport.name in ("plain", "in-process", "simulation")
+        self._transport = transport
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             ckpt = Checkpoint.load(self.out)
@@ -243,17 +245,58 @@ class RoundEngine:
         return 0
 
     # --- one round, in two halves (a Flower Strategy calls them from configure/aggregate) ---
+    def profile_of(self, client: int) -> Profile | None:
+        """A client's device profile (``fedsparse.profiles``): what it reported to the transport
+        (``Transport.profiles``, deployment: its node config), else its share of
+        ``device-profiles`` by partition id (simulation), else None."""
+        reported = getattr(self._transport, "profiles", None)
+        if reported is not None and client in reported:
+            return reported[client]
+        if self.cfg.device_profiles and 0 <= client < self.cfg.num_clients:
+            return profile_for(self.cfg, client)
+        return None
+
     def plan_round(self, server_round: int, available: Sequence[int]) -> list[ClientTask]:
-        """Sample the round's clients and let the algorithm give each a task."""
+        """Sample the round's clients and let the algorithm give each a task. Clients with a
+        device profile get its local steps and batch size, and an algorithm that sizes its
+        tasks (IST) gets their capacities (a client without a profile counts as 1)."""
         clients = sample_clients(self.cfg.seed, server_round, available, self.cfg.clients_per_round)
         if not clients:
             raise RuntimeError(f"round {server_round}: no client is available")
-        tasks = self.algorithm.plan(server_round, self.state, clients)
+        profiles = [self.profile_of(c) for c in clients]
+        if any(profiles) and self.algorithm.supports_capacities:
+            capacities = [prof.width if prof is not None else 1.0 for prof in profiles]
+            tasks = self.algorithm.plan(server_round, self.state, clients, capacities=capacities)  # type: ignore[call-arg]
+        else:
+            tasks = self.algorithm.plan(server_round, self.state, clients)
         base = {"server-round": server_round, "local-steps": self.cfg.local_steps, "lr": self.cfg.lr,
                 "batch-size": self.cfg.batch_size, CLIENT_TASK_KEY: self.algorithm.client_task}
+        profile_of = dict(zip(clients, profiles))
         for task in tasks:
-            task.config = {**base, **task.config}
+            prof = profile_of.get(task.client)
+            own = {"local-steps": prof.local_steps, "batch-size": prof.batch_size} if prof is not None else {}
+            task.config = {**base, **own, **task.config}
         return tasks
+
+    def _add_profile_fields(self, records: list[dict], tasks: Sequence[ClientTask], exchange: Exchange,
+                            full: State) -> None:
+        """Rounds with device profiles: each per-client record (task order) gains the client's
+        profile and capacity, its slice (hidden widths, share of the full head's tensor bytes),
+        the bytes of its reply and the local steps and batch size it was given."""
+        if not records or len(records) != len(tasks) or not any(self.profile_of(t.client) for t in tasks):
+            return
+        total = state_bytes(full) or 1
+        for rec, task in zip(records, tasks):
+            prof = self.profile_of(task.client)
+            try:
+                dims = list(state_dims(task.arrays))
+            except (KeyError, IndexError):
+                dims = []
+            rec.update({"profile": prof.name if prof is not None else None,
+                        "capacity": prof.width if prof is not None else 1.0,
+                        "slice_dims": dims, "slice_share": state_bytes(task.arrays) / total,
+                        "bytes_up": exchange.bytes_up_of.get(task.client),
+                        "local_steps": task.config.get("local-steps"), "batch_size": task.config.get("batch-size")})
 
     def finish_round(self, server_round: int, tasks: Sequence[ClientTask], exchange: Exchange,
                      started: float) -> RoundMetrics:
@@ -307,12 +350,34 @@ class RoundEngine:
             seconds=time.perf_counter() - started, elapsed=time.perf_counter() - self._t_start,
             rejected=rejected, head_kept=kept, **client_summary([u.metrics for u in updates]),
             update_ratio_max=max((u.metrics.get(UPDATE_RATIO_KEY, 0.0) for u in updates), default=None),
+            per_client=self._client_records(tasks, accepted, failures, exchange),
         )
+        self._add_profile_fields(entry.per_client, tasks, exchange, self.state)
         self.metrics.rounds.append(entry)
         self.done = server_round
         self._write()
         self.report(entry.line(self.cfg.num_rounds))
         return entry
+
+    @staticmethod
+    def _client_records(tasks: Sequence[ClientTask], accepted: dict[int, ClientUpdate], failures: list[Failure],
+                        exchange: Exchange) -> list[dict]:
+        """``RoundMetrics.per_client``: one record per task, in task order."""
+        if len(tasks) > PER_CLIENT_MAX:
+            return []
+        down = exchange.bytes_down if len(exchange.bytes_down) == len(tasks) else [None] * len(tasks)
+        failed = {f.client: f for f in failures}
+        replied = {r.client: r for r in exchange.replies}
+        out = []
+        for task, sent in zip(tasks, down):
+            if task.client in accepted:
+                u = accepted[task.client]
+                out.append(client_record(task.client, "ok", sent, u.metrics, u.num_examples))
+            else:
+                f = failed.get(task.client, Failure(task.client, "lost", "no reply in time"))
+                got = replied.get(task.client)
+                out.append(client_record(task.client, f.kind, sent, got.metrics if got else None, reason=f.reason))
+        return out
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, transport: Transport) -> RunMetrics:

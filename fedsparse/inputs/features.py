@@ -11,6 +11,7 @@ processes may race on an entry without corrupting it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -35,6 +36,30 @@ from fedsparse.inputs.masking import masks_for
 
 log = logging.getLogger("fedsparse")
 DECODE_CHUNK = 512  # images decoded and encoded at a time: bounds memory on big partitions
+ENCODE_BATCH = 256  # images per encoder forward (encoder.encode's default)
+# A device profile's encoder batch (fedsparse.profiles): set for one client's extraction by
+# ``encoder_batch``; None = ENCODE_BATCH and DECODE_CHUNK, as without profiles.
+_ENCODER_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("fedsparse_encoder_batch", default=None)
+
+
+@contextlib.contextmanager
+def encoder_batch(n: int | None) -> Iterator[None]:
+    """Extract with ``n`` images per encoder forward, decoding ``n`` times ``DECODE_CHUNK // n``
+    images at a time (``n`` when larger), in this context; None changes nothing. Batches of
+    ``ENCODE_BATCH`` are those extraction uses without it."""
+    token = _ENCODER_BATCH.set(None if n is None else max(1, int(n)))
+    try:
+        yield
+    finally:
+        _ENCODER_BATCH.reset(token)
+
+
+def batch_and_chunk() -> tuple[int, int]:
+    """(images per encoder forward, images decoded at a time) in the current context."""
+    n = _ENCODER_BATCH.get()
+    if n is None:
+        return ENCODE_BATCH, DECODE_CHUNK
+    return n, n * max(1, DECODE_CHUNK // n)
 FORMAT_VERSION = 1
 
 
@@ -166,9 +191,10 @@ def extract(
         (x [N', D] float32, y [N'] int64, skipped) with ``N' = len(images) - skipped``.
     """
     xs, ys, skipped = [], [], 0
-    for start in range(0, len(images), DECODE_CHUNK):
-        ids = images.paths[start : start + DECODE_CHUNK]
-        labels = images.labels[start : start + DECODE_CHUNK]
+    batch_size, chunk = batch_and_chunk()
+    for start in range(0, len(images), chunk):
+        ids = images.paths[start : start + chunk]
+        labels = images.labels[start : start + chunk]
         pix, keep_ids, keep_y = [], [], []
         for rel, label in zip(ids, labels):
             img = load_image(images.root / rel, encoder.image_size)
@@ -182,10 +208,10 @@ def extract(
         if pix:
             batch = normalize(torch.stack(pix), preprocessing)
             keep = masks_for(keep_ids, encoder.num_patches, mask_ratio, mask_seed, mask_mode, group)
-            xs.append(encode(encoder, batch, keep, dtype))
+            xs.append(encode(encoder, batch, keep, dtype, batch_size))
             ys.append(torch.tensor(keep_y, dtype=torch.int64))
         if progress is not None:
-            progress(min(start + DECODE_CHUNK, len(images)), len(images))
+            progress(min(start + chunk, len(images)), len(images))
     if not xs:
         raise ValueError(f"none of the {len(images)} images under {images.root} could be read")
     return torch.cat(xs), torch.cat(ys), skipped

@@ -22,6 +22,12 @@ groups (``client_groups``), every member of a group trains the same subnet, and 
 replies are averaged, weighted by examples (``merge_by_subnet``), before stitching. G = K is
 plain IST; G = 1 is FedAvg on the full head.
 
+Slices sized to capacity (device profiles, ``fedsparse.profiles``): ``proportional_partition``
+cuts each hidden layer into parts whose sizes follow the subnets' capacities (largest-remainder
+rounding, every part non-empty, disjoint, covering every neuron); ``capacity_groups`` forms
+groups of clients of similar capacity when G < K (a group's capacity is its weakest member's).
+Slicing and stitching need no change: they work on any index sets.
+
 Scaling (``ist-scaling``): a subnet's middle and last layers sum over 1/G of the inputs they
 sum over in the stitched head, so a head stitched from subnets trained apart produces
 pre-activations about G times those each subnet learned (the authors' IST evaluates it as is;
@@ -77,6 +83,84 @@ def partition(hidden: Sequence[int], k: int, seed: int) -> list[list[torch.Tenso
         perm = torch.randperm(h, generator=gen)
         parts.append([chunk.sort().values for chunk in torch.tensor_split(perm, k)])
     return parts
+
+
+def proportional_sizes(h: int, capacities: Sequence[float]) -> list[int]:
+    """Split ``h`` neurons among subnets in proportion to ``capacities``: ``h * c_i / sum(c)``
+    rounded by largest remainder (ties to the subnet listed first), then every empty part
+    given one neuron, taken from the largest part (ties: the last listed). Sums to ``h``;
+    equal capacities give ``tensor_split``'s sizes (the first ``h % k`` parts one larger)."""
+    k = len(capacities)
+    if k < 1:
+        raise ValueError("proportional_sizes needs at least one capacity")
+    if any(not (math.isfinite(float(c)) and float(c) > 0) for c in capacities):
+        raise ValueError(f"capacities must be finite and > 0, got {list(capacities)}")
+    if h < k:
+        raise ValueError(f"cannot split a hidden layer of {h} neurons into {k} non-empty subnets")
+    fracs = [Fraction(float(c)) for c in capacities]  # exact: no float ties broken by rounding noise
+    total = sum(fracs, Fraction(0))
+    raw = [h * c / total for c in fracs]
+    sizes = [math.floor(r) for r in raw]
+    order = sorted(range(k), key=lambda i: (-(raw[i] - sizes[i]), i))
+    for i in order[: h - sum(sizes)]:
+        sizes[i] += 1
+    for i in range(k):
+        if sizes[i] == 0:
+            donor = max(range(k), key=lambda j: (sizes[j], j))
+            sizes[donor] -= 1
+            sizes[i] = 1
+    return sizes
+
+
+def proportional_partition(hidden: Sequence[int], capacities: Sequence[float], seed: int,
+                           offset: int = 0) -> list[list[torch.Tensor]]:
+    """Seeded partition of every hidden layer into ``len(capacities)`` disjoint, non-empty parts
+    whose sizes follow ``capacities`` (``proportional_sizes``): a seeded permutation of the
+    layer's neurons (one per layer, in layer order, as ``partition``) cut into consecutive runs
+    of those sizes, starting ``offset`` positions into the (circular) permutation.
+
+    With equal capacities and ``offset = 0`` this is ``partition(hidden, k, seed)`` exactly.
+
+    Returns:
+        ``parts[layer][subnet]``: sorted ``LongTensor`` of neuron indices; the parts of a layer
+        are disjoint and cover ``range(hidden[layer])``.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    parts: list[list[torch.Tensor]] = []
+    for h in hidden:
+        sizes = proportional_sizes(h, capacities)
+        perm = torch.randperm(h, generator=gen)
+        if offset % h:
+            perm = torch.roll(perm, -(int(offset) % h))
+        parts.append([chunk.sort().values for chunk in torch.split(perm, sizes)])
+    return parts
+
+
+def capacity_groups(capacities: Sequence[float], g: int) -> tuple[list[int], list[float]]:
+    """Groups of a round's clients for ``g`` subnets when the clients have capacities, and the
+    capacity of each group.
+
+    Clients are ordered by capacity (stable: ties keep the sampled order) and cut into ``g``
+    consecutive groups of near-equal size (the first ``k % g`` one larger, as ``client_groups``),
+    so that clients of the same capacity share a subnet; a group's capacity is its weakest
+    member's (every member trains the whole slice). With ``g == k`` every client is its own
+    group with its own capacity. Returns (the subnet of each client, in input order; the
+    capacity of each subnet).
+    """
+    k = len(capacities)
+    if not 1 <= g <= k:
+        raise ValueError(f"need 1 <= subnets <= clients, got {g} subnets for {k} clients")
+    order = sorted(range(k), key=lambda i: (float(capacities[i]), i))
+    group = [0] * k
+    caps: list[float] = []
+    pos = 0
+    for s, chunk in enumerate(torch.tensor_split(torch.arange(k), g)):
+        members = [order[pos + j] for j in range(len(chunk))]
+        pos += len(chunk)
+        for i in members:
+            group[i] = s
+        caps.append(min(float(capacities[i]) for i in members))
+    return group, caps
 
 
 def worker_indices(parts: Sequence[Sequence[torch.Tensor]], worker: int) -> list[torch.Tensor]:

@@ -1,0 +1,663 @@
+"""``fedsparse devices``: emulated devices on one machine, on Flower's Deployment Engine.
+
+It starts a SuperLink and one SuperNode per device on 127.0.0.1 (plaintext, free ports, a
+private ``FLWR_HOME`` each), every SuperNode under an operating-system limit that matches its
+profile (``fedsparse.profiles``), with its own image folder, runs ``flwr run`` for a few
+rounds, and reports per device: the measured peak memory against its budget, seconds spent
+extracting features and training, bytes down and up, and whether it failed. It stops every
+process it started, also on Ctrl-C or an error, and checks that none is left.
+
+Limits (``Limits``), strongest available first:
+
+- **cgroup v1 or v2** (where this process may create child cgroups, e.g. as root): a memory
+  cgroup per device whose limit is the profile's ``memory_mib`` (the budget of the ClientApp
+  process) plus ``NODE_OVERHEAD_MIB`` for the SuperNode's two long-lived processes
+  (``flower-supernode`` and ``flower-superexec``); a device that exceeds it is stopped by the
+  kernel's OOM killer inside its cgroup (the round counts it as failed, the run goes on). The
+  CPU quota is ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``).
+- **otherwise** ``RLIMIT_AS`` on the SuperNode (inherited by its children), set to the limit
+  above plus ``AS_HEADROOM_MIB``: a Python process with torch maps about 3.6 GiB of address
+  space for 0.7 GiB resident, so an address-space limit can only catch a gross overrun; and
+  the CPU affinity is pinned to ``threads`` cores.
+
+In both cases every SuperNode gets ``OMP_NUM_THREADS = threads``. What was enforced is written
+into the report (``limits``).
+
+Data: ``--data-dir`` in the layout of ``partitioner = "folders"`` (one sub-folder per device,
+``<device>/<class>/<image>``, and ``test/`` for the server), or, without it, a seeded split of
+the bundled CIFAR-10 sample into one folder per device (``--images`` each, every class) and a
+test folder. Each SuperNode names its folder in its node config (``data-dir``), with
+``client-id`` = its index and ``profile`` = its profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fedsparse.config import RunConfig
+
+HOST = "127.0.0.1"
+CONNECTION = "fedsparse-devices"
+TOKEN_VAR = "FEDSPARSE_DEVICES_TOKEN"  # in the environment of every process started here
+NODE_OVERHEAD_MIB = 384  # flower-supernode + flower-superexec (docs/deployment.md: 150 + 125 MiB RSS), with margin
+AS_HEADROOM_MIB = 4096  # RLIMIT_AS fallback: torch's address space is ~3.6 GiB for ~0.7 GiB resident
+TERM_GRACE = 10.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- devices and their data ---------------------------------------------------------------------
+
+
+@dataclass
+class Device:
+    index: int
+    profile: Any  # fedsparse.profiles.Profile
+    data_dir: Path
+    images: int = 0
+    limit_mib: int = 0
+    cgroups: list[Path] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    name: str = ""
+    sampled_peak_bytes: int = 0  # summed RSS of the SuperNode's process tree, sampled
+    refused: str = ""  # why the server did not use it (its identity query failed), from the server's log
+
+    @property
+    def label(self) -> str:
+        return f"device-{self.index}"
+
+
+def parse_profiles(text: str) -> list[Any]:
+    """``"tiny,small,large"`` -> their ``Profile``s (one device each); one line on a bad name."""
+    from fedsparse.profiles import PROFILES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--profiles is empty; name one profile per device, e.g. tiny,small,large")
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise ValueError(f"--profiles: unknown profile {unknown[0]!r}; valid: {', '.join(PROFILES)}")
+    return [PROFILES[n] for n in names]
+
+
+def split_sample(dest: Path, devices: int, images: int, test_images: int, seed: int, cache_dir: str = "") -> Path:
+    """The bundled sample as one folder per device (``images`` each, spread over every class, no
+    image in two folders) plus ``test/`` (``test_images``, spread over every class): the layout
+    of ``partitioner = "folders"``."""
+    import numpy as np
+
+    from fedsparse.data.datasets import load_splits
+
+    train, test = load_splits("cifar10-sample", "", cache_dir)
+    if devices * images > len(train):
+        raise ValueError(f"--images {images} x {devices} devices exceeds the sample's {len(train)} training images")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    # round-robin over classes so that every device holds every class
+    by_class = [order[train.labels[order] == c] for c in range(len(train.classes))]
+    picks = [idx for row in zip(*by_class) for idx in row]
+    for d in range(devices):
+        for i in picks[d * images:(d + 1) * images]:
+            _copy(train.root / train.paths[i], dest / f"device-{d}" / Path(train.paths[i]).relative_to("train"))
+    order = rng.permutation(len(test))
+    by_class = [order[test.labels[order] == c] for c in range(len(test.classes))]
+    for i in [idx for row in zip(*by_class) for idx in row][:test_images]:
+        _copy(test.root / test.paths[i], dest / "test" / Path(test.paths[i]).relative_to("test"))
+    return dest
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+# --- operating-system limits --------------------------------------------------------------------
+
+
+class Limits:
+    """Per-device memory and CPU limits: cgroups where this process may create them, else
+    ``RLIMIT_AS`` and CPU affinity. ``kind`` says which (``cgroup-v1``, ``cgroup-v2``, ``rlimit``)."""
+
+    def __init__(self, tag: str, prefer: str = "auto") -> None:
+        self.tag = tag
+        self.kind = "rlimit"
+        self.roots: dict[str, Path] = {}  # controller -> the folder our child cgroups go into
+        if prefer in ("auto", "cgroup"):
+            self._find_cgroups()
+        if prefer == "cgroup" and self.kind == "rlimit":
+            raise ValueError("--limits cgroup: no writable memory cgroup here (needs cgroup v1 or v2 and the "
+                             "right to create child cgroups, e.g. as root); use --limits auto or rlimit")
+
+    def _find_cgroups(self) -> None:
+        own = {}
+        try:
+            for line in Path("/proc/self/cgroup").read_text().splitlines():
+                _, controllers, path = line.split(":", 2)
+                for c in controllers.split(",") if controllers else [""]:
+                    own[c] = path
+        except OSError:
+            return
+        v1 = {c: Path("/sys/fs/cgroup") / c / own[c].lstrip("/") for c in ("memory", "cpu") if c in own}
+        if "memory" in v1 and self._writable(v1["memory"], "memory.limit_in_bytes"):
+            self.kind, self.roots = "cgroup-v1", {c: p for c, p in v1.items()
+                                                  if c == "memory" or self._writable(p, "cpu.cfs_quota_us")}
+            return
+        if "" in own:
+            base = Path("/sys/fs/cgroup") / own[""].lstrip("/")
+            for root in (base, Path("/sys/fs/cgroup/unified") / own[""].lstrip("/")):
+                if self._writable(root, "memory.max"):
+                    self.kind, self.roots = "cgroup-v2", {"memory": root, "cpu": root}
+                    return
+
+    def _writable(self, root: Path, probe_file: str) -> bool:
+        """Whether a child cgroup can be made under ``root`` and limited through ``probe_file``."""
+        probe = root / f"{self.tag}-probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            return False
+        try:
+            if not (probe / probe_file).exists():
+                if probe_file == "memory.max":  # v2: the controller may have to be enabled for children
+                    try:
+                        (root / "cgroup.subtree_control").write_text("+memory +cpu")
+                    except OSError:
+                        pass
+                if not (probe / probe_file).exists():
+                    return False
+            (probe / probe_file).write_text(str(64 * 2**20) if "memory" in probe_file else "max" if probe_file == "cpu.max" else "-1")
+            return True
+        except OSError:
+            return False
+        finally:
+            try:
+                probe.rmdir()
+            except OSError:
+                pass
+
+    def describe(self) -> str:
+        if self.kind == "cgroup-v1":
+            cpu = "cpu.cfs_quota_us = threads cores" if "cpu" in self.roots else "no CPU quota (cpu cgroup not writable)"
+            return f"cgroup v1: memory.limit_in_bytes = budget + {NODE_OVERHEAD_MIB} MiB; {cpu}; OMP_NUM_THREADS = threads"
+        if self.kind == "cgroup-v2":
+            return f"cgroup v2: memory.max = budget + {NODE_OVERHEAD_MIB} MiB; cpu.max = threads cores; OMP_NUM_THREADS = threads"
+        return (f"RLIMIT_AS = budget + {NODE_OVERHEAD_MIB + AS_HEADROOM_MIB} MiB (address space, a loose bound); "
+                "CPU affinity to threads cores; OMP_NUM_THREADS = threads")
+
+    def prepare(self, device: Device) -> None:
+        """Make the device's cgroups and set their limits (cgroups only)."""
+        limit = str(device.limit_mib * 2**20)
+        quota = device.profile.threads * 100000
+        name = f"{self.tag}-{device.label}"
+        if self.kind == "cgroup-v1":
+            for controller, root in self.roots.items():
+                group = root / name
+                group.mkdir(exist_ok=True)
+                device.cgroups.append(group)
+                if controller == "memory":
+                    (group / "memory.limit_in_bytes").write_text(limit)
+                    _try_write(group / "memory.memsw.limit_in_bytes", limit)  # no swap beyond it
+                else:
+                    (group / "cpu.cfs_period_us").write_text("100000")
+                    (group / "cpu.cfs_quota_us").write_text(str(quota))
+        elif self.kind == "cgroup-v2":
+            group = self.roots["memory"] / name
+            group.mkdir(exist_ok=True)
+            device.cgroups.append(group)
+            (group / "memory.max").write_text(limit)
+            _try_write(group / "memory.swap.max", "0")
+            _try_write(group / "cpu.max", f"{quota} 100000")
+
+    def preexec(self, device: Device) -> Callable[[], None]:
+        """Run in the SuperNode's process before it execs: join the cgroups, or set the rlimit."""
+        procs = [str(g / "cgroup.procs") for g in device.cgroups]
+        limit = (device.limit_mib + AS_HEADROOM_MIB) * 2**20
+        cores = set(range(min(device.profile.threads, os.cpu_count() or 1)))
+        kind = self.kind
+
+        def run() -> None:
+            os.setsid()  # its own process group: stopped as a group
+            if kind == "rlimit":
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+                try:
+                    os.sched_setaffinity(0, cores)
+                except OSError:
+                    pass
+            for path in procs:
+                with open(path, "w") as fh:
+                    fh.write(str(os.getpid()))
+
+        return run
+
+    def peak_bytes(self, device: Device) -> int | None:
+        """The cgroup's own peak memory (RSS and page cache charged to it), where available."""
+        for group in device.cgroups:
+            for name in ("memory.max_usage_in_bytes", "memory.peak"):
+                try:
+                    return int((group / name).read_text())
+                except (OSError, ValueError):
+                    continue
+        return None
+
+    def oom_kills(self, device: Device) -> int | None:
+        for group in device.cgroups:
+            for name in ("memory.oom_control", "memory.events"):
+                try:
+                    text = (group / name).read_text()
+                except OSError:
+                    continue
+                m = re.search(r"^oom_kill (\d+)", text, re.M)
+                if m:
+                    return int(m.group(1))
+        return None
+
+    def release(self, devices: list[Device]) -> list[str]:
+        """Remove the cgroups (their processes are gone by now); returns those that remain."""
+        left = []
+        for d in devices:
+            for group in d.cgroups:
+                for _ in range(20):
+                    try:
+                        group.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.25)
+                else:
+                    left.append(str(group))
+        return left
+
+
+def _try_write(path: Path, value: str) -> bool:
+    try:
+        path.write_text(value)
+        return True
+    except OSError:
+        return False
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def _exe(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise ValueError(f"{name} not found next to {sys.executable} nor on PATH; install flwr in this environment")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _has_token(pid: int, token: str) -> bool:
+    try:
+        return f"{TOKEN_VAR}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def tree(root: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    table = _proc_table() if table is None else table
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], [root] if root in table else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def live_pids(roots: list[int], token: str) -> set[int]:
+    """Live (not zombie) processes that descend from ``roots`` or carry ``token``."""
+    table = _proc_table()
+    found = {p for r in roots for p in tree(r, table)} | {p for p in table if _has_token(p, token)}
+    found.discard(os.getpid())
+    return {p for p in found if table.get(p, (0, "Z"))[1] != "Z"}
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class Processes:
+    """Every process this command starts: one group each, found again by a token."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
+                   FLWR_TELEMETRY_ENABLED="0", MPLCONFIGDIR=str(self.root / "mplconfig"),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **{TOKEN_VAR: self.token})
+        env.update(extra or {})
+        return env
+
+    def spawn(self, name: str, args: list[str], home: Path, extra_env: dict[str, str] | None = None,
+              preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        cwd = self.root / "cwd" / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(args, cwd=cwd, env=self.env(home, extra_env), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=preexec is None,
+                                    preexec_fn=preexec)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_listening(self, name: str, port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}: "
+                                   f"{' '.join(self.log(name).split()[-30:])}")
+            try:
+                with socket.create_connection((HOST, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s")
+
+    def stop(self) -> list[int]:
+        """SIGTERM every group and every process carrying the token, SIGKILL what is left after
+        ``TERM_GRACE``; returns the pids still alive afterwards (should be none)."""
+        roots = [p.pid for p in self.procs.values()]
+
+        def signal_all(sig: int) -> None:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            for pid in live_pids(roots, self.token):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+        def wait_gone(timeout: float) -> set[int]:
+            deadline = time.monotonic() + timeout
+            while True:
+                for proc in self.procs.values():
+                    proc.poll()
+                alive = live_pids(roots, self.token)
+                if not alive or time.monotonic() > deadline:
+                    return alive
+                time.sleep(0.2)
+
+        signal_all(signal.SIGTERM)
+        if wait_gone(TERM_GRACE):
+            signal_all(signal.SIGKILL)
+        left = wait_gone(5.0)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        return sorted(left)
+
+
+class MemorySampler(threading.Thread):
+    """Samples the summed RSS of every device's SuperNode process tree."""
+
+    def __init__(self, devices: list[Device], interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.devices, self.interval, self.done = devices, interval, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            table = _proc_table()
+            for d in self.devices:
+                if d.proc is not None:
+                    total = sum(_rss(p) for p in tree(d.proc.pid, table) if table[p][1] != "Z")
+                    d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
+            self.done.wait(self.interval)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if "'" in value:
+            raise ValueError(f"run-config value {value!r} holds a single quote, which flwr run cannot carry")
+        return f"'{value}'"
+    return repr(value)
+
+
+def run_config_arg(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
+
+
+def parse_limits(text: str, n: int) -> list[int]:
+    """``--memory-limit-mib "300,0"``: one number per device, 0 = from its profile."""
+    if not text.strip():
+        return [0] * n
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--memory-limit-mib must be comma-separated integers (MiB, 0 = the profile's), got {text!r}") from None
+    if len(values) != n or min(values) < 0:
+        raise ValueError(f"--memory-limit-mib needs {n} integers >= 0 (one per device), got {text!r}")
+    return values
+
+
+def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = "", images: int = 100,
+                test_images: int = 200, run_timeout: float = 1200.0, limits: str = "auto",
+                report: Callable[[str], None] = print, memory_limits: list[int] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` (its rounds, head, encoder) on one emulated SuperNode per profile; write
+    ``out/devices.json`` and ``out/devices.md``; returns the report. ``memory_limits``: per
+    device, an operating-system memory limit in MiB that replaces budget + overhead (0: keep it),
+    to emulate a device with less memory than its profile says."""
+    from fedsparse.data.datasets import client_folders
+
+    if not (REPO / "pyproject.toml").is_file():
+        raise ValueError(f"fedsparse devices runs `flwr run` on the app folder, but {REPO} has no pyproject.toml "
+                         "(use a source checkout: pip install -e .)")
+    out = out.resolve()
+    if data_dir:
+        names, root = client_folders(str(Path(data_dir).expanduser().resolve()), cfg.cache_dir)
+        if len(names) != len(profiles):
+            raise ValueError(f"--data-dir {root} holds {len(names)} device folders ({', '.join(names)}) "
+                             f"for {len(profiles)} profiles; give one folder per device")
+        folders = [root / n for n in names]
+    else:
+        report(f"splitting the bundled sample: {len(profiles)} devices x {images} images, {test_images} test images")
+        root = split_sample(out / "data", len(profiles), images, test_images, cfg.seed, cfg.cache_dir)
+        folders = [root / f"device-{i}" for i in range(len(profiles))]
+        if not cfg.classes:  # the sample's ten classes, even where a small split misses one
+            from fedsparse.data.datasets import load_splits
+
+            cfg = cfg.replace(classes=",".join(load_splits("cifar10-sample", "", cfg.cache_dir)[1].classes))
+    run_cfg = cfg.replace(
+        dataset="imagefolder", data_dir=str(root), partitioner="folders", num_clients=len(profiles),
+        clients_per_round=len(profiles), subnets_per_round=0, out_dir=str(out / "run"),
+        cache_dir=cfg.cache_dir or str(out / "cache"),
+    )
+    from fedsparse.task import client_images, preflight
+
+    preflight(run_cfg, partitions=False)
+    devices = []
+    for i, (profile, folder) in enumerate(zip(profiles, folders)):
+        d = Device(i, profile, folder, len(client_images(run_cfg, 0, 1, str(folder))))
+        d.limit_mib = (memory_limits or [0] * len(profiles))[i] or profile.memory_mib + NODE_OVERHEAD_MIB
+        devices.append(d)
+
+    lim = Limits(f"fedsparse-devices-{os.getpid()}", limits)
+    procs = Processes(out)
+    sampler = MemorySampler(devices)
+    report(f"limits: {lim.describe()}")
+    started = time.monotonic()
+    run_log = ""
+    try:
+        link_port, *node_ports = free_ports(1 + len(devices))
+        procs.spawn("superlink", [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(link_port),
+                                  "--disable-runtime-dependency-installation"], out / "flwr-home" / "superlink")
+        procs.wait_listening("superlink", link_port)
+        for d, port in zip(devices, node_ports):
+            lim.prepare(d)
+            d.name = f"supernode-{d.index}-{d.profile.name}"
+            node_config = f"data-dir='{d.data_dir}' client-id={d.index} profile='{d.profile.name}'"
+            threads = str(d.profile.threads)
+            d.proc = procs.spawn(
+                d.name, [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
+                         "--port", str(port), "--node-config", node_config],
+                out / "flwr-home" / d.name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                preexec=lim.preexec(d))
+            how = (f"{d.profile.memory_mib} MiB budget + {NODE_OVERHEAD_MIB} MiB SuperNode"
+                   if d.limit_mib == d.profile.memory_mib + NODE_OVERHEAD_MIB else "--memory-limit-mib")
+            report(f"{d.label}: profile {d.profile.name}, {d.images} images in {d.data_dir}, "
+                   f"memory limit {d.limit_mib} MiB ({how}), {d.profile.threads} threads")
+        cli_home = out / "flwr-home" / "cli"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        (cli_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{link_port}"\ninsecure = true\n')
+        sampler.start()
+        values = {k: v for k, v in run_cfg.to_run_config().items() if v != RunConfig().to_run_config()[k]}
+        flwr = procs.spawn("flwr-run", [_exe("flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
+                                        run_config_arg(values)], cli_home)
+        report(f"flwr run: {run_cfg.num_rounds} rounds on {len(devices)} SuperNodes (log: {procs.logs / 'flwr-run.log'})")
+        try:
+            flwr.wait(timeout=run_timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"flwr run still running after {run_timeout:.0f}s; see {procs.logs}") from None
+        run_log = procs.log("flwr-run")
+    finally:
+        sampler.done.set()
+        left = procs.stop()
+        peaks = {d.index: lim.peak_bytes(d) for d in devices}
+        ooms = {d.index: lim.oom_kills(d) for d in devices}
+        cgroups_left = lim.release(devices)
+    if left:
+        raise RuntimeError(f"processes still alive after SIGKILL: {left}")
+    if cgroups_left:
+        report(f"warning: cgroups not removed: {cgroups_left}")
+    metrics_path = out / "run" / "metrics.json"
+    if not metrics_path.is_file():
+        tail = " ".join(run_log.split()[-40:])
+        raise RuntimeError(f"the run wrote no {metrics_path}; flwr run said: {tail}")
+    # a node whose identity query failed (e.g. its ClientApp was killed at its memory limit) is
+    # never sampled: the server logs "node <id> is not used: <reason>"
+    refused = dict(re.findall(r"node (\d+) is not used: (.*)", run_log))
+    for d in devices:
+        m = re.search(r"SuperNode ID: (\d+)", procs.log(d.name))
+        d.refused = " ".join(refused.get(m.group(1), "").split()) if m else ""
+    result = summarize(json.loads(metrics_path.read_text()), devices, peaks, ooms, lim, time.monotonic() - started)
+    (out / "devices.json").write_text(json.dumps(result, indent=2))
+    (out / "devices.md").write_text(markdown(result))
+    report(markdown(result))
+    return result
+
+
+def summarize(metrics: dict[str, Any], devices: list[Device], peaks: dict[int, int | None],
+              ooms: dict[int, int | None], lim: Limits, seconds: float) -> dict[str, Any]:
+    """Per device, over the run's rounds: what its replies reported and what was measured here."""
+    rows = []
+    for d in devices:
+        recs = [c for r in metrics.get("rounds", []) for c in r.get("per_client", []) if c.get("client") == d.index]
+        ok = [c for c in recs if c.get("status") == "ok"]
+        failed = [c for c in recs if c.get("status") != "ok"]
+        client_peak = max((c["peak_rss_bytes"] for c in recs if c.get("peak_rss_bytes")), default=None)
+        rows.append({
+            "device": d.label, "profile": d.profile.name, "images": d.images,
+            "budget_mib": d.profile.memory_mib, "limit_mib": d.limit_mib, "threads": d.profile.threads,
+            "client_peak_rss_mib": client_peak / 2**20 if client_peak else None,
+            "node_peak_rss_mib": d.sampled_peak_bytes / 2**20 if d.sampled_peak_bytes else None,
+            "cgroup_peak_mib": peaks[d.index] / 2**20 if peaks.get(d.index) else None,
+            "oom_kills": ooms.get(d.index),
+            "extract_seconds": sum(c.get("extract_seconds", 0.0) for c in ok),
+            "train_seconds": sum(c.get("train_seconds", 0.0) for c in ok),
+            "bytes_down": int(sum(c.get("bytes_down") or 0 for c in recs)),
+            "bytes_up": int(sum(c.get("bytes_sent", 0) for c in ok)),
+            "rounds_ok": len(ok), "rounds_failed": len(failed),
+            "status": "ok" if recs and not failed else
+                      (("refused" if d.refused else "no round") if not recs else
+                       f"failed {len(failed)}/{len(recs)}: {failed[-1].get('status')}"),
+            "reasons": sorted({c.get("reason", "") for c in failed} | ({f"identity query: {d.refused}"} if d.refused else set())),
+        })
+    finals = [r["accuracy"] for r in metrics.get("rounds", []) if r.get("accuracy") is not None]
+    return {"limits": lim.kind, "limits_detail": lim.describe(), "rounds": len(metrics.get("rounds", [])),
+            "finished": metrics.get("finished"), "final_accuracy": finals[-1] if finals else None,
+            "seconds": seconds, "devices": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def mib(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.0f}"
+
+    lines = [
+        f"{result['rounds']} rounds, final accuracy "
+        f"{'-' if result['final_accuracy'] is None else format(result['final_accuracy'], '.4f')}, "
+        f"{result['seconds']:.0f} s; limits: {result['limits_detail']}",
+        "",
+        "| device | profile | images | budget MiB | limit MiB | client peak MiB | SuperNode peak MiB | cgroup peak MiB "
+        "| extract s | train s | bytes down | bytes up | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["devices"]:
+        lines.append(
+            f"| {r['device']} | {r['profile']} | {r['images']} | {r['budget_mib']:,} | {r['limit_mib']:,} | "
+            f"{mib(r['client_peak_rss_mib'])} | {mib(r['node_peak_rss_mib'])} | {mib(r['cgroup_peak_mib'])} | "
+            f"{r['extract_seconds']:.1f} | {r['train_seconds']:.2f} | {r['bytes_down']:,} | {r['bytes_up']:,} | "
+            f"{r['status']}{' (OOM-killed ' + str(r['oom_kills']) + 'x)' if r.get('oom_kills') else ''} |")
+    for r in result["devices"]:
+        for reason in r["reasons"]:
+            lines.append(f"\n{r['device']}: {reason}")
+    return "\n".join(lines) + "\n"

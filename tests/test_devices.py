@@ -1,0 +1,119 @@
+"""``fedsparse devices``: emulated devices under operating-system limits, on the Deployment Engine.
+
+One end-to-end run (a SuperLink and two SuperNodes with their own folders, two rounds) that
+must leave no process and no cgroup behind, and the limits themselves on a plain process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedsparse.commands.devices import Device, Limits, parse_limits, parse_profiles
+from fedsparse.profiles import PROFILES
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "FEDSPARSE_DEVICES_TEST_MARK"
+
+
+def marked_live_pids(mark: str) -> list[int]:
+    """Live (not zombie) processes whose environment carries ``MARK=mark``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"{MARK}={mark}".encode() in env and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def own_cgroup_children(tag: str) -> list[str]:
+    """Child cgroups named ``tag*`` under this process's own cgroups."""
+    out = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+            if base.is_dir():
+                out += [str(p) for p in base.glob(f"{tag}*")]
+    return out
+
+
+@pytest.mark.slow
+def test_two_emulated_devices_train_and_leave_nothing_behind(tmp_path: Path) -> None:
+    mark = uuid.uuid4().hex
+    out = tmp_path / "devices"
+    env = {**os.environ, MARK: mark}  # FEDSPARSE_CACHE: the session's (the sample is extracted once)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--rounds", "2",
+         "--images", "10", "--test-images", "20", "--timeout", "300", "--out", str(out),
+         "--run-config", "hidden='16,16' local-steps=2 round-timeout=120.0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert marked_live_pids(mark) == [], "processes left behind"
+    assert own_cgroup_children(f"fedsparse-devices-{proc.pid}-") == [], "cgroups left behind"
+
+    report = json.loads((out / "devices.json").read_text())
+    assert report["rounds"] == 2 and report["finished"] is True
+    rows = {r["profile"]: r for r in report["devices"]}
+    assert set(rows) == {"tiny", "large"}
+    for name, row in rows.items():
+        assert row["status"] == "ok" and row["rounds_ok"] == 2, row
+        assert row["images"] == 10 and row["budget_mib"] == PROFILES[name].memory_mib
+        assert row["bytes_down"] > 0 and row["bytes_up"] > 0 and row["extract_seconds"] > 0
+        assert row["client_peak_rss_mib"] > 100 and row["node_peak_rss_mib"] >= row["client_peak_rss_mib"]
+    assert rows["tiny"]["bytes_down"] < rows["large"]["bytes_down"]  # a narrower slice for the weaker device
+    md = (out / "devices.md").read_text()
+    assert "| device-0 | tiny |" in md and "| device-1 | large |" in md
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    assert [len(r["per_client"]) for r in metrics["rounds"]] == [2, 2]
+
+
+def test_memory_limit_stops_a_process_that_exceeds_it(tmp_path: Path) -> None:
+    """The limit a device runs under, on a process that allocates past it: killed inside its
+    cgroup (counted as an OOM kill), or, without cgroups, run under the documented RLIMIT_AS."""
+    lim = Limits(f"fedsparse-devices-test-{os.getpid()}")
+    device = Device(0, PROFILES["tiny"], tmp_path)
+    device.limit_mib = 150
+    lim.prepare(device)
+    code = ("import resource, sys; print(resource.getrlimit(resource.RLIMIT_AS)[0], flush=True); "
+            "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('alive', flush=True)")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], preexec_fn=lim.preexec(device), capture_output=True,
+                              text=True, timeout=60)
+        if lim.kind.startswith("cgroup"):
+            assert proc.returncode == -9 and "alive" not in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+            assert lim.oom_kills(device) in (None, 1)
+            assert lim.peak_bytes(device) <= 150 * 2**20
+        else:
+            assert int(proc.stdout.split()[0]) == (150 + 4096) * 2**20
+    finally:
+        assert lim.release([device]) == []
+
+
+def test_bad_arguments_are_one_line() -> None:
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        parse_profiles("tiny,huge")
+    with pytest.raises(ValueError, match="--profiles is empty"):
+        parse_profiles(" , ")
+    assert parse_limits("", 2) == [0, 0] and parse_limits("300,0", 2) == [300, 0]
+    for text in ("300", "a,b", "-1,0"):
+        with pytest.raises(ValueError, match="--memory-limit-mib"):
+            parse_limits(text, 2)
