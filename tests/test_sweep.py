@@ -101,12 +101,14 @@ def test_a_heterogeneity_sweep_compares_strategies_per_partitioning(cfg, tmp_pat
     strategies = ["ist", "ist-authors", "fedavg(local-steps=2)", "fed3r", "fedncm", "centralized"]
     rows = quiet_sweep(short, out, [0.5], strategies, ["per-image"], engine="plain", partitions=["0.3", "iid"])
     assert [(r["partition"], r["strategy"]) for r in rows] == [(p, s) for p in ("dir0.3", "iid") for s in strategies]
+    central = [r for r in rows if r["strategy"] == "centralized"]
+    assert central[0]["run_dir"] == central[1]["run_dir"]  # all the data whatever the split: run once
     for r in rows:
         run = RunMetrics.load(Path(r["run_dir"]) / "metrics.json")
-        assert run.config["partitioner"] == ("iid" if r["partition"] == "iid" else "dirichlet")
         if r["strategy"] == "centralized":
             assert r["total_mb"] is None and r["mb_to_90pct_fedavg"] is None
             continue
+        assert run.config["partitioner"] == ("iid" if r["partition"] == "iid" else "dirichlet")
         assert r["total_mb"] == pytest.approx(sum(x.bytes_down_total + x.bytes_up_total for x in run.rounds) / 1e6)
         fedavg = next(f for f in rows if f["strategy"] == "fedavg(local-steps=2)" and f["partition"] == r["partition"])
         reached = [mb for mb, acc in cumulative_mb(run) if acc >= 0.9 * fedavg["final_accuracy"]]

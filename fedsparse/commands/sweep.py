@@ -31,8 +31,9 @@ Outputs in the sweep folder: ``sweep.csv`` (one row per run), ``sweep.md`` (the 
 ``sweep-bytes.png`` (accuracy against the cumulative megabytes the clients received and sent,
 one curve per strategy, one panel per partitioning and ratio). The bytes columns: per client
 and round (down, up), and ``mb_to_90pct_fedavg``, the megabytes sent both ways by all clients
-until the first evaluated round at 90% of FedAvg's final accuracy on the same data (empty
-where the run never got there, or where no FedAvg ran).
+until the first evaluated round at 90% of FedAvg's final accuracy on the same data (plain
+``fedavg`` where it ran, else the first ``fedavg(...)``; empty where the run never got there,
+or where no FedAvg ran).
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ def _name(row: dict[str, Any]) -> str:
 def with_targets(rows: list[dict[str, Any]], runs: list[RunMetrics]) -> None:
     """Fill ``mb_to_90pct_fedavg`` for every federated row whose data has a FedAvg row."""
     for row, metrics in zip(rows, runs):
-        fedavg = [r for r in rows if _name(r) == "fedavg" and _same_data(r) == _same_data(row)]
+        fedavg = sorted((r for r in rows if _name(r) == "fedavg" and _same_data(r) == _same_data(row)),
+                        key=lambda r: r["strategy"] != "fedavg")  # plain fedavg first, then fedavg(...)
         if _name(row) != "centralized" and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
             row["mb_to_90pct_fedavg"] = mb_to_reach(metrics, 0.9 * fedavg[0]["final_accuracy"])
 
@@ -325,12 +327,16 @@ def sweep(
                         out_dir=str(run_dir(out, mode, r, _dir_name(strategy), tag)))
         if own:
             c = RunConfig.from_run_config({**c.to_run_config(), **own})
-        report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {partition_label(c)}, {strategy} "
+        label = partition_label(c)
+        if name == "centralized" and tag:  # all training data whatever the split: one run per (mode, ratio)
+            c = c.replace(partitioner=cfg.partitioner, dirichlet_alpha=cfg.dirichlet_alpha,
+                          out_dir=str(run_dir(out, mode, r, _dir_name(strategy))))
+        report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {label}, {strategy} "
                f"({time.perf_counter() - t0:.0f}s so far)")
         if len(parts) > 1 and mode != "random":  # every partitioning reads its clients' rows from one extraction
             whole_split_features(c.replace(mask_mode=mode))
         metrics = centralized(c) if name == "centralized" else federated(c, engine)
-        row = row_for(c, strategy, metrics, shape, len(train))
+        row = {**row_for(c, strategy, metrics, shape, len(train)), "partition": label}
         rows.append(row)
         runs.append(metrics)
         with_targets(rows, runs)
