@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from fedsparse.commands.devices import free_ports, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -59,69 +60,11 @@ def _exe(name: str) -> str:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (all held open until all are chosen)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# --- processes, found through /proc -------------------------------------------------------
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) of every process now visible in /proc."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _has_token(pid: int, token: str) -> bool:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"{TOKEN_VAR}={token}".encode() in env.split(b"\0")
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return "?"
-
-
-def our_live_pids(roots: list[int], token: str) -> set[int]:
-    """Live (non-zombie) processes that descend from ``roots`` or carry ``token``."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [r for r in roots if r in table]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    found |= {pid for pid in table if _has_token(pid, token)}
-    found.discard(os.getpid())
-    return {pid for pid in found if table.get(pid, (0, "Z"))[1] != "Z"}
 
 
 class Deployment:
@@ -244,41 +187,8 @@ class Deployment:
 
     def stop(self) -> list[str]:
         """Stop everything this test started; returns what is still alive afterwards (should be [])."""
-        roots = [p.pid for p in self.procs.values()]
-
-        def signal_all(sig: int) -> None:
-            for proc in self.procs.values():
-                if proc.poll() is None:  # leader alive: the group is certainly ours
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            for pid in our_live_pids(roots, self.token):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-        def wait_gone(timeout: float) -> set[int]:
-            deadline = time.monotonic() + timeout
-            while True:
-                for proc in self.procs.values():
-                    proc.poll()  # reap our direct children
-                alive = our_live_pids(roots, self.token)
-                if not alive or time.monotonic() > deadline:
-                    return alive
-                time.sleep(0.2)
-
-        signal_all(signal.SIGTERM)
-        if wait_gone(TERM_GRACE):
-            signal_all(signal.SIGKILL)
-        left = wait_gone(5.0)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                pass
-        return [f"{pid}: {_cmdline(pid)}" for pid in sorted(left)]
+        left = stop_processes(list(self.procs.values()), self.token, TOKEN_VAR, TERM_GRACE, reap=5.0)
+        return [f"{pid}: {_cmdline(pid)}" for pid in left]
 
     def tail(self, lines: int = 60) -> str:
         parts = []

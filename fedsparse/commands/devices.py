@@ -329,9 +329,9 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _has_token(pid: int, token: str) -> bool:
+def _has_token(pid: int, token: str, token_var: str = TOKEN_VAR) -> bool:
     try:
-        return f"{TOKEN_VAR}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return f"{token_var}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
 
@@ -349,12 +349,54 @@ def tree(root: int, table: dict[int, tuple[int, str]] | None = None) -> list[int
     return out
 
 
-def live_pids(roots: list[int], token: str) -> set[int]:
-    """Live (not zombie) processes that descend from ``roots`` or carry ``token``."""
+def live_pids(roots: list[int], token: str, token_var: str = TOKEN_VAR) -> set[int]:
+    """Live (not zombie) processes that descend from ``roots`` or carry ``token`` in ``token_var``."""
     table = _proc_table()
-    found = {p for r in roots for p in tree(r, table)} | {p for p in table if _has_token(p, token)}
+    found = {p for r in roots for p in tree(r, table)} | {p for p in table if _has_token(p, token, token_var)}
     found.discard(os.getpid())
     return {p for p in found if table.get(p, (0, "Z"))[1] != "Z"}
+
+
+def stop_processes(procs: list[subprocess.Popen], token: str, token_var: str = TOKEN_VAR,
+                   grace: float = TERM_GRACE, reap: float = 2.0) -> list[int]:
+    """SIGTERM every group led by ``procs`` and every process carrying ``token``, SIGKILL what
+    is left after ``grace`` seconds; returns the pids still alive afterwards (should be none).
+    ``fedsparse devices`` and the deployment tests stop their processes with it."""
+    roots = [p.pid for p in procs]
+
+    def signal_all(sig: int) -> None:
+        for proc in procs:
+            if proc.poll() is None:  # leader alive: the group is certainly ours
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for pid in live_pids(roots, token, token_var):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait_gone(timeout: float) -> set[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for proc in procs:
+                proc.poll()  # reap our direct children
+            alive = live_pids(roots, token, token_var)
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
+
+    signal_all(signal.SIGTERM)
+    if wait_gone(grace):
+        signal_all(signal.SIGKILL)
+    left = wait_gone(5.0)
+    for proc in procs:
+        try:
+            proc.wait(timeout=reap)
+        except subprocess.TimeoutExpired:
+            pass
+    return sorted(left)
 
 
 def _rss(pid: int) -> int:
@@ -416,41 +458,7 @@ class Processes:
     def stop(self) -> list[int]:
         """SIGTERM every group and every process carrying the token, SIGKILL what is left after
         ``TERM_GRACE``; returns the pids still alive afterwards (should be none)."""
-        roots = [p.pid for p in self.procs.values()]
-
-        def signal_all(sig: int) -> None:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            for pid in live_pids(roots, self.token):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-        def wait_gone(timeout: float) -> set[int]:
-            deadline = time.monotonic() + timeout
-            while True:
-                for proc in self.procs.values():
-                    proc.poll()
-                alive = live_pids(roots, self.token)
-                if not alive or time.monotonic() > deadline:
-                    return alive
-                time.sleep(0.2)
-
-        signal_all(signal.SIGTERM)
-        if wait_gone(TERM_GRACE):
-            signal_all(signal.SIGKILL)
-        left = wait_gone(5.0)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                pass
-        return sorted(left)
+        return stop_processes(list(self.procs.values()), self.token)
 
 
 class MemorySampler(threading.Thread):
