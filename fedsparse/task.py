@@ -137,8 +137,7 @@ def whole_split_features(cfg: RunConfig) -> Features:
     ``seed``) can read its clients' rows from this one entry (``rows_of_whole_split``):
     ``fedsparse sweep`` over partitionings extracts each image once instead of once per
     partitioning."""
-    train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
-    return features(cfg.replace(mask_mode="per-image"), train, group="train")
+    return features(cfg.replace(mask_mode="per-image"), training_set(cfg), group="train")
 
 
 _WHOLE: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = {}  # one whole split per process

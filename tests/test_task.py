@@ -64,3 +64,16 @@ def test_clients_read_their_rows_of_the_whole_split_once_it_is_cached(cfg):
             assert torch.equal(rows.y, own.y) and torch.allclose(rows.x, own.x, atol=1e-5)  # batch rounding aside
     other = client_features(cfg.replace(mask_ratio=0.5), 0, 2)  # no whole-split entry at this ratio
     assert not other.cache_hit
+
+
+def test_rows_of_the_whole_split_carry_the_runs_class_list(cfg):
+    """With ``classes`` ordering the labels unlike the folders, the whole split is extracted
+    under the run's labels and its clients read their rows from it."""
+    from fedsparse.task import client_images, whole_split_features
+
+    c = cfg.replace(classes="dog,cat")  # the tree's folders are cat, dog
+    whole_split_features(c)
+    rows = client_features(c, 0, 2)  # no entry of its own exists: a hit can only be the whole split
+    assert rows.cache_hit and rows.seconds == 0.0
+    assert rows.y.tolist() == client_images(c, 0, 2).labels.tolist()
+    assert rows.y.tolist() != client_images(cfg, 0, 2).labels.tolist()  # the folders' order differs

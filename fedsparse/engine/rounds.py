@@ -31,10 +31,8 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
-from fedsparse.model.head import MLPHead, count_params, evaluate
-from fedsparse.model.ist import all_finite
-from fedsparse.model.ist import state_bytes
-from fedsparse.model.head import state_dims
+from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
+from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
 from fedsparse.protocol import CLIENT_TASK_KEY
 from fedsparse.seeds import derive_seed
