@@ -12,6 +12,9 @@ Public API is used everywhere else. What is here has no public equivalent:
 3. ``patched_vce``: one pass per poll to hand messages to simulated clients instead of
    Flower's per-node scan of every stored message (``vce_api.add_messages_to_queue``,
    ``InMemoryLinkState._check_stored_messages``), see below.
+4. ``fedsparse.protocol.wire_bytes`` (the library's one Flower-aware function) mirrors how
+   Flower deflates messages (its array chunk size, its object headers) to size them without
+   hashing every byte; it is listed here so that the check below covers it too.
 
 ``check_internals`` lists what is missing or changed; ``tests/test_flower_internals.py``
 fails with that list when Flower changes one of them.
@@ -157,6 +160,10 @@ INTERNALS = [
     ("flwr.supercore.task_identity", "TaskIdentity", "building Messages outside a run"),
     ("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue", "the message dispatch patched_vce replaces"),
     ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState", "the state patched_vce reads"),
+    # fedsparse.protocol.wire_bytes sizes messages as Flower deflates them (tests/test_protocol.py
+    # checks it against Flower's own deflate-and-hash on every kind of message)
+    ("flwr.app.message.array", "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", "how Flower cuts arrays into chunks"),
+    ("flwr.supercore.inflatable.inflatable_object", "get_all_nested_objects", "Flower's own message size"),
 ]
 
 # keyword parameters _run_simulation must accept
