@@ -24,7 +24,9 @@ LinkState to its workers with ``add_messages_to_queue``: every 0.1 s, for **ever
 the federation, ``state.get_message_ins(node_id, limit=1)``, and each call scans **every
 stored message** and re-validates it. With 1,000 nodes and 100 messages in flight that is
 100,000 validations every 0.1 s, in a thread of the driver process that holds the GIL the
-ServerApp needs. ``fast_add_messages_to_queue`` does the same job in one pass every 10 ms.
+ServerApp needs. ``fast_add_messages_to_queue`` does the same job in one pass, woken as soon
+as the ServerApp stores messages (at the latest every 10 ms); the ServerApp's wait for replies
+is woken the same way when a reply is stored.
 ``FEDSPARSE_FLOWER_POLLING=flower`` turns it off (for comparison).
 """
 
@@ -36,7 +38,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from queue import Queue
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Flower's loop waits 0.1 s between passes: up to 0.1 s of every round spent waiting. One pass
 # over the messages in flight is cheap, so this one looks every 10 ms.
@@ -45,11 +47,19 @@ DISPATCH_SECONDS = 0.01
 EXPECTED_PARAMS = ["state", "queue", "nodes_mapping", "f_stop"]
 
 
+# Set when a message is stored for the simulated clients (the dispatch loop below wakes at once
+# instead of at its next poll) and when a reply is stored (``strategies.progress.REPLY_STORED``
+# wakes the ServerApp's wait): ``patched_vce`` wraps the LinkState's two store methods.
+MESSAGE_STORED = threading.Event()
+
+
 def fast_add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
-    """Put undelivered messages for the simulated nodes into ``queue``, one pass per 0.1 s."""
+    """Put undelivered messages for the simulated nodes into ``queue``: one pass whenever a
+    message is stored (``MESSAGE_STORED``), and at least every ``DISPATCH_SECONDS``."""
     from flwr.supercore.date import now
 
     while not f_stop.is_set():
+        MESSAGE_STORED.clear()  # before the pass: a message stored during it sets it again
         with state.lock:
             pending = {
                 msg_id
@@ -68,7 +78,19 @@ def fast_add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_s
                         ready.append(msg)
             for msg in ready:
                 queue.put(msg)
-        f_stop.wait(DISPATCH_SECONDS)
+        MESSAGE_STORED.wait(DISPATCH_SECONDS)
+
+
+def _signalling(store: Callable[[Any], Any], event: threading.Event) -> Callable[[Any], Any]:
+    """``store`` (a LinkState's ``store_message_ins``/``_res``) that sets ``event`` once it stored."""
+
+    def wrapped(message: Any) -> Any:
+        try:
+            return store(message)
+        finally:
+            event.set()
+
+    return wrapped
 
 
 @contextmanager
@@ -96,6 +118,12 @@ def patched_vce() -> Iterator[bool]:
 
     def dispatch(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
         if isinstance(state, InMemoryLinkState) and hasattr(state, "message_ins_store"):
+            from strategies.progress import REPLY_STORED
+
+            # this state object is the run's own (its in-memory LinkState): wake the dispatch
+            # when the ServerApp stores messages, and the ServerApp's wait when replies are stored
+            state.store_message_ins = _signalling(state.store_message_ins, MESSAGE_STORED)
+            state.store_message_res = _signalling(state.store_message_res, REPLY_STORED)
             fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
         else:
             original(state, queue, nodes_mapping, f_stop)

@@ -31,6 +31,9 @@ ReplyCallback = Callable[[int, int, int, bool], None]
 
 POLL_SECONDS = 0.01  # Flower's InMemoryGrid polls every 0.1 s (its HttpGrid every 3 s): up to 0.1 s lost per round
 TICK_SECONDS = 1.0  # the callback also runs this often while nothing arrives
+# Set by the Simulation Engine's LinkState when it stores a reply (strategies.flower_internals.
+# patched_vce): the wait below then pulls at once instead of at its next poll.
+REPLY_STORED = threading.Event()
 
 
 class PollingGrid(Grid):
@@ -86,6 +89,7 @@ class PollingGrid(Grid):
         last_report = time.monotonic()
         try:
             while pending:
+                REPLY_STORED.clear()  # before the pull: a reply stored after it wakes the wait below
                 got = list(self.grid.pull_messages(pending))
                 if got:
                     replies.extend(got)
@@ -99,7 +103,7 @@ class PollingGrid(Grid):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                time.sleep(self.poll if left is None else min(self.poll, left))
+                REPLY_STORED.wait(self.poll if left is None else min(self.poll, left))
         finally:
             self._report(len(replies), total, errors, True)
         return replies

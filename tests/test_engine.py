@@ -18,7 +18,7 @@ import torch
 from fedsparse.algorithms import ALGORITHMS, Algorithm, ClientTask, make_algorithm, register
 from fedsparse.algorithms.fedavg import weighted_mean
 from fedsparse.config import RunConfig
-from fedsparse.engine.checkpoint import Checkpoint, check_resumable, config_differences
+from fedsparse.engine.checkpoint import BackgroundWriter, Checkpoint, check_resumable, config_differences
 from fedsparse.engine.metrics import RunMetrics
 from fedsparse.engine.plain import PlainTransport
 from fedsparse.engine.rounds import RoundEngine, sample_clients
@@ -117,6 +117,18 @@ class TestCheckpoint:
         assert [r.accuracy for r in m.rounds] == [r.accuracy for r in RunMetrics.load(cfg.out_dir).rounds]
 
 
+def test_background_writer_keeps_order_and_reraises_a_failed_write():
+    writer, order = BackgroundWriter(), []
+    writer.submit(lambda: (time.sleep(0.05), order.append(1)))
+    writer.submit(lambda: order.append(2))  # waits for the first
+    writer.wait()
+    assert order == [1, 2]
+    writer.submit(lambda: open("/nonexistent-dir/metrics.json", "w"))
+    with pytest.raises(FileNotFoundError):
+        writer.wait()
+    writer.wait()  # the error is raised once
+
+
 # --- SIGKILL after round k, then resume -----------------------------------------------------
 KILLER = textwrap.dedent("""
     import os, signal, sys, warnings
@@ -127,7 +139,8 @@ KILLER = textwrap.dedent("""
     kill_after, engine_name = int(sys.argv[2]), sys.argv[3]
     def report(line):
         if line.startswith(f"round {kill_after}/"):
-            os.kill(os.getpid(), signal.SIGKILL)   # after round k's files are written
+            engine._writer.wait()   # round k's files are written in the background: let them land
+            os.kill(os.getpid(), signal.SIGKILL)
     engine = RoundEngine(cfg, report=report)
     if engine_name == "plain":
         from fedsparse.engine.plain import PlainTransport

@@ -93,6 +93,28 @@ def test_messages_flowers_check_rejects_are_not_delivered():
     assert "b" not in state.message_ins_store
 
 
+def test_a_stored_message_wakes_the_dispatch_at_once(monkeypatch):
+    """With a poll of 60 s, only the wake-up of a store can deliver a message within seconds."""
+    import strategies.flower_internals as fi
+
+    monkeypatch.setattr(fi, "DISPATCH_SECONDS", 60.0)
+    state = FakeState({})
+    store = fi._signalling(lambda m: state.message_ins_store.__setitem__("late", m), fi.MESSAGE_STORED)
+    queue, stop = Queue(), threading.Event()
+    t = threading.Thread(target=fast_add_messages_to_queue, args=(state, queue, {1: 0}, stop))
+    t.start()
+    try:
+        time.sleep(0.2)  # the first pass found nothing; the loop now waits
+        t0 = time.monotonic()
+        store(SimpleNamespace(metadata=SimpleNamespace(dst_node_id=1, delivered_at="")))
+        msg = queue.get(timeout=10)
+        assert msg.metadata.dst_node_id == 1 and time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        fi.MESSAGE_STORED.set()
+        t.join()
+
+
 def test_patch_installs_and_restores_flowers_function(monkeypatch):
     from flwr.server.superlink.fleet.vce import vce_api
 

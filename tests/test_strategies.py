@@ -588,6 +588,28 @@ class TestPollingGrid:
         assert time.monotonic() - t0 < 5 and len(replies) == 1 and calls[-1] == (1, 2, 0, True)
 
 
+    def test_a_stored_reply_wakes_the_wait_at_once(self):
+        """With a poll of 60 s, only REPLY_STORED (set by the simulation's LinkState when it
+        stores a reply) can end the wait within seconds."""
+        from strategies.progress import REPLY_STORED, PollingGrid
+
+        grid = QueueGrid([1], _any_reply, silent={1})
+        polling = PollingGrid(grid, poll=60.0)
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+
+        def answer_later():
+            time.sleep(0.3)
+            grid.ready.append(_any_reply(msg))
+            REPLY_STORED.set()
+
+        t = threading.Thread(target=answer_later)
+        t.start()
+        t0 = time.monotonic()
+        replies = list(polling.send_and_receive([msg], timeout=120))
+        t.join()
+        assert len(replies) == 1 and time.monotonic() - t0 < 30
+
+
 class TestProgress:
     def _run(self, make_cfg, nodes, rounds=2, **kw):
         grid_kw = {k: kw.pop(k) for k in ("per_pull", "silent") if k in kw}

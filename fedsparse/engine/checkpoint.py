@@ -12,9 +12,10 @@ carried out (``RESUME_FREE_KEYS``) may differ, and ``num-rounds`` may grow to ex
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -61,6 +62,41 @@ class Checkpoint:
         if not isinstance(data["config"], dict) or not isinstance(data["state"], dict):
             raise ValueError(f"{path} is not a fedsparse checkpoint (format {FORMAT})")
         return cls(int(data["round"]), data["state"], data["algorithm"], data["metrics"], data["config"])
+
+
+class BackgroundWriter:
+    """Writes a round's files in a thread while the next round runs (they cost 15-20 ms a round,
+    as much as a tenth of a simulated round), one write at a time, in order.
+
+    ``submit`` waits for the write before it; ``wait`` returns once the last one is on disk and
+    re-raises its error, if it failed (a full disk stops the run at the next round, not
+    silently). Every file is written atomically, so a run killed during a write keeps the
+    previous round's complete files, and ``--resume`` goes on from them. The thread is not a
+    daemon: a process that exits waits for the write in flight.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="fedsparse-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the engine's thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

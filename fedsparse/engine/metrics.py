@@ -197,13 +197,20 @@ class RunMetrics:
         rounds = [RoundMetrics(**{k: v for k, v in r.items() if k in round_names}) for r in data.get("rounds", [])]
         return cls(**known, rounds=rounds, extra=extra)
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``metrics.json`` atomically (a crash leaves the previous complete file)."""
+    def snapshot(self) -> "RunMetrics":
+        """A copy whose lists and dicts are its own (the rounds themselves are shared: a round's
+        entry is not changed once appended): what a background write reads while the run goes on."""
+        return dataclasses.replace(self, initial=dict(self.initial), rounds=list(self.rounds),
+                                   resumed_at=list(self.resumed_at), memory=dict(self.memory), extra=dict(self.extra))
+
+    def write(self, out_dir: str | Path, data: dict[str, Any] | None = None) -> Path:
+        """Write ``metrics.json`` atomically (a crash leaves the previous complete file);
+        ``data``: ``to_dict()`` when the caller has it already."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=out)
         with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
+            json.dump(self.to_dict() if data is None else data, fh, indent=2)
         os.replace(tmp, out / "metrics.json")
         return out / "metrics.json"
 

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algor
 from fedsparse.algorithms.base import State
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
-from fedsparse.engine.checkpoint import MODEL, Checkpoint, atomic_torch_save, check_resumable
+from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
@@ -190,6 +190,7 @@ class RoundEngine:
         self._sizes: list[int] | None = None  # partition sizes, when the driver is exact about them
         self._exact_sizes = False
         self._transport: Transport | None = None
+        self._writer = BackgroundWriter()  # the round's files are written while the next round runs
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
@@ -401,11 +402,37 @@ class RoundEngine:
         return self.metrics
 
     def _write(self, checkpoint: bool = True) -> None:
+        """The round's files: ``checkpoint.pt``, ``model.pt`` and ``metrics.json`` in the
+        background (``BackgroundWriter``) from copies taken here, so the next round need not wait
+        for the disk; ``checkpoint=False`` (the run's end) waits for them and writes
+        ``metrics.json`` before it returns."""
         assert self.metrics is not None
         self.metrics.wall_seconds = time.perf_counter() - self._t_start
-        if checkpoint:
-            Checkpoint(self.done, self.state, self.algorithm.state_dict(), self.metrics.to_dict(),
-                       self.cfg.to_run_config()).save(self.out)
-            atomic_torch_save(self.state, self.out / MODEL)
-        self.metrics.write(self.out)
+        metrics = self.metrics.snapshot()
+        if not checkpoint:
+            self._writer.wait()
+            metrics.write(self.out)
+            return
+        state = {k: v.detach().clone() for k, v in self.state.items()}
+        algorithm = clone_tensors(self.algorithm.state_dict())
+        done, config, out = self.done, self.cfg.to_run_config(), self.out
 
+        def write() -> None:
+            data = metrics.to_dict()
+            Checkpoint(done, state, algorithm, data, config).save(out)
+            atomic_torch_save(state, out / MODEL)
+            metrics.write(out, data)
+
+        self._writer.submit(write)
+
+
+def clone_tensors(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists, tuples) cloned: what a background write
+    may read while the next round changes the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tensors(v) for v in obj)
+    return obj
