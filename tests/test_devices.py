@@ -108,6 +108,30 @@ def test_memory_limit_stops_a_process_that_exceeds_it(tmp_path: Path) -> None:
         assert lim.release([device]) == []
 
 
+def test_rlimit_fallback_refuses_an_allocation_past_it(tmp_path: Path) -> None:
+    """``--limits rlimit`` (the path of a machine without writable cgroups), run here: the
+    device's process gets RLIMIT_AS = its limit + the address-space headroom and one CPU per
+    thread of its profile; an allocation past the limit fails with MemoryError in that process
+    (which the ClientApp reports as an error reply) instead of taking memory from the host."""
+    lim = Limits(f"fedsparse-devices-test-{os.getpid()}", prefer="rlimit")
+    assert lim.kind == "rlimit"
+    device = Device(0, PROFILES["tiny"], tmp_path)
+    device.limit_mib = 150
+    lim.prepare(device)
+    limit = (150 + 4096) * 2**20
+    code = ("import os, resource; print(resource.getrlimit(resource.RLIMIT_AS)[0], len(os.sched_getaffinity(0)), flush=True); "
+            "b = bytearray(64 * 2**20); print('small ok', flush=True); "
+            f"b = bytearray({limit + 2**30})")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], preexec_fn=lim.preexec(device), capture_output=True,
+                              text=True, timeout=60)
+        lines = proc.stdout.split("\n")
+        assert lines[0].split() == [str(limit), str(min(PROFILES["tiny"].threads, os.cpu_count() or 1))]
+        assert "small ok" in proc.stdout and proc.returncode == 1 and "MemoryError" in proc.stderr, proc.stderr[-500:]
+    finally:
+        assert lim.release([device]) == []
+
+
 def test_bad_arguments_are_one_line() -> None:
     with pytest.raises(ValueError, match="unknown profile 'huge'"):
         parse_profiles("tiny,huge")

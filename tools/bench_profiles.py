@@ -15,7 +15,7 @@ fresh process with a cold feature cache measures its peak RSS (``VmHWM``) agains
 
 Writes ``OUT/bench_profiles.json`` and prints the Markdown tables of BENCHMARKS.md::
 
-    .venv/bin/python tools/bench_profiles.py --out runs/bench-profiles [--seeds 0 1] [--rounds 30]
+    .venv/bin/python tools/bench_profiles.py --out runs/bench-profiles [--seeds 0 1 2 3 4] [--rounds 30] [--scaling width]
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ RUNS = {
 EVAL_RATIOS = (0.5, 0.625, 0.75)
 
 
-def run_one(name: str, spec: str, seed: int, rounds: int, out: Path) -> dict:
+def run_one(name: str, spec: str, seed: int, rounds: int, out: Path, scaling: str = "width") -> dict:
     from fedsparse.engine.plain import PlainTransport
     from fedsparse.engine.rounds import RoundEngine
     from fedsparse.model.head import MLPHead, evaluate
     from fedsparse.task import test_features
 
     cfg = resolve(ROOT / "configs" / "quickstart.toml", {"device-profiles": spec, "seed": seed, "num-rounds": rounds,
-                                                          "out-dir": str(out / f"{name}-seed{seed}")})
+                                                          "ist-scaling": scaling, "out-dir": str(out / f"{name}-seed{seed}")})
     t0 = time.perf_counter()
     engine = RoundEngine(cfg, report=lambda s: None)
     metrics = engine.run(PlainTransport(cfg))
@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-profiles")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--scaling", choices=("none", "width"), default="width",
+                    help="ist-scaling of every run (configs/profiles.toml ships width)")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -169,7 +171,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for name, spec in RUNS.items():
-            res = run_one(name, spec, seed, args.rounds, out)
+            res = run_one(name, spec, seed, args.rounds, out, args.scaling)
             print(f"{name} seed {seed}: final {res['final_accuracy']:.4f} ({res['seconds']:.0f}s)", flush=True)
             results.append(res)
     widths = {}
@@ -177,7 +179,8 @@ def main() -> None:
         hs = [r["per_profile"][prof]["hidden"] for r in results if r["run"] == "hetero" and prof in r["per_profile"]]
         widths[prof] = round(statistics.fmean(hs)) if hs else 256
     memory = [] if args.skip_memory else measure_memory(widths)
-    (out / "bench_profiles.json").write_text(json.dumps({"results": results, "memory": memory}, indent=2))
+    (out / "bench_profiles.json").write_text(json.dumps({"scaling": args.scaling, "results": results, "memory": memory},
+                                                        indent=2))
     print(tables(results, memory))
 
 

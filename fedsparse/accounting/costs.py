@@ -100,6 +100,19 @@ def extraction_tensor_bytes(shape: ViTShape, mask_ratio: float, batch_size: int,
     return BYTES_PER_FP32 * (weights + pixels + activations)
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (``VmHWM``) over from its current RSS (Linux: ``5`` to
+    ``/proc/self/clear_refs``); returns whether it could. A client calls it when a task starts,
+    so the peak it reports is that task's, not the process's since it started: a simulated
+    client shares its actor process with every client the actor ran before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far: ``VmHWM`` of its address space.
 

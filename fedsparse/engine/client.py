@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from fedsparse import protocol as p
-from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes
+from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes, reset_peak_rss
 from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, TRAIN, State
 from fedsparse.config import RunConfig
 from fedsparse.model.closed_form import stats_for
@@ -69,6 +69,7 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
     ``data_dir``: the node's own images (``<class>/<image>``) instead of a partition; its
     ``partition_id`` is then the node's ``client-id``, or None, and its batches are seeded by
     its data instead (``batch_seed_id``)."""
+    reset_peak_rss()  # the peak this task reports is its own (a simulated actor runs many clients)
     kind = str(config.get(p.CLIENT_TASK_KEY, TRAIN))
     if kind == STATS:
         return run_stats_task(cfg, partition_id, num_partitions, arrays, config, data_dir, profile)
