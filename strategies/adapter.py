@@ -112,14 +112,12 @@ class AlgorithmStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.refused[node] = one_line(reply.error.reason)
-                log(WARNING, "node %s is not used: %s", node, self.refused[node])
+                self._refuse(node, one_line(reply.error.reason))
                 continue
             try:
                 profile = reported_profile(reply)
             except ValueError as err:
-                self.refused[node] = one_line(f"bad device profile: {err}")
-                log(WARNING, "node %s is not used: %s", node, self.refused[node])
+                self._refuse(node, one_line(f"bad device profile: {err}"))
                 continue
             client = node
             if METRICS_KEY in reply.content.metric_records:
@@ -130,6 +128,13 @@ class AlgorithmStrategy(Strategy):
                 client = node
             self.client_of[node], self.node_of[client] = client, node
             self.profiles[client] = profile
+
+    def _refuse(self, node: int, reason: str) -> None:
+        """Never use ``node``: say why once, and keep the reason in metrics.json (``refused_nodes``)."""
+        self.refused[node] = reason
+        log(WARNING, "node %s is not used: %s", node, reason)
+        if self.engine.metrics is not None:
+            self.engine.metrics.refused_nodes[str(node)] = reason
 
     def clients(self, k: int) -> list[int]:
         """Ids of the connected, identified clients; waits (and says so) until ``k`` nodes

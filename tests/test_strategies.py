@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 
 from fedsparse.algorithms import make_algorithm
 from fedsparse.config import RunConfig
-from fedsparse.engine.metrics import RoundMetrics
+from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.engine.rounds import RoundEngine, sample_clients
 from fedsparse.model.head import MLPHead
 from fedsparse.model.ist import slice_state
@@ -158,9 +158,12 @@ class TestIdentity:
                         out.append(self.client_app(m, self.context(node)))
                 return out
 
-        _, strategy, grid = started(cfg, OddGrid(cfg))
+        engine, strategy, grid = started(cfg, OddGrid(cfg))
         clients = strategy.clients(cfg.clients_per_round)
         assert odd not in strategy.client_of and "no partition-id" in strategy.refused[odd]
+        engine.finish()  # the refusal is in metrics.json, with its reason
+        refused = RunMetrics.load(cfg.out_dir).refused_nodes
+        assert list(refused) == [str(odd)] and "no partition-id" in refused[str(odd)]
         assert odd not in clients and strategy.client_of[odd + 1] == odd + 1 and odd + 1 in clients
         assert grid.partition_of[strategy.node_of[0]] == 0
 

@@ -602,12 +602,14 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
         tail = " ".join(run_log.split()[-40:])
         raise RuntimeError(f"the run wrote no {metrics_path}; flwr run said: {tail}")
     # a node whose identity query failed (e.g. its ClientApp was killed at its memory limit) is
-    # never sampled: the server logs "node <id> is not used: <reason>"
-    refused = dict(re.findall(r"node (\d+) is not used: (.*)", run_log))
+    # never sampled: metrics.json names it with the reason (refused_nodes; the server's log says
+    # "node <id> is not used: <reason>" too)
+    metrics = json.loads(metrics_path.read_text())
+    refused = {**dict(re.findall(r"node (\d+) is not used: (.*)", run_log)), **metrics.get("refused_nodes", {})}
     for d in devices:
         m = re.search(r"SuperNode ID: (\d+)", procs.log(d.name))
         d.refused = " ".join(refused.get(m.group(1), "").split()) if m else ""
-    result = summarize(json.loads(metrics_path.read_text()), devices, peaks, ooms, lim, time.monotonic() - started)
+    result = summarize(metrics, devices, peaks, ooms, lim, time.monotonic() - started)
     (out / "devices.json").write_text(json.dumps(result, indent=2))
     (out / "devices.md").write_text(markdown(result))
     report(markdown(result))

@@ -146,6 +146,9 @@ class RunMetrics:
     finished: bool = False
     wall_seconds: float = 0.0  # of this process's part of the run
     memory: dict[str, Any] = field(default_factory=dict)  # simulation: process-tree RSS/PSS
+    # node id -> why the server never used it (its identity query failed: a bad node config,
+    # a malformed device profile); such a node is asked once and never sampled
+    refused_nodes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived --------------------------------------------------------------------
@@ -201,7 +204,8 @@ class RunMetrics:
         """A copy whose lists and dicts are its own (the rounds themselves are shared: a round's
         entry is not changed once appended): what a background write reads while the run goes on."""
         return dataclasses.replace(self, initial=dict(self.initial), rounds=list(self.rounds),
-                                   resumed_at=list(self.resumed_at), memory=dict(self.memory), extra=dict(self.extra))
+                                   resumed_at=list(self.resumed_at), memory=dict(self.memory), extra=dict(self.extra),
+                                   refused_nodes=dict(self.refused_nodes))
 
     def write(self, out_dir: str | Path, data: dict[str, Any] | None = None) -> Path:
         """Write ``metrics.json`` atomically (a crash leaves the previous complete file);
