@@ -40,9 +40,16 @@ def processes_of_run(pid: int) -> list[str]:
     return [args for p, ppid, args in rows if p in mine or ppid in mine]
 
 
+@pytest.fixture(scope="module")
+def run_cache(tmp_path_factory) -> Path:
+    """One feature cache for this module's end-to-end runs: the default run starts it empty
+    (the README's first run), the FedAvg run then finds its clients' features there."""
+    return tmp_path_factory.mktemp("run-cache")
+
+
 @pytest.mark.slow
-def test_default_run_learns_and_writes_its_files(tmp_path):
-    proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=tmp_path / "cache")
+def test_default_run_learns_and_writes_its_files(tmp_path, run_cache):
+    proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=run_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final accuracy" in proc.stdout
     # the run's own round lines and summary, not Flower's per-round lines and final dump
@@ -76,11 +83,12 @@ def test_default_run_learns_and_writes_its_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_fedavg_baseline_runs_on_the_same_app(tmp_path):
+def test_fedavg_baseline_runs_on_the_same_app(tmp_path, run_cache):
+    # the default run's 20 clients: their features are in run_cache when the default run ran first
     proc = fedsparse(
         "run", "--out", str(tmp_path / "out"), "--run-config",
-        "strategy=fedavg num-clients=4 clients-per-round=2 num-rounds=2 hidden='64,64'",
-        cache=tmp_path / "cache",
+        "strategy=fedavg clients-per-round=2 num-rounds=2 hidden='64,64'",
+        cache=run_cache,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
