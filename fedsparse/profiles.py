@@ -91,17 +91,22 @@ class Profile:
 # The shipped profiles. Budgets are the peak RSS of the client process (``VmHWM``), which starts
 # at the library's own imports (torch, timm, Flower: 740 MiB measured on this machine,
 # ``fedsparse.accounting.budget.LIBRARY_BASELINE_BYTES``); the rest is the device's working
-# memory. With the built-in encoder the three predict 827, 879 and 1022 MiB and measured 796,
-# 816 and 956 MiB (one client's first round in a fresh process; BENCHMARKS.md, issue 13).
+# memory (BENCHMARKS.md §9 has each profile's predicted and measured peak).
+#
+# Every profile encodes in fp32. bf16 (``profile-encoder-dtype=bf16``, for a device whose CPU
+# has bf16 arithmetic) gives features that differ from the fp32 ones the server evaluates on:
+# a federation whose tiny and small clients encoded in bf16 ended 2.4 points lower (0.422
+# against 0.446, 5 seeds, BENCHMARKS.md §9), and on CPUs without bf16 units it is slower too.
 PROFILES: dict[str, Profile] = {
     # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 900 MiB
-    # for the client process, of which the library takes 740 (fedsparse.accounting.budget). Encodes a quarter of the patches in bf16, 32 images at a time,
-    # and trains a quarter of the hidden width for 10 steps of 32.
-    "tiny": Profile("tiny", mask_ratio=0.75, width=0.25, local_steps=10, batch_size=32, encoder_dtype="bf16",
+    # for the client process, of which the library takes 740 (fedsparse.accounting.budget).
+    # Encodes a quarter of the patches, 32 images at a time, and trains a quarter of the hidden
+    # width for 10 steps of 32.
+    "tiny": Profile("tiny", mask_ratio=0.75, width=0.25, local_steps=10, batch_size=32, encoder_dtype="fp32",
                     threads=1, memory_mib=900, encoder_batch=32),
     # A mid-range phone or a Raspberry Pi 4 with 2 GiB (two cores): 1 GiB for the client. Half the
-    # patches in bf16, half the hidden width, the run's 20 steps of 64.
-    "small": Profile("small", mask_ratio=0.5, width=0.5, local_steps=20, batch_size=64, encoder_dtype="bf16",
+    # patches, half the hidden width, the run's 20 steps of 64.
+    "small": Profile("small", mask_ratio=0.5, width=0.5, local_steps=20, batch_size=64, encoder_dtype="fp32",
                      threads=2, memory_mib=1024, encoder_batch=64),
     # A laptop or an edge server (4+ GiB, four cores): 2 GiB for the client. The run's defaults:
     # half the patches in fp32, the full width, 20 steps of 64, the encoder's batch of 256.

@@ -315,7 +315,8 @@ class TestBudget:
         dims = (192, 64, 64, 10)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            roomy = fit_profile(cfg, dataclasses.replace(PROFILES["tiny"], memory_mib=100_000), dims, 32)
+            roomy = fit_profile(cfg, dataclasses.replace(PROFILES["tiny"], memory_mib=100_000, encoder_dtype="bf16"),
+                                dims, 32)
             one = fit_profile(cfg, dataclasses.replace(PROFILES["tiny"], encoder_batch=1, memory_mib=100_000), dims, 32)
         assert roomy.encoder_batch == 32 and roomy.cfg.mask_ratio == PROFILES["tiny"].mask_ratio
         assert roomy.cfg.encoder_dtype == "bf16" and one.predicted_peak_bytes < roomy.predicted_peak_bytes
