@@ -23,19 +23,17 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import uuid
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from fedsparse.commands.devices import free_ports, stop_processes
+from fedsparse.commands.devices import Processes, free_ports, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +65,14 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-class Deployment:
-    """The processes of one test: logs, homes and working folders under ``root``."""
+class Deployment(Processes):
+    """The processes of one test: logs, homes and working folders under ``root``, started and
+    stopped as ``fedsparse devices`` does (``Processes``), with this test's own token variable."""
+
+    token_var = TOKEN_VAR
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.token = uuid.uuid4().hex
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True)
+        super().__init__(root)
         self.cli_home = self._home("cli")
 
     def _home(self, name: str) -> Path:
@@ -83,32 +80,10 @@ class Deployment:
         home.mkdir(parents=True, exist_ok=True)
         return home
 
-    def env(self, flwr_home: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            FLWR_HOME=str(flwr_home),
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            FEDSPARSE_CACHE=str(self.root / "cache"),
-            MPLCONFIGDIR=str(self.root / "mplconfig"),
-            PYTHONUNBUFFERED="1",
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink/SuperNode spawn flower-superexec by name
-            **{TOKEN_VAR: self.token},
-        )
-        return env
-
-    def spawn(self, name: str, args: list[str], flwr_home: Path) -> subprocess.Popen:
-        cwd = self.root / "cwd" / name  # relative paths in a run config would land here, not in the repo
-        cwd.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{name}.log").open("wb")
-        try:
-            proc = subprocess.Popen(
-                args, cwd=cwd, env=self.env(flwr_home), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        finally:
-            log.close()
-        self.procs[name] = proc
-        return proc
+    def env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        # Processes.env puts the virtualenv's scripts first on PATH: the SuperLink and SuperNodes
+        # spawn flower-superexec by name
+        return super().env(home, {"FEDSPARSE_CACHE": str(self.root / "cache"), **(extra or {})})
 
     def start_superlink(self, port: int, certs: Path | None = None, node_auth: bool = False) -> None:
         """Plaintext (``--insecure``), or TLS with the files of ``make_certificates(certs)``
@@ -142,16 +117,10 @@ class Deployment:
         return name
 
     def wait_listening(self, name: str, port: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited with {self.procs[name].returncode}\n{self.tail()}")
-            try:
-                with socket.create_connection((HOST, port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s\n{self.tail()}")
+        try:
+            super().wait_listening(name, port, timeout)
+        except RuntimeError as err:
+            raise AssertionError(f"{err}\n{self.tail()}") from None
 
     def write_connection(self, superlink_port: int, root_cert: Path | None = None) -> Path:
         """The ``[superlink.<name>]`` entry of the CLI's ``$FLWR_HOME/config.toml``: plaintext,
@@ -160,9 +129,6 @@ class Deployment:
         security = "insecure = true" if root_cert is None else f'root-certificates = "{root_cert}"'
         config.write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{superlink_port}"\n{security}\n')
         return config
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def wait_for_log(self, name: str, pattern: str, count: int = 1, timeout: float = 60.0) -> str:
         """Wait until ``name``'s log has ``count`` lines matching ``pattern``; returns the log."""
@@ -187,7 +153,7 @@ class Deployment:
 
     def stop(self) -> list[str]:
         """Stop everything this test started; returns what is still alive afterwards (should be [])."""
-        left = stop_processes(list(self.procs.values()), self.token, TOKEN_VAR, TERM_GRACE, reap=5.0)
+        left = stop_processes(list(self.procs.values()), self.token, self.token_var, TERM_GRACE, reap=5.0)
         return [f"{pid}: {_cmdline(pid)}" for pid in left]
 
     def tail(self, lines: int = 60) -> str:

@@ -409,6 +409,8 @@ def _rss(pid: int) -> int:
 class Processes:
     """Every process this command starts: one group each, found again by a token."""
 
+    token_var = TOKEN_VAR  # the environment variable that carries ``token`` (tests use their own)
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.token = uuid.uuid4().hex
@@ -420,7 +422,7 @@ class Processes:
         env = dict(os.environ)
         env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
                    FLWR_TELEMETRY_ENABLED="0", MPLCONFIGDIR=str(self.root / "mplconfig"),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **{TOKEN_VAR: self.token})
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **{self.token_var: self.token})
         env.update(extra or {})
         return env
 
@@ -458,7 +460,7 @@ class Processes:
     def stop(self) -> list[int]:
         """SIGTERM every group and every process carrying the token, SIGKILL what is left after
         ``TERM_GRACE``; returns the pids still alive afterwards (should be none)."""
-        return stop_processes(list(self.procs.values()), self.token)
+        return stop_processes(list(self.procs.values()), self.token, self.token_var)
 
 
 class MemorySampler(threading.Thread):
