@@ -408,11 +408,11 @@ class RoundEngine:
         ``metrics.json`` before it returns."""
         assert self.metrics is not None
         self.metrics.wall_seconds = time.perf_counter() - self._t_start
-        metrics = self.metrics.snapshot()
         if not checkpoint:
             self._writer.wait()
-            metrics.write(self.out)
+            self.metrics.write(self.out)
             return
+        metrics = self.metrics.snapshot()
         state = {k: v.detach().clone() for k, v in self.state.items()}
         algorithm = clone_tensors(self.algorithm.state_dict())
         done, config, out = self.done, self.cfg.to_run_config(), self.out
