@@ -7,7 +7,7 @@ settings of the message, run the task on this node's data, encode the reply. The
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
@@ -15,7 +15,7 @@ from fedsparse.data.partition import NodeData, check_partition_id, node_data
 from fedsparse.engine.client import run_task
 from fedsparse.profiles import PROFILE_RECORD, Profile, client_profile
 from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY,
-                                NUM_PARTITIONS_KEY, OWN_DATA_KEY)
+                                NUM_PARTITIONS_KEY, OWN_DATA_KEY, array_record, torch_state)
 
 app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
@@ -65,10 +65,10 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config_of(context)
     node = node_of(context)
-    arrays = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    arrays = torch_state(msg.content[ARRAYS_KEY])
     trained, num_examples, metrics = run_task(cfg, node.client_id, node.num_partitions, arrays,
                                               dict(msg.content[CONFIG_KEY]), data_dir=node.data_dir,
                                               profile=node_profile_of(context, node))
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(trained),
+    content = RecordDict({ARRAYS_KEY: array_record(trained),
                           METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, **metrics})})
     return Message(content=content, reply_to=msg)

@@ -36,6 +36,8 @@ from fedsparse.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    array_record,
+    torch_state,
     wire_bytes,
 )
 from strategies.progress import PollingGrid
@@ -51,7 +53,7 @@ def decode_reply(reply: Message, client: int) -> Reply | Failure:
     if ARRAYS_KEY not in arrays:
         return Failure(client, "invalid", f"reply has no {ARRAYS_KEY!r} ArrayRecord (has {sorted(arrays)})", "arrays")
     try:
-        state = arrays[ARRAYS_KEY].to_torch_state_dict()
+        state = torch_state(arrays[ARRAYS_KEY])
     except Exception as err:  # noqa: BLE001 - undecodable arrays from a foreign client
         return Failure(client, "invalid", one_line(f"reply arrays cannot be decoded: {err}"), "undecodable")
     metrics = reply.content.metric_records.get(METRICS_KEY)
@@ -164,7 +166,7 @@ class AlgorithmStrategy(Strategy):
         for task in tasks:
             key = ("group", task.group) if task.group is not None else ("client", task.client)
             if key not in contents:
-                contents[key] = RecordDict({ARRAYS_KEY: ArrayRecord(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
+                contents[key] = RecordDict({ARRAYS_KEY: array_record(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
             out.append(Message(content=contents[key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
         self._sent = [wire_bytes(m) for m in out]  # bytes down, reported with the round's outcomes
         return out
@@ -187,7 +189,7 @@ class AlgorithmStrategy(Strategy):
 
     # --- the engine's Transport ---------------------------------------------------------------
     def model_bytes(self, state: State) -> int:
-        return wire_bytes(ArrayRecord(state))
+        return wire_bytes(array_record(state))
 
     def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
         assert self.grid is not None, "bind a Grid first"
@@ -216,7 +218,7 @@ class AlgorithmStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.engine.finish_round(server_round, self._tasks, self.outcomes(self._tasks, replies), self._started)
-        return ArrayRecord(self.engine.state), MetricRecord({NUM_EXAMPLES_KEY: entry.examples, "failures": entry.failures})
+        return array_record(self.engine.state), MetricRecord({NUM_EXAMPLES_KEY: entry.examples, "failures": entry.failures})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the full head on its own test features
