@@ -24,6 +24,7 @@ from typing import Any
 from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
+from strategies import ray_arrays
 from strategies.flower_internals import patched_vce, run_simulation_with_config
 
 
@@ -140,23 +141,36 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedsparse-app-"))
     monitor = ProcessTreeMonitor(interval=1.0)
+    arrays_dir, arrays_counts = None, {}
     try:
         start_ray(backend_config["init_args"])
+        if ray_arrays.enabled():  # the slices travel through shared memory, not Ray's object store
+            ray_arrays.sweep_stale()
+            arrays_dir = ray_arrays.make_run_dir()
+            ray_arrays.install(arrays_dir)
         write_app_dir(cfg, app_dir)
         with patched_vce() as fast_dispatch, monitor:
             run_simulation_with_config(server_app, client_app, cfg.num_clients, cfg.to_run_config(),
                                        backend_config, app_dir)
     finally:
         children = process_tree()[1:]  # Ray's GCS, raylet, agents and workers
+        if arrays_dir is not None:
+            arrays_counts = dict(ray_arrays.COUNTS)
+            ray_arrays.uninstall()
         if ray.is_initialized():
             ray.shutdown()
         reap(children)
         shutil.rmtree(app_dir, ignore_errors=True)
+        if arrays_dir is not None:
+            shutil.rmtree(arrays_dir, ignore_errors=True)
     metrics_path = Path(cfg.out_dir) / "metrics.json"
     if not metrics_path.is_file():
         raise RuntimeError(f"the run ended without writing {metrics_path}; see the log above")
     metrics = RunMetrics.load(metrics_path)
     metrics.memory = monitor.summary()  # this process, Ray's GCS and raylet, and every worker
     metrics.extra["fast_message_dispatch"] = fast_dispatch
+    # Arrays that went through shared-memory files (strategies.ray_arrays): sent to the clients,
+    # received in their replies; false where that path is off
+    metrics.extra["shared_memory_arrays"] = arrays_counts if arrays_dir is not None else False
     metrics.write(cfg.out_dir)
     return metrics

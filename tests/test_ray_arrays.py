@@ -1,0 +1,83 @@
+"""strategies.ray_arrays: Flower Arrays through shared-memory files between the Simulation
+Engine's processes (the whole path through Ray is in tests/test_engine.py's determinism test)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from flwr.app import Array
+
+from strategies import ray_arrays
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    path = tmp_path / "arrays"
+    path.mkdir()
+    monkeypatch.setattr(ray_arrays, "_dir", str(path))
+    monkeypatch.setattr(ray_arrays, "COUNTS", {"sent": 0, "received": 0})
+    return path
+
+
+def test_a_big_array_goes_through_a_file_read_once_into_the_same_array(run_dir):
+    big = Array(torch.randn(300, 100))  # 120 kB: over MIN_BYTES
+    fields = ray_arrays._pack(big)
+    files = list(run_dir.iterdir())
+    assert len(files) == 1 and files[0].stat().st_size == len(big.data)
+    assert len(pickle.dumps(fields)) < 1000  # only the name travels
+    back = ray_arrays._unpack(pickle.loads(pickle.dumps(fields)))
+    assert (back.dtype, back.shape, back.stype, back.data) == (big.dtype, big.shape, big.stype, big.data)
+    assert back.object_id == big.object_id
+    assert not list(run_dir.iterdir())  # the reader deletes it
+    assert ray_arrays.COUNTS == {"sent": 1, "received": 1}
+    with pytest.raises(RuntimeError, match="is gone"):  # a second read is an error, not a silent zero array
+        ray_arrays._unpack(fields)
+
+
+def test_small_arrays_and_an_uninstalled_process_keep_the_pickle(run_dir, monkeypatch):
+    small = Array(torch.randn(10))
+    assert ray_arrays._pack(small)[3] == small.data and not list(run_dir.iterdir())
+    monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")  # every Array through a file
+    assert ray_arrays._pack(small)[3] is None and len(list(run_dir.iterdir())) == 1
+    monkeypatch.setattr(ray_arrays, "_dir", None)
+    big = Array(torch.randn(300, 100))
+    assert ray_arrays._pack(big)[3] == big.data
+
+
+def test_a_truncated_file_is_an_error(run_dir):
+    fields = ray_arrays._pack(Array(torch.randn(300, 100)))
+    with open(fields[4], "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(RuntimeError, match="holds 100 bytes"):
+        ray_arrays._unpack(fields)
+
+
+def test_stale_directories_of_dead_runs_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{ray_arrays.PREFIX}{int(dead.stdout)}-abcd1234"
+    mine = tmp_path / f"{ray_arrays.PREFIX}{os.getpid()}-abcd1234"
+    parent = tmp_path / f"{ray_arrays.PREFIX}{os.getppid()}-abcd1234"
+    other = tmp_path / "fedsparse-arrays-notapid"
+    for path in (gone, mine, parent, other):
+        path.mkdir()
+        (path / "x").write_bytes(b"1")
+    assert ray_arrays.sweep_stale(tmp_path) == [gone]
+    assert not gone.exists() and mine.exists() and parent.exists() and other.exists()
+
+
+def test_run_dirs_are_private_and_named_by_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_arrays, "shm_root", lambda: tmp_path)
+    path = ray_arrays.make_run_dir()
+    assert path.parent == tmp_path and path.name.startswith(f"{ray_arrays.PREFIX}{os.getpid()}-")
+    assert path.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_path_can_be_turned_off(monkeypatch):
+    assert ray_arrays.enabled()
+    monkeypatch.setenv("FEDSPARSE_RAY_ARRAYS", "off")
+    assert not ray_arrays.enabled()
