@@ -52,6 +52,8 @@ def serve(grid: Grid, cfg: RunConfig, name: str | None = None, engine: RoundEngi
     accuracy.png go to ``cfg.out_dir`` after every round."""
     line = RoundLine(cfg.num_rounds)
     engine = engine if engine is not None else RoundEngine(cfg, report=line.say)
+    if engine_name(grid) == "simulation":  # the clients train on this machine's cores (RoundEngine.round_threads)
+        engine.round_threads = 1
     log(INFO, "fedsparse: %s, %s, encoder %s, mask ratio %s; writing to %s",
         engine.algorithm.describe(), cfg.dataset, cfg.encoder, cfg.mask_ratio, engine.out.resolve())
     if cfg.fault_rate > 0:

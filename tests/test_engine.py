@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -92,6 +93,50 @@ class TestCheckpoint:
         assert [r.round for r in metrics.rounds] == [1, 2, 3, 4] and metrics.finished
         assert metrics.engine == "plain"
 
+    @pytest.mark.parametrize("settings", [
+        {"strategy": "ist"},
+        {"strategy": "ist", "ist_variant": "skew", "ist_overlap": 2.0, "subnets_per_round": 2, "ist_scaling": "width"},
+        {"strategy": "ist", "server_opt": "adam", "server_lr": 0.1},
+        {"strategy": "fedavg"},
+        {"strategy": "fedopt", "server_opt": "sgd", "server_lr": 1.0, "server_momentum": 0.9},
+        {"strategy": "fed3r"},
+        {"strategy": "fedncm"},
+        {"strategy": "test-half-step"},
+    ], ids=lambda d: "-".join(str(v) for v in d.values()))
+    def test_no_algorithm_changes_a_head_in_place(self, cfg, settings):
+        # the background write reads the round's head without copying it (RoundEngine._write):
+        # every round must leave the heads of earlier rounds as they were
+        seen: list[tuple[dict, dict]] = []
+
+        class Recording(RoundEngine):
+            def _write(self, checkpoint=True):
+                seen.append((dict(self.state), {k: v.clone() for k, v in self.state.items()}))
+                super()._write(checkpoint)
+
+        engine = Recording(cfg.replace(**settings), report=lambda s: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            engine.run(PlainTransport(engine.cfg))
+        assert len(seen) == cfg.num_rounds + 2  # the initial head, every round, the run's end
+        assert all(same_state(held, copy) for held, copy in seen)
+        assert len({id(next(iter(held.values()))) for held, _ in seen[:-1]}) > 1  # heads did change
+        assert same_state(Checkpoint.load(cfg.out_dir).state, engine.state)
+
+    def test_metrics_text_is_the_metrics_and_made_once_per_round(self, cfg):
+        engine = plain(cfg)
+        metrics = RunMetrics.load(cfg.out_dir)
+        assert json.loads((Path(cfg.out_dir) / "metrics.json").read_text()) == engine.metrics.to_dict()
+        assert json.loads(metrics.json_text()) == metrics.to_dict()
+        assert json.loads(RunMetrics(**{**vars(metrics), "rounds": []}).json_text())["rounds"] == []
+        first = metrics.rounds[0].__dict__["_json"]  # kept on the entry by the first json_text
+        metrics.json_text()
+        assert metrics.rounds[0].__dict__["_json"] is first
+        ckpt = Checkpoint.load(cfg.out_dir)  # saved with the metrics' text, loaded as the dict
+        assert isinstance(ckpt.metrics, dict) and ckpt.metrics["rounds"] == engine.metrics.to_dict()["rounds"]
+        torch.save({**torch.load(Path(cfg.out_dir) / "checkpoint.pt"), "metrics": "{not json"}, Path(cfg.out_dir) / "checkpoint.pt")
+        with pytest.raises(ValueError, match="its metrics are not JSON"):
+            Checkpoint.load(cfg.out_dir)
+
     def test_config_differences_name_the_keys_and_ignore_operational_ones(self, cfg):
         saved = cfg.to_run_config()
         now = {**saved, "lr": 0.5, "seed": 3, "out-dir": "/elsewhere", "round-timeout": 1.0, "num-rounds": 9}
@@ -117,16 +162,29 @@ class TestCheckpoint:
         assert [r.accuracy for r in m.rounds] == [r.accuracy for r in RunMetrics.load(cfg.out_dir).rounds]
 
 
-def test_background_writer_keeps_order_and_reraises_a_failed_write():
-    writer, order = BackgroundWriter(), []
-    writer.submit(lambda: (time.sleep(0.05), order.append(1)))
-    writer.submit(lambda: order.append(2))  # waits for the first
+def test_background_writer_writes_the_newest_and_reraises_a_failed_write():
+    writer, order, first = BackgroundWriter(), [], threading.Event()
+    started = time.perf_counter()
+    writer.submit(lambda: (first.set(), time.sleep(0.2), order.append(1)))
+    assert first.wait(5)
+    writer.submit(lambda: order.append(2))  # waits behind the first ...
+    writer.submit(lambda: order.append(3))  # ... and is dropped for this newer one
+    assert time.perf_counter() - started < 0.15  # submit never waits for a write
     writer.wait()
-    assert order == [1, 2]
+    assert order == [1, 3] and writer.skipped == 1
+    writer.submit(lambda: order.append(4))  # after a pause, a new thread takes it
+    writer.wait()
+    assert order == [1, 3, 4] and writer.skipped == 1
     writer.submit(lambda: open("/nonexistent-dir/metrics.json", "w"))
     with pytest.raises(FileNotFoundError):
         writer.wait()
     writer.wait()  # the error is raised once
+    writer.submit(lambda: open("/nonexistent-dir/metrics.json", "w"))
+    time.sleep(0.1)
+    with pytest.raises(FileNotFoundError):  # or at the next submit: the run stops at the next round
+        writer.submit(lambda: order.append(5))
+    writer.wait()
+    assert order == [1, 3, 4]
 
 
 # --- SIGKILL after round k, then resume -----------------------------------------------------
@@ -201,16 +259,26 @@ def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
 
 
 @pytest.mark.slow
-def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg):
+def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch):
     """The same config on the Simulation Engine twice, once in this process and once by the CLI
     that is SIGKILLed after round 2 and resumed: the same accuracies every round and the same
     model bit for bit (Flower's node ids and the replies' order differ between the runs), every
-    round once, the killed run losing at most the round in flight."""
+    round once, the killed run losing at most the rounds whose files were still being written.
+    The first run sends every Array both ways through shared-memory files
+    (strategies.ray_arrays), the CLI run none of this config's small ones: the same model."""
+    from strategies import ray_arrays
     from strategies.simulation import simulate
 
     long = cfg.replace(num_rounds=12)  # an idle machine runs a round of this config in ~0.1 s: room to kill mid-run
     first = long.replace(out_dir=str(Path(cfg.out_dir) / "first"))
-    simulate(first)
+    monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")
+    through_files = simulate(first).extra["shared_memory_arrays"]
+    monkeypatch.delenv(ray_arrays.MIN_BYTES_VAR)
+    tasks = long.num_rounds * long.clients_per_round
+    # down: 3 layers' weights and biases; up: those and the class counts of label-aware training
+    # (the default IST variant): the replies too, so the actors took the path as well
+    assert through_files == {"sent": tasks * 6, "received": tasks * 7}
+    assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{os.getpid()}-*"))  # and its files are gone
 
     out = Path(cfg.out_dir) / "killed"
     args = [sys.executable, "-m", "fedsparse.commands.cli", "run", "--run-config",
@@ -234,6 +302,7 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg):
         proc.wait()
     done = Checkpoint.load(out).round  # written before metrics.json: at least the rounds it showed
     assert 2 <= done < long.num_rounds
+    assert list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))  # a killed run leaves its directory
     resumed = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -241,3 +310,5 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg):
     assert [r.round for r in b.rounds] == list(range(1, 13)) and b.resumed_at == [done] and b.finished
     assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
     assert same_state(torch.load(Path(first.out_dir) / "model.pt"), torch.load(out / "model.pt"))
+    # the killed run's shared-memory directory was removed by the run that resumed it
+    assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))
