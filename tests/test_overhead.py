@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from fedsparse.commands.overhead import overhead
+from fedsparse.commands.overhead import overhead, round_walls
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
 
@@ -37,7 +37,28 @@ def test_plain_and_in_process_rounds_are_timed_and_give_the_same_model(cfg, tmp_
     assert "in-process / plain" in md and md.count("\n") == 4  # header, rule, one line per K
     plain, flower = RunMetrics.load(out / "plain-k2"), RunMetrics.load(out / "in-process-k2")
     assert (plain.engine, flower.engine) == ("plain", "in-process") and plain.finished and flower.finished
-    assert [r.seconds for r in plain.rounds] == [rows[0]["plain_first_round_seconds"], rows[0]["plain_later_round_seconds"]]
+    # a round's time is wall time from one round's end to the next (what the engine does between
+    # rounds included), the first round's its own seconds
+    walls = round_walls(plain.rounds)
+    assert walls == [rows[0]["plain_first_round_seconds"], rows[0]["plain_later_round_seconds"]]
+    assert walls[1] == plain.rounds[1].elapsed - plain.rounds[0].elapsed >= plain.rounds[1].seconds
+
+
+def test_repeats_alternate_the_drivers_and_report_medians(cfg, tmp_path):
+    said: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (row,) = overhead(cfg, tmp_path / "o", [2], rounds=2, engines=("plain", "in-process"), report=said.append,
+                          repeats=3)
+    order = [s.split(": ", 1)[1].split(" (")[0] for s in said if "(repeat" in s]
+    assert order == ["plain", "in-process", "in-process", "plain", "plain", "in-process"]
+    for engine in ("plain", "in-process"):
+        runs = row[f"{engine}_later_round_seconds_runs"]
+        assert len(runs) == 3 and row[f"{engine}_later_round_seconds"] == sorted(runs)[1]
+    ratios = sorted(a / b for a, b in zip(row["in-process_later_round_seconds_runs"], row["plain_later_round_seconds_runs"]))
+    assert row["repeats"] == 3 and row["in-process_vs_plain"] == ratios[1]
+    with pytest.raises(ValueError, match="--repeats must be >= 1"):
+        overhead(cfg, tmp_path / "o", [2], rounds=2, engines=("plain",), report=said.append, repeats=0)
 
 
 @pytest.mark.parametrize("change, kwargs, needle", [

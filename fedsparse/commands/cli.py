@@ -294,7 +294,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     out = _writable_out(args.out)
     print(f"fedsparse overhead: {args.config or 'defaults'}, K in {ks}, {args.rounds} rounds -> {out}", flush=True)
-    overhead(cfg, out, ks, args.rounds, tuple(_names(args.engines)), report=lambda s: print(s, flush=True))
+    overhead(cfg, out, ks, args.rounds, tuple(_names(args.engines)), report=lambda s: print(s, flush=True),
+             repeats=args.repeats)
     print(f"results: {out}/overhead.json, overhead.md")
     return 0
 
@@ -417,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     ovh.add_argument("--rounds", type=int, default=3, help="rounds per engine (the first is reported apart)")
     ovh.add_argument("--engines", default="plain,in-process,simulation,reference",
                      help="any of plain, in-process, simulation, reference (bare PyTorch, one process per worker)")
+    ovh.add_argument("--repeats", type=int, default=1,
+                     help="time every engine this many times, in alternating order; medians are reported")
     ovh.add_argument("--run-config", default="", help="overrides, e.g. \"num-clients=1000\"")
     ovh.add_argument("--out", default="runs/overhead", help="folder for overhead.json and overhead.md")
     ovh.set_defaults(func=cmd_overhead)

@@ -19,6 +19,14 @@ round is ``RunMetrics.rounds[i].seconds`` (from planning to the written checkpoi
 first round is reported apart (Ray starts its workers and each loads the encoder); the
 ratio uses the mean of the later rounds. Each driver writes its run to its own folder
 (``<engine>-k<K>``). Writes ``overhead.json`` and ``overhead.md``.
+
+A round's time is the wall time from one round's end to the next's (``RoundMetrics.elapsed``),
+so it includes what the engine does between rounds (queueing the round's files for the
+background writer, the progress line, asking for the next clients), not only
+``RoundMetrics.seconds``. ``repeats`` > 1 runs every driver that many times, in alternating
+order (forwards, then backwards, ...), so that drivers compared are timed minutes apart at
+most on a machine whose speed drifts: a driver's time is the median over its repeats, and
+its ratio to another the median of the ratios within each repeat.
 """
 
 from __future__ import annotations
@@ -39,9 +47,22 @@ from fedsparse.task import client_features, distinct_partitions
 ENGINES = ("plain", "in-process", "simulation", "reference")
 
 
-def _later_mean(rounds: list[RoundMetrics]) -> float:
-    later = rounds[1:] or rounds
-    return sum(r.seconds for r in later) / len(later)
+def round_walls(rounds: list[RoundMetrics]) -> list[float]:
+    """Wall seconds of each round: the first's ``seconds``, then the time between round ends."""
+    if not rounds:
+        return []
+    return [rounds[0].seconds] + [b.elapsed - a.elapsed for a, b in zip(rounds, rounds[1:])]
+
+
+def _later_mean(seconds: list[float]) -> float:
+    later = seconds[1:] or seconds
+    return sum(later) / len(later)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def run_engine(cfg: RunConfig, engine: str, report: Callable[[str], None] = print) -> RunMetrics:
@@ -77,14 +98,17 @@ def warm_cache(cfg: RunConfig, report: Callable[[str], None] = print) -> float:
 
 def overhead(
     cfg: RunConfig, out_dir: str | Path, clients_per_round: list[int], rounds: int,
-    engines: tuple[str, ...] = ENGINES, report: Callable[[str], None] = print,
+    engines: tuple[str, ...] = ENGINES, report: Callable[[str], None] = print, repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """Time ``rounds`` rounds at each K on each engine; write overhead.json and overhead.md; return the rows."""
+    """Time ``rounds`` rounds at each K on each engine, ``repeats`` times; write overhead.json
+    and overhead.md; return the rows."""
     for engine in engines:
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if rounds < 2:
         raise ValueError("--rounds must be >= 2: the first round is reported apart")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if "reference" in engines and not reference_supports(cfg):
         report("the bare-PyTorch reference runs only the authors' pure IST (ist-variant = authors, "
                "one subnet per client); leaving it out")
@@ -98,39 +122,44 @@ def overhead(
         c = cfg.replace(clients_per_round=k, num_clients=max(cfg.num_clients, k), num_rounds=rounds,
                         resume=False)
         row: dict[str, Any] = {"clients_per_round": k, "num_clients": c.num_clients, "rounds": rounds,
-                               "warm_cache_seconds": warm_cache(c, report)}
+                               "repeats": repeats, "warm_cache_seconds": warm_cache(c, report)}
+        later: dict[str, list[float]] = {e: [] for e in engines}
+        for rep in range(repeats):
+            for engine in (engines if rep % 2 == 0 else engines[::-1]):
+                report(f"K={k}: {engine}" + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""))
+                if engine == "reference":
+                    ref = reference_rounds(c)
+                    seconds, accuracy, workers = ref["seconds"], ref["accuracy"], ref["workers"]
+                    reference_state = ref["state"]
+                    row["reference_workers"] = workers
+                else:
+                    result = run_engine(c.replace(out_dir=str(out / f"{engine}-k{k}")), engine, report)
+                    if len(result.rounds) < rounds:
+                        raise RuntimeError(f"{engine} finished {len(result.rounds)} of {rounds} rounds at K={k}")
+                    if engine == "simulation":
+                        row["simulation_peak_summed_rss_bytes"] = result.memory.get("peak_summed_rss_bytes")
+                    seconds, accuracy = round_walls(result.rounds), result.final_accuracy
+                later[engine].append(_later_mean(seconds))
+                if rep == 0:
+                    row[f"{engine}_first_round_seconds"] = seconds[0]
+                    row[f"{engine}_final_accuracy"] = accuracy
+                elif accuracy != row[f"{engine}_final_accuracy"]:
+                    raise RuntimeError(f"{engine} ended at accuracy {accuracy} in repeat {rep + 1}, "
+                                       f"{row[f'{engine}_final_accuracy']} in the first: not the same work")
         for engine in engines:
-            report(f"K={k}: {engine}")
-            if engine == "reference":
-                ref = reference_rounds(c)
-                row["reference_first_round_seconds"] = ref["seconds"][0]
-                row["reference_later_round_seconds"] = sum(ref["seconds"][1:]) / max(1, len(ref["seconds"]) - 1)
-                row["reference_final_accuracy"] = ref["accuracy"]
-                row["reference_workers"] = ref["workers"]
-                reference_state = ref["state"]
-                continue
-            result = run_engine(c.replace(out_dir=str(out / f"{engine}-k{k}")), engine, report)
-            if engine == "simulation":
-                row["simulation_peak_summed_rss_bytes"] = result.memory.get("peak_summed_rss_bytes")
-            rs = result.rounds
-            if len(rs) < rounds:
-                raise RuntimeError(f"{engine} finished {len(rs)} of {rounds} rounds at K={k}")
-            row[f"{engine}_first_round_seconds"] = rs[0].seconds
-            row[f"{engine}_later_round_seconds"] = _later_mean(rs)
-            row[f"{engine}_final_accuracy"] = result.final_accuracy
-        if "plain" in engines:
-            for engine in engines:
-                row[f"{engine}_vs_plain"] = row[f"{engine}_later_round_seconds"] / row["plain_later_round_seconds"]
+            row[f"{engine}_later_round_seconds"] = _median(later[engine])
+            row[f"{engine}_later_round_seconds_runs"] = later[engine]
+        for base in ("plain", "reference"):
+            if base in engines:
+                for engine in engines:
+                    row[f"{engine}_vs_{base}"] = _median([a / b for a, b in zip(later[engine], later[base])])
         if "reference" in engines:
-            for engine in engines:
-                row[f"{engine}_vs_reference"] = (row[f"{engine}_later_round_seconds"]
-                                                 / row["reference_later_round_seconds"])
             engine_models = [e for e in engines if e != "reference"]
             if engine_models:  # the same work: the reference ends with the engine's model
                 final = torch.load(out / f"{engine_models[0]}-k{k}" / "model.pt")
                 row["reference_same_model"] = all(torch.equal(final[key], v) for key, v in reference_state.items())
         rows.append(row)
-        report(f"K={k}: " + ", ".join(f"{e} {row[f'{e}_later_round_seconds']:.2f}s/round" for e in engines))
+        report(f"K={k}: " + ", ".join(f"{e} {row[f'{e}_later_round_seconds']:.3f}s/round" for e in engines))
         (out / "overhead.json").write_text(json.dumps({"config": cfg.to_run_config(), "rows": rows}, indent=1))
         (out / "overhead.md").write_text(markdown(rows, engines))
     return rows
