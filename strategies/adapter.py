@@ -92,6 +92,7 @@ class AlgorithmStrategy(Strategy):
         self.refused: dict[int, str] = {}  # node id -> why it is not used (its identity query failed)
         self.profiles: dict[int, Profile | None] = {}  # client id -> the device profile it reported (the engine plans by it)
         self._tasks: list[ClientTask] = []
+        self._early: dict[int, tuple[int, Reply | Failure]] = {}  # id(reply message) -> (bytes, outcome), see early()
         self._sent: list[int] = []
         self._started = 0.0
         self._round = 0
@@ -172,20 +173,41 @@ class AlgorithmStrategy(Strategy):
         return out
 
     def outcomes(self, tasks: list[ClientTask], replies: Iterable[Message]) -> Exchange:
-        """Decode the replies of a round (the engine checks and counts the rest)."""
+        """Decode the replies of a round (the engine checks and counts the rest); replies that
+        ``early`` handled as they arrived are not decoded again."""
         expected = {self.node_of[t.client] for t in tasks}
         got, failures, up, up_of = [], [], [], {}
         for reply in replies:
             node = reply.metadata.src_node_id
-            up.append(wire_bytes(reply))
+            size, outcome = self._early.pop(id(reply), (None, None))
+            up.append(wire_bytes(reply) if size is None else size)
             if node not in expected:
                 log(WARNING, "ignoring a reply from node %s, which was not sent a task", node)
                 continue
             expected.discard(node)
             up_of[self.client_of[node]] = up[-1]
-            outcome = decode_reply(reply, self.client_of[node])
+            if outcome is None:
+                outcome = decode_reply(reply, self.client_of[node])
             (failures if isinstance(outcome, Failure) else got).append(outcome)
+        self._early.clear()
         return Exchange(got, failures, list(self._sent), up, up_of)
+
+    def early(self, tasks: list[ClientTask]) -> Callable[[Message], None]:
+        """What to do with a reply the moment it arrives, while the round's other clients still
+        train: size it, decode it and let the engine check it (``Reply.checked``), so that the
+        round's end has only its last replies left to handle."""
+        task_of = {self.node_of[t.client]: t for t in tasks}
+
+        def handle(reply: Message) -> None:
+            task = task_of.pop(reply.metadata.src_node_id, None)
+            if task is None:  # not sent a task, or a second reply: outcomes() deals with it
+                return
+            outcome = decode_reply(reply, task.client)
+            if isinstance(outcome, Reply) and outcome.client == task.client:
+                outcome.checked = (task, self.engine.check(task, outcome))
+            self._early[id(reply)] = (wire_bytes(reply), outcome)
+
+        return handle
 
     # --- the engine's Transport ---------------------------------------------------------------
     def model_bytes(self, state: State) -> int:
@@ -195,7 +217,12 @@ class AlgorithmStrategy(Strategy):
         assert self.grid is not None, "bind a Grid first"
         messages = self.messages(tasks)
         self._round = server_round
-        replies = self._waiting_grid(self._replies_arrived).send_and_receive(messages, timeout=self.cfg.round_timeout)
+        grid = self._waiting_grid(self._replies_arrived)
+        self._early.clear()
+        if isinstance(grid, PollingGrid):
+            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout, on_message=self.early(tasks))
+        else:
+            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
         return self.outcomes(tasks, replies)
 
     def _waiting_grid(self, on_replies: Callable[[int, int, int, bool], None] | None = None) -> Grid:

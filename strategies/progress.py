@@ -76,8 +76,10 @@ class PollingGrid(Grid):
         return getattr(self.grid, name)
 
     # --- the one behaviour we change ----------------------------------------------------
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed."""
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         on_message: Callable[[Message], None] | None = None) -> Iterable[Message]:
+        """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed;
+        ``on_message`` is called with each reply as it arrives (while the others are awaited)."""
         pending = set(self.grid.push_messages(messages))
         total = len(pending)
         if not total:
@@ -93,6 +95,8 @@ class PollingGrid(Grid):
                 got = list(self.grid.pull_messages(pending))
                 if got:
                     replies.extend(got)
+                    for reply in got if on_message is not None else ():
+                        on_message(reply)
                     pending.difference_update(m.metadata.reply_to_message_id for m in got)
                     errors += sum(1 for m in got if m.has_error())
                 if got or time.monotonic() - last_report >= TICK_SECONDS:  # a tick keeps "elapsed" moving

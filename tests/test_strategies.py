@@ -634,6 +634,36 @@ class TestProgress:
         assert seen[-1] == (1, 1, 2, 0, True)
         assert metrics.rounds[-1].failed_lost == 1 and metrics.rounds[-1].failures == 1
 
+    def test_replies_are_decoded_and_checked_as_they_arrive_with_the_same_outcome(self, make_cfg, monkeypatch):
+        """Each reply is sized, decoded and checked while the round waits for the others; a round
+        that handles them only at its end gives the same failures and the same head."""
+        def reply(m):  # node 2 answers NaN (rejected), node 3 with a wrong example count (rejected)
+            node, state = m.metadata.dst_node_id, perturbed(sent(m), 0.1)
+            if node == 2:
+                state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+            return reply_to(m, state, num_examples=0 if node == 3 else 10)
+
+        def run(early: bool):
+            cfg = make_cfg(num_clients=4, num_rounds=2, clients_per_round=4, seed=0,
+                           out_dir=str(Path(make_cfg().out_dir) / ("early" if early else "late")))
+            engine = RoundEngine(cfg, report=lambda s: None)
+            strategy = AlgorithmStrategy(engine, QueueGrid([1, 2, 3, 4], reply, per_pull=1), "test")
+            checks, check = [], engine.check
+            engine.check = lambda task, r: (checks.append(len(strategy._early)), check(task, r))[1]
+            if not early:
+                strategy.early = lambda tasks: (lambda message: None)
+            return engine.run(strategy), engine.state, checks
+
+        (early, early_state, early_checks), (late, late_state, late_checks) = run(True), run(False)
+        assert len(early_checks) == len(late_checks) == 8  # every reply checked once
+        assert early_checks[:4] == [0, 1, 2, 3]  # during the wait, one more handled each time
+        assert late_checks[:4] == [0, 0, 0, 0]  # at the round's end
+        for e, l in zip(early.rounds, late.rounds):
+            assert (e.failed_invalid, e.rejected, e.clients, e.bytes_up_total) == (l.failed_invalid, l.rejected, l.clients,
+                                                                                   l.bytes_up_total)
+        assert early.rounds[0].rejected == {"non-finite": 1, "num-examples": 1}
+        assert all(torch.equal(early_state[k], late_state[k]) for k in early_state)
+
     def test_round_line_is_one_line_and_live_only_on_a_tty(self):
         from strategies.progress import RoundLine
 

@@ -54,6 +54,9 @@ class Reply:
     arrays: dict[str, torch.Tensor]
     num_examples: object  # checked by check_reply: an int, at least 1
     metrics: dict[str, float] = field(default_factory=dict)
+    # (task, RoundEngine.check's result) where a driver checked the reply as it arrived, while
+    # the round's other clients were still training; finish_round then uses it for that task
+    checked: tuple[ClientTask, "ClientUpdate | RejectedReply"] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -304,6 +307,14 @@ class RoundEngine:
                         "bytes_up": exchange.bytes_up_of.get(task.client),
                         "local_steps": task.config.get("local-steps"), "batch_size": task.config.get("batch-size")})
 
+    def check(self, task: ClientTask, reply: Reply) -> "ClientUpdate | RejectedReply":
+        """``check_reply`` with this run's bounds: the accepted update, or the rejection."""
+        try:
+            return check_reply(task, reply, update_bound=self.cfg.update_bound,
+                               max_examples=self.max_examples(reply.client))
+        except RejectedReply as err:
+            return err
+
     def finish_round(self, server_round: int, tasks: Sequence[ClientTask], exchange: Exchange,
                      started: float) -> RoundMetrics:
         """Check the replies, aggregate, evaluate when due, write the round's files."""
@@ -316,11 +327,11 @@ class RoundEngine:
             if task is None or reply.client in accepted:
                 log.warning("round %d: ignoring an unexpected reply from client %s", server_round, reply.client)
                 continue
-            try:
-                accepted[reply.client] = check_reply(task, reply, update_bound=self.cfg.update_bound,
-                                                     max_examples=self.max_examples(reply.client))
-            except RejectedReply as err:
-                failures.append(Failure(reply.client, "invalid", one_line(err), err.code))
+            result = reply.checked[1] if reply.checked is not None and reply.checked[0] is task else self.check(task, reply)
+            if isinstance(result, RejectedReply):
+                failures.append(Failure(reply.client, "invalid", one_line(result), result.code))
+            else:
+                accepted[reply.client] = result
         answered = set(accepted) | {f.client for f in failures}
         failures += [Failure(t.client, "lost", "no reply in time") for t in tasks if t.client not in answered]
         for f in failures:
