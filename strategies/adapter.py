@@ -159,9 +159,10 @@ class AlgorithmStrategy(Strategy):
         return sorted(self.client_of[n] for n in nodes if n in self.client_of)
 
     # --- tasks <-> messages -------------------------------------------------------------------
-    def messages(self, tasks: list[ClientTask]) -> list[Message]:
+    def messages(self, tasks: list[ClientTask], measure: bool = True) -> list[Message]:
         """One Message per task; clients of the same group share one RecordDict. Their serialized
-        sizes are kept as the round's bytes down."""
+        sizes are kept as the round's bytes down (``measure=False``: the caller measures them,
+        ``measure_sent``, once they are on their way)."""
         contents: dict[object, RecordDict] = {}
         out = []
         for task in tasks:
@@ -169,8 +170,13 @@ class AlgorithmStrategy(Strategy):
             if key not in contents:
                 contents[key] = RecordDict({ARRAYS_KEY: array_record(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
             out.append(Message(content=contents[key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
-        self._sent = [wire_bytes(m) for m in out]  # bytes down, reported with the round's outcomes
+        if measure:
+            self.measure_sent(out)
         return out
+
+    def measure_sent(self, messages: list[Message]) -> None:
+        """The bytes down of a round, reported with its outcomes."""
+        self._sent = [wire_bytes(m) for m in messages]
 
     def outcomes(self, tasks: list[ClientTask], replies: Iterable[Message]) -> Exchange:
         """Decode the replies of a round (the engine checks and counts the rest); replies that
@@ -215,14 +221,15 @@ class AlgorithmStrategy(Strategy):
 
     def exchange(self, server_round: int, tasks: list[ClientTask]) -> Exchange:
         assert self.grid is not None, "bind a Grid first"
-        messages = self.messages(tasks)
         self._round = server_round
         grid = self._waiting_grid(self._replies_arrived)
         self._early.clear()
-        if isinstance(grid, PollingGrid):
-            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout, on_message=self.early(tasks))
+        if isinstance(grid, PollingGrid):  # sizes measured and replies handled while the clients train
+            messages = self.messages(tasks, measure=False)
+            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout, on_message=self.early(tasks),
+                                            after_push=lambda: self.measure_sent(messages))
         else:
-            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+            replies = grid.send_and_receive(self.messages(tasks), timeout=self.cfg.round_timeout)
         return self.outcomes(tasks, replies)
 
     def _waiting_grid(self, on_replies: Callable[[int, int, int, bool], None] | None = None) -> Grid:

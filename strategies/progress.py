@@ -77,11 +77,15 @@ class PollingGrid(Grid):
 
     # --- the one behaviour we change ----------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
-                         on_message: Callable[[Message], None] | None = None) -> Iterable[Message]:
+                         on_message: Callable[[Message], None] | None = None,
+                         after_push: Callable[[], None] | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull replies until all are in or ``timeout`` seconds have passed;
-        ``on_message`` is called with each reply as it arrives (while the others are awaited)."""
+        ``on_message`` is called with each reply as it arrives (while the others are awaited),
+        ``after_push`` once the messages are on their way (work that need not delay them)."""
         pending = set(self.grid.push_messages(messages))
         total = len(pending)
+        if after_push is not None:
+            after_push()
         if not total:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -647,12 +647,19 @@ class TestProgress:
             cfg = make_cfg(num_clients=4, num_rounds=2, clients_per_round=4, seed=0,
                            out_dir=str(Path(make_cfg().out_dir) / ("early" if early else "late")))
             engine = RoundEngine(cfg, report=lambda s: None)
-            strategy = AlgorithmStrategy(engine, QueueGrid([1, 2, 3, 4], reply, per_pull=1), "test")
+            grid = QueueGrid([1, 2, 3, 4], reply, per_pull=1)
+            push, grid.pushed = grid.push_messages, []
+            grid.push_messages = lambda ms: (grid.pushed.append(list(ms)), push(grid.pushed[-1]))[1]
+            strategy = AlgorithmStrategy(engine, grid, "test")
             checks, check = [], engine.check
             engine.check = lambda task, r: (checks.append(len(strategy._early)), check(task, r))[1]
             if not early:
                 strategy.early = lambda tasks: (lambda message: None)
-            return engine.run(strategy), engine.state, checks
+            metrics = engine.run(strategy)
+            # bytes down, measured once the messages were pushed: the messages' sizes
+            trains = [ms for ms in grid.pushed if ms[0].metadata.message_type == MessageType.TRAIN]
+            assert [r.bytes_down_total for r in metrics.rounds] == [sum(wire_bytes(m) for m in ms) for ms in trains]
+            return metrics, engine.state, checks
 
         (early, early_state, early_checks), (late, late_state, late_checks) = run(True), run(False)
         assert len(early_checks) == len(late_checks) == 8  # every reply checked once
