@@ -15,7 +15,8 @@ nothing registered: the reader is a function of this module that Ray unpickles b
 and the first time it runs in an actor it registers the serializer there too, so the
 actor's replies take the same path.
 
-Each file is read once: Flower's backend deserializes a task's arguments once in the actor
+Where a file cannot be written (a full or small ``/dev/shm``: containers often give it 64 MB)
+the Array goes through Ray as before (counted as ``inline``). Each file is read once: Flower's backend deserializes a task's arguments once in the actor
 and a result once in ``ray.get``. ``fedsparse run`` gives every run its own directory and
 removes it when the run ends, with whatever a killed actor left in it; directories of
 killed runs (their process gone) are removed by the next run (``sweep_stale``).
@@ -38,7 +39,8 @@ MIN_BYTES_VAR = "FEDSPARSE_RAY_ARRAYS_MIN_BYTES"  # another threshold (tests sen
 PREFIX = "fedsparse-arrays-"  # + "<pid of the run>-<random>"
 
 _dir: str | None = None  # this process's directory for the Arrays it sends
-COUNTS = {"sent": 0, "received": 0}  # Arrays this process sent and received through files
+# Arrays this process sent and received through files, and big ones it sent through Ray (no file)
+COUNTS = {"sent": 0, "received": 0, "inline": 0}
 
 
 def shm_root() -> Path:
@@ -78,13 +80,21 @@ def _pack(array: Array) -> tuple[Any, ...]:
     if _dir is None or len(data) < int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES)):
         return (array.dtype, array.shape, array.stype, data, None, None)
     path = os.path.join(_dir, uuid.uuid4().hex)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError:  # a full or small /dev/shm (containers often give it 64 MB), a removed directory: Ray's path
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        COUNTS["inline"] += 1
+        return (array.dtype, array.shape, array.stype, data, None, None)
     COUNTS["sent"] += 1
     return (array.dtype, array.shape, array.stype, None, path, len(data))
 
@@ -114,7 +124,7 @@ def install(directory: str | Path) -> None:
 
     global _dir
     _dir = str(directory)
-    COUNTS.update(sent=0, received=0)
+    COUNTS.update(sent=0, received=0, inline=0)
     ray.util.register_serializer(Array, serializer=_pack, deserializer=_unpack)
 
 

@@ -277,7 +277,7 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     tasks = long.num_rounds * long.clients_per_round
     # down: 3 layers' weights and biases; up: those and the class counts of label-aware training
     # (the default IST variant): the replies too, so the actors took the path as well
-    assert through_files == {"sent": tasks * 6, "received": tasks * 7}
+    assert through_files == {"sent": tasks * 6, "received": tasks * 7, "inline": 0}
     assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{os.getpid()}-*"))  # and its files are gone
 
     out = Path(cfg.out_dir) / "killed"

@@ -20,7 +20,7 @@ def run_dir(tmp_path, monkeypatch):
     path = tmp_path / "arrays"
     path.mkdir()
     monkeypatch.setattr(ray_arrays, "_dir", str(path))
-    monkeypatch.setattr(ray_arrays, "COUNTS", {"sent": 0, "received": 0})
+    monkeypatch.setattr(ray_arrays, "COUNTS", {"sent": 0, "received": 0, "inline": 0})
     return path
 
 
@@ -34,7 +34,7 @@ def test_a_big_array_goes_through_a_file_read_once_into_the_same_array(run_dir):
     assert (back.dtype, back.shape, back.stype, back.data) == (big.dtype, big.shape, big.stype, big.data)
     assert back.object_id == big.object_id
     assert not list(run_dir.iterdir())  # the reader deletes it
-    assert ray_arrays.COUNTS == {"sent": 1, "received": 1}
+    assert ray_arrays.COUNTS == {"sent": 1, "received": 1, "inline": 0}
     with pytest.raises(RuntimeError, match="is gone"):  # a second read is an error, not a silent zero array
         ray_arrays._unpack(fields)
 
@@ -81,3 +81,18 @@ def test_the_path_can_be_turned_off(monkeypatch):
     assert ray_arrays.enabled()
     monkeypatch.setenv("FEDSPARSE_RAY_ARRAYS", "off")
     assert not ray_arrays.enabled()
+
+
+def test_a_full_shared_memory_falls_back_to_rays_path(run_dir, monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ray_arrays.os, "write", full)
+    big = Array(torch.randn(300, 100))
+    fields = ray_arrays._pack(big)
+    assert fields[3] == big.data and fields[4] is None  # in the pickle, as Ray would send it
+    assert not list(run_dir.iterdir())  # no partial file left
+    assert ray_arrays.COUNTS["inline"] == 1 and ray_arrays.COUNTS["sent"] == 0
+    assert ray_arrays._unpack(fields).data == big.data
