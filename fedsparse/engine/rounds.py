@@ -423,9 +423,9 @@ class RoundEngine:
 
     def _write(self, checkpoint: bool = True) -> None:
         """The round's files: ``checkpoint.pt``, ``model.pt`` and ``metrics.json`` in the
-        background (``BackgroundWriter``) from the round's head and copies of the rest taken here, so the next round need not wait
-        for the disk; ``checkpoint=False`` (the run's end) waits for them and writes
-        ``metrics.json`` before it returns."""
+        background (``BackgroundWriter``), from the round's head and copies of the rest taken
+        here, so the next round need not wait for the disk; ``checkpoint=False`` (the run's end)
+        waits for them and writes ``metrics.json`` before it returns."""
         assert self.metrics is not None
         self.metrics.wall_seconds = time.perf_counter() - self._t_start
         if not checkpoint:
