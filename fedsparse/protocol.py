@@ -9,6 +9,7 @@ same fast way.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Iterator, Mapping
 
@@ -106,9 +107,7 @@ def _ndarray(array: Any) -> Any:
             _HEADERS.clear()
         parsed = _HEADERS[head] = (tuple(shape), bool(fortran), dtype)
     shape, fortran, dtype = parsed
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
         raise ValueError(f"EOF: reading array data, expected {count * dtype.itemsize} bytes got {len(data) - offset}")
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset).copy()

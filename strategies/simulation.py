@@ -141,7 +141,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     }
     app_dir = Path(tempfile.mkdtemp(prefix="fedsparse-app-"))
     monitor = ProcessTreeMonitor(interval=1.0)
-    arrays_dir, arrays_counts = None, {}
+    arrays_dir = None
     try:
         start_ray(backend_config["init_args"])
         if ray_arrays.enabled():  # the slices travel through shared memory, not Ray's object store
@@ -155,8 +155,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     finally:
         children = process_tree()[1:]  # Ray's GCS, raylet, agents and workers
         if arrays_dir is not None:
-            arrays_counts = dict(ray_arrays.COUNTS)
-            ray_arrays.uninstall()
+            ray_arrays.uninstall()  # keeps COUNTS (the next install resets them)
         if ray.is_initialized():
             ray.shutdown()
         reap(children)
@@ -171,6 +170,6 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     metrics.extra["fast_message_dispatch"] = fast_dispatch
     # Arrays that went through shared-memory files (strategies.ray_arrays): sent to the clients,
     # received in their replies; false where that path is off
-    metrics.extra["shared_memory_arrays"] = arrays_counts if arrays_dir is not None else False
+    metrics.extra["shared_memory_arrays"] = dict(ray_arrays.COUNTS) if arrays_dir is not None else False
     metrics.write(cfg.out_dir)
     return metrics

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 import torch
@@ -57,12 +58,6 @@ def round_walls(rounds: list[RoundMetrics]) -> list[float]:
 def _later_mean(seconds: list[float]) -> float:
     later = seconds[1:] or seconds
     return sum(later) / len(later)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def run_engine(cfg: RunConfig, engine: str, report: Callable[[str], None] = print) -> RunMetrics:
@@ -147,12 +142,12 @@ def overhead(
                     raise RuntimeError(f"{engine} ended at accuracy {accuracy} in repeat {rep + 1}, "
                                        f"{row[f'{engine}_final_accuracy']} in the first: not the same work")
         for engine in engines:
-            row[f"{engine}_later_round_seconds"] = _median(later[engine])
+            row[f"{engine}_later_round_seconds"] = median(later[engine])
             row[f"{engine}_later_round_seconds_runs"] = later[engine]
         for base in ("plain", "reference"):
             if base in engines:
                 for engine in engines:
-                    row[f"{engine}_vs_{base}"] = _median([a / b for a, b in zip(later[engine], later[base])])
+                    row[f"{engine}_vs_{base}"] = median([a / b for a, b in zip(later[engine], later[base])])
         if "reference" in engines:
             engine_models = [e for e in engines if e != "reference"]
             if engine_models:  # the same work: the reference ends with the engine's model
