@@ -94,9 +94,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# Ray starts its worker processes at nice 15 (its ``worker_niceness``), below this process and
+# everything else on the machine. In a simulation the workers are the clients: they do the
+# training, and at nice 15 every other runnable thread (this process's own, Ray's daemons)
+# takes their cores first; the bare-PyTorch reference's workers run at nice 0. Ray's own job
+# supervisor starts its workers at 0 the same way. An explicit RAY_worker_niceness wins.
+WORKER_NICENESS = "RAY_worker_niceness"
+
+
+def worker_niceness() -> str:
+    """The niceness of the simulation's Ray workers: ``RAY_worker_niceness`` if set, else 0."""
+    value = os.environ.get(WORKER_NICENESS, "").strip() or "0"
+    try:
+        if not -20 <= int(value) <= 19:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{WORKER_NICENESS}={value!r} is not a niceness (an integer from -20 to 19)") from None
+    return value
+
+
 def start_ray(init_args: dict[str, Any]) -> None:
     """``ray.init`` as Flower's Ray backend does it, with SIGINT and SIGTERM blocked while Ray
-    starts its processes."""
+    starts its processes, and its workers at ``worker_niceness()``."""
     ray = import_ray()
 
     if ray.is_initialized():
@@ -112,8 +131,9 @@ def start_ray(init_args: dict[str, Any]) -> None:
     # and then dies; the Python handlers in place before (fedsparse's clean stop) are put back.
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(handlers))
+    env_vars = {"PYTHONPATH": pythonpath, WORKER_NICENESS: worker_niceness()}
     try:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+        ray.init(runtime_env={"env_vars": env_vars}, **{"include_dashboard": False, **init_args})
     finally:
         if threading.current_thread() is threading.main_thread():
             for s, h in handlers.items():
