@@ -23,6 +23,7 @@ from fedsparse.model.ist import (
     state_bytes,
     stitch,
     worker_indices,
+    write_block,
 )
 
 IN_DIM, HIDDEN, CLASSES = 5, (10, 11), 3
@@ -162,6 +163,20 @@ class TestSliceStitch:
         assert torch.equal(w["layers.2.bias"], random_state(2)["layers.2.bias"])
         assert torch.equal(w["layers.0.weight"], random_state(2)["layers.0.weight"])
 
+    @pytest.mark.parametrize("k", [1, 2])
+    def test_no_tensor_of_a_slice_shares_memory_with_the_state(self, k: int) -> None:
+        w = random_state(3)
+        for j in range(k):
+            sub = slice_state(w, worker_indices(partition(HIDDEN, k, seed=2), j))
+            for key, v in sub.items():
+                v.add_(1.0)
+                assert torch.equal(w[key], random_state(3)[key]), key
+        linear = random_state(3, hidden=())  # no hidden layer: nothing is indexed
+        scaled = random_state(3, hidden=(4,))  # a slice of half the width, scaled by 2
+        for state, index, scaling in ((linear, [], "none"), (scaled, [torch.arange(2)], "width")):
+            for key, v in slice_state(state, index, scaling).items():
+                assert v.data_ptr() != state[key].data_ptr(), key
+
     def test_slice_with_wrong_number_of_index_tensors_raises(self) -> None:
         with pytest.raises(ValueError, match="hidden index"):
             slice_state(random_state(0), [torch.arange(3)])
@@ -268,6 +283,41 @@ class TestStitch:
         assert out.keys() == ref.keys()
         for k in out:
             assert torch.allclose(out[k], ref[k], atol=1e-6), k
+
+    @pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True), (False, False)])
+    def test_write_block_is_the_indexed_assignment(self, rows: bool, cols: bool) -> None:
+        gen = torch.Generator().manual_seed(7)
+        w = torch.randn(9, 8, generator=gen)
+        r = torch.randperm(9, generator=gen)[:4] if rows else None  # unsorted, as partitions are
+        c = torch.randperm(8, generator=gen)[:5] if cols else None
+        block = torch.randn(4 if rows else 9, 5 if cols else 8, generator=gen)
+        expected = w.clone()
+        rr = r if rows else torch.arange(9)
+        cc = c if cols else torch.arange(8)
+        for i, ri in enumerate(rr.tolist()):
+            for j, cj in enumerate(cc.tolist()):
+                expected[ri, cj] = block[i, j]
+        write_block(w, r, c, block)
+        assert torch.equal(w, expected)
+
+    def test_write_block_refuses_a_block_of_the_wrong_shape(self) -> None:
+        w = torch.zeros(6, 6)
+        with pytest.raises(ValueError, match=r"\(2, 3\) block does not fit 2 rows x 2 columns"):
+            write_block(w, torch.tensor([0, 1]), torch.tensor([2, 3]), torch.ones(2, 3))
+        with pytest.raises(ValueError, match="does not fit all rows"):
+            write_block(w, None, torch.tensor([2, 3]), torch.ones(1, 2))  # would broadcast
+        assert torch.equal(w, torch.zeros(6, 6))
+
+    def test_stitch_is_exactly_the_naive_loop_and_a_later_update_wins(self) -> None:
+        w = random_state(8)
+        parts = partition(HIDDEN, 2, seed=3)
+        ups = self._updates(w, parts, [0, 1], [2, 3], shift=0.25)
+        twice = ups + [SliceUpdate(ups[0].index, {k: v * 3 for k, v in ups[0].state.items()}, 2)]
+        for updates in (ups, twice):
+            out, ref = stitch(w, updates), naive_stitch(w, updates)
+            for k in out:
+                if k != "layers.2.bias":  # the output bias is a weighted sum, checked elsewhere
+                    assert torch.equal(out[k], ref[k]), k
 
     def test_stitch_leaves_uncovered_blocks_and_missing_workers_unchanged(self) -> None:
         w = random_state(6)
