@@ -58,3 +58,32 @@ def test_peak_anon_sampler_sees_a_short_lived_allocation():
         time.sleep(0.05)
         del block
     assert before > 0 and s.peak >= before + 140 * 2**20
+
+
+def test_the_sampler_is_a_process_that_ends_with_the_monitor_or_its_process():
+    with ProcessTreeMonitor(interval=0.05) as mon:
+        sampler = mon._proc.pid
+        time.sleep(0.5)
+        assert sampler in process_tree()
+    assert sampler not in process_tree() and len(mon.samples) >= 4
+    assert all(s.processes >= 1 for s in mon.samples)
+    # a run killed with its monitor running leaves no sampler, and no file, behind
+    run = subprocess.Popen([sys.executable, "-c", "import time; from fedsparse.accounting.memory import "
+                            "ProcessTreeMonitor as M; m = M(interval=0.05).__enter__(); "
+                            "print(m._proc.pid, m._file, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, samples_file = run.stdout.readline().split()
+        orphan = int(pid)
+        assert os.path.exists(f"/proc/{orphan}")
+        deadline = time.monotonic() + 10
+        while os.path.getsize(samples_file) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.getsize(samples_file) > 0  # it was sampling
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{orphan}")
+    assert not os.path.exists(samples_file)

@@ -1,14 +1,24 @@
 """Memory of a whole run: this process and every descendant (Ray's GCS, raylet and workers).
 
-``ProcessTreeMonitor`` samples, in a background thread, the resident set size (RSS) of the
+``ProcessTreeMonitor`` samples, in a process of its own, the resident set size (RSS) of the
 process tree, summed, and its proportional set size (PSS: shared pages divided among the
 processes that map them, so the torch libraries that every worker maps count once). Linux
 ``/proc`` only; elsewhere it records nothing and says so.
+
+``python -m fedsparse.accounting.memory ROOT INTERVAL FILE`` is that sampling process: it
+appends one sample of ROOT's tree (itself left out) every INTERVAL seconds to FILE, at nice
+19, until the monitor says stop, or its process dies (its standard input closes; the
+file is then deleted).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +77,29 @@ class TreeSample:
     pss: int
 
 
+def tree_sample(root: int, t: float, leave_out: int | None = None) -> TreeSample:
+    """The summed RSS and PSS of ``root``'s process tree (``leave_out`` left out) at time ``t``."""
+    pids = [p for p in process_tree(root) if p != leave_out]
+    sizes = [rss_pss(p) for p in pids]
+    return TreeSample(t, len(pids), sum(r for r, _ in sizes), sum(p for _, p in sizes))
+
+
+def _sampler(root: int, interval: float, path: str) -> None:
+    """The sampling process: a sample of ``root``'s tree every ``interval`` s, one JSON line
+    each, appended to ``path``, until standard input closes."""
+    background_priority()
+    t0 = float(os.environ.get("FEDSPARSE_MEMORY_T0", time.perf_counter()))
+    with open(path, "a", buffering=1) as out:
+        while True:
+            ready, _, _ = select.select([sys.stdin], [], [], interval)
+            if ready:  # the monitor is done ("stop"), or its process died (end of file)
+                if not sys.stdin.readline().strip():
+                    out.close()
+                    Path(path).unlink(missing_ok=True)  # no one will read it
+                return
+            out.write(json.dumps(vars(tree_sample(root, time.perf_counter() - t0, leave_out=os.getpid()))) + "\n")
+
+
 def background_priority() -> None:
     """Give the calling thread alone the lowest CPU priority (nice 19; on Linux a thread id is a
     ``PRIO_PROCESS`` target), where the OS allows it: book-keeping threads (the memory sampler,
@@ -80,9 +113,16 @@ def background_priority() -> None:
 
 @dataclass
 class ProcessTreeMonitor:
-    """Background sampler of the summed RSS and PSS of this process tree.
+    """Sampler of the summed RSS and PSS of this process tree, every ``interval`` seconds.
 
-    Use as a context manager; ``peak_rss`` / ``peak_pss`` and ``samples`` are filled while it runs.
+    Use as a context manager: one sample on entry and one on exit, here, and in between a
+    sampling process (``python -m fedsparse.accounting.memory``), whose samples ``samples``
+    and the peaks hold after exit. A process, not a thread: reading every process's
+    ``smaps_rollup`` costs ~60 ms a second, and a thread doing it at nice 19 holds this
+    process's GIL while the simulated clients (nice 0) keep it off the cores, so the threads
+    that run the rounds wait for it; a process has no GIL to hold. It leaves itself out of
+    the tree it measures, and it ends when its standard input closes: when the monitor
+    exits, or when this process dies.
     """
 
     interval: float = 0.5
@@ -93,35 +133,63 @@ class ProcessTreeMonitor:
     available: bool = Path("/proc/self/statm").exists()
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fedsparse-memory", daemon=True)
         self._t0 = time.perf_counter()
+        self._proc: subprocess.Popen | None = None
+        self._file: Path | None = None
 
-    def sample(self) -> TreeSample:
-        pids = process_tree()
-        sizes = [rss_pss(p) for p in pids]
-        s = TreeSample(time.perf_counter() - self._t0, len(pids), sum(r for r, _ in sizes), sum(p for _, p in sizes))
+    def _add(self, s: TreeSample) -> TreeSample:
         self.samples.append(s)
         self.peak_rss, self.peak_pss = max(self.peak_rss, s.rss), max(self.peak_pss, s.pss)
         self.peak_processes = max(self.peak_processes, s.processes)
         return s
 
-    def _loop(self) -> None:
-        background_priority()  # reading every process's smaps_rollup costs ~60 ms a second
-        while not self._stop.wait(self.interval):
-            self.sample()
+    def sample(self) -> TreeSample:
+        """One sample of the tree, taken here, added to ``samples``."""
+        return self._add(tree_sample(os.getpid(), time.perf_counter() - self._t0))
 
     def __enter__(self) -> "ProcessTreeMonitor":
         if self.available:
             self.sample()
-            self._thread.start()
+            fd, name = tempfile.mkstemp(prefix="fedsparse-memory-", suffix=".jsonl")
+            os.close(fd)
+            self._file = Path(name)
+            # its own session: a terminal's Ctrl-C goes to the run, which then closes its stdin
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "fedsparse.accounting.memory", str(os.getpid()), repr(self.interval), name],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "FEDSPARSE_MEMORY_T0": repr(self._t0), "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)})
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.available:
-            self._stop.set()
-            self._thread.join()
-            self.sample()
+        if not self.available:
+            return
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(b"stop\n")  # the sampler's signal to stop (keeping its file)
+                self._proc.stdin.close()
+            except OSError:
+                pass  # it has died: what it wrote is read below
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._file is not None:
+            try:
+                lines = self._file.read_text().splitlines()
+            except OSError:
+                lines = []
+            self._file.unlink(missing_ok=True)
+            self._file = None
+            for line in lines:
+                try:
+                    self._add(TreeSample(**json.loads(line)))
+                except (ValueError, TypeError):
+                    pass  # a line cut short by a kill
+        self.sample()
 
     def summary(self, max_samples: int = 200) -> dict:
         """JSON-able: peaks and a thinned time series (at most ``max_samples`` points)."""
@@ -178,3 +246,7 @@ class PeakAnonSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_anon())
+
+
+if __name__ == "__main__":
+    _sampler(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
