@@ -10,6 +10,7 @@ types and values, and rejects unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,6 +70,7 @@ class RunConfig:
     update_bound: float = 10.0  # refuse a reply that moved an array > 10x its norm (honest, shipped configs: <= 0.42); 0 = off
     max_examples: int = 1_000_000  # a reply's weight cap where the server cannot know the client's data size
     eval_every: int = 1  # evaluate the head every N rounds (the last round always)
+    save_seconds: float = 1.0  # write the round's files at most every N wall seconds (first, last, stopped: always); 0 = every round
     resume: bool = False  # continue from out-dir/checkpoint.pt (same config; num-rounds may grow)
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
     # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
@@ -112,6 +114,8 @@ class RunConfig:
                      "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.save_seconds < math.inf:
+            raise ValueError(f"save-seconds must be a finite number >= 0 (0 = every round), got {self.save_seconds}")
         for name in ("lr", "dirichlet_alpha", "round_timeout", "client_cpus"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")

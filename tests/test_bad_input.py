@@ -67,6 +67,8 @@ CASES = {
     "local-steps-zero": run("run", "--run-config", "local-steps=0", *OUT, fragment="local-steps must be >= 1"),
     "batch-size-negative": run("run", "--run-config", "batch-size=-1", *OUT, fragment="batch-size must be >= 1"),
     "eval-every-zero": run("run", "--run-config", "eval-every=0", *OUT, fragment="eval-every must be >= 1"),
+    "save-seconds-negative": run("run", "--run-config", "save-seconds=-1.0", *OUT,
+                                 fragment="save-seconds must be a finite number >= 0 (0 = every round), got -1.0"),
     "image-size-huge": run("run", "--run-config", "image-size=100000", *OUT, fragment="image-size must be at most"),
     "hidden-zero-width": run("run", "--run-config", "hidden='1024,0'", *OUT, fragment="hidden must list"),
     "hidden-words": run("run", "--run-config", "hidden=wide", *OUT, fragment="hidden must be comma-separated"),

@@ -113,7 +113,7 @@ class TestCheckpoint:
                 seen.append((dict(self.state), {k: v.clone() for k, v in self.state.items()}))
                 super()._write(checkpoint)
 
-        engine = Recording(cfg.replace(**settings), report=lambda s: None)
+        engine = Recording(cfg.replace(save_seconds=0.0, **settings), report=lambda s: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             engine.run(PlainTransport(engine.cfg))
@@ -121,6 +121,45 @@ class TestCheckpoint:
         assert all(same_state(held, copy) for held, copy in seen)
         assert len({id(next(iter(held.values()))) for held, _ in seen[:-1]}) > 1  # heads did change
         assert same_state(Checkpoint.load(cfg.out_dir).state, engine.state)
+
+    @pytest.mark.parametrize("save_seconds,written", [(0.0, [0, 1, 2, 3, 4]), (3600.0, [0, 1, 4])])
+    def test_files_are_written_every_save_seconds_and_always_for_the_first_and_last_round(
+            self, cfg, save_seconds, written):
+        rounds: list[int] = []
+
+        class Recording(RoundEngine):
+            def _write(self, checkpoint=True):
+                if checkpoint:
+                    rounds.append(self.done)
+                super()._write(checkpoint)
+
+        engine = Recording(cfg.replace(save_seconds=save_seconds), report=lambda s: None)
+        engine.run(PlainTransport(engine.cfg))
+        assert rounds == written
+        assert Checkpoint.load(cfg.out_dir).round == 4 and same_state(torch.load(Path(cfg.out_dir) / "model.pt"), engine.state)
+        engine.done = 2  # between the first and the last round: the clock decides
+        engine._saved_at = time.monotonic() - 3599.0
+        assert engine.save_due() is (save_seconds == 0)
+        engine._saved_at = time.monotonic() - 3600.0
+        assert engine.save_due()
+
+    def test_a_run_stopped_between_two_writes_writes_its_last_round(self, cfg):
+        stop = threading.Event()
+
+        def report(line: str) -> None:
+            if line.startswith("round 3/"):
+                stop.set()  # as Ctrl-C does
+
+        engine = RoundEngine(cfg.replace(save_seconds=3600.0), report=report, stop=stop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            metrics = engine.run(PlainTransport(engine.cfg))
+        assert engine.done == 3 and not metrics.finished
+        assert Checkpoint.load(cfg.out_dir).round == 3  # round 3 was not due; the stop wrote it
+        assert same_state(torch.load(Path(cfg.out_dir) / "model.pt"), engine.state)
+        assert [r.round for r in RunMetrics.load(cfg.out_dir).rounds] == [1, 2, 3]
+        resumed = plain(cfg.replace(resume=True, save_seconds=0.0))  # save-seconds may change on resume
+        assert same_state(resumed.state, plain(cfg.replace(out_dir=str(Path(cfg.out_dir) / "whole"))).state)
 
     def test_metrics_text_is_the_metrics_and_made_once_per_round(self, cfg):
         engine = plain(cfg)
@@ -213,7 +252,7 @@ KILLER = textwrap.dedent("""
 def test_sigkill_after_round_k_then_resume_equals_an_uninterrupted_run(cfg, engine_name):
     reference = plain(cfg)
     out = Path(cfg.out_dir).parent / f"killed-{engine_name}"
-    killed = cfg.replace(out_dir=str(out))
+    killed = cfg.replace(out_dir=str(out), save_seconds=0.0)  # round k's files are written
     proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(killed.to_run_config()), "2", engine_name],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -269,7 +308,9 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     from strategies import ray_arrays
     from strategies.simulation import simulate
 
-    long = cfg.replace(num_rounds=12)  # an idle machine runs a round of this config in ~0.1 s: room to kill mid-run
+    # an idle machine runs a round of this config in ~0.1 s: room to kill mid-run, between writes
+    # every 0.3 s (the killed run resumes from the last round written, whichever it was)
+    long = cfg.replace(num_rounds=12, save_seconds=0.3)
     first = long.replace(out_dir=str(Path(cfg.out_dir) / "first"))
     monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")
     through_files = simulate(first).extra["shared_memory_arrays"]

@@ -16,6 +16,7 @@ driver and after any resume, whatever ids Flower gives the nodes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -194,6 +195,8 @@ class RoundEngine:
         self._exact_sizes = False
         self._transport: Transport | None = None
         self._writer = BackgroundWriter()  # the round's files are written while the next round runs
+        self._saved = -1  # the last round whose files were submitted for writing
+        self._saved_at = -math.inf  # when (time.monotonic())
         # torch threads for a round's own work in ``run`` (0: the process's). The Simulation Engine's
         # server sets 1: its clients train on the same cores, and an idle OpenMP thread of this
         # process spinning between the server's small operations took a fifth of a core from them.
@@ -233,7 +236,7 @@ class RoundEngine:
             self.algorithm.load_state_dict(ckpt.algorithm)
             self.metrics = RunMetrics.from_dict(ckpt.metrics)
             self.metrics.config = self.cfg.to_run_config()
-            self.done = ckpt.round
+            self.done = self._saved = ckpt.round  # its files are on disk
             if self.done < self.cfg.num_rounds:
                 self.metrics.resumed_at.append(self.done)
                 self.metrics.finished = False
@@ -373,9 +376,18 @@ class RoundEngine:
         self._add_profile_fields(entry.per_client, tasks, exchange, self.state)
         self.metrics.rounds.append(entry)
         self.done = server_round
-        self._write()
+        if self.save_due():
+            self._write()
         self.report(entry.line(self.cfg.num_rounds))
         return entry
+
+    def save_due(self) -> bool:
+        """Whether this round's files are written: ``save-seconds`` after the last write (0:
+        every round), the first and the last round always. A simulated round of 0.1 s would
+        otherwise write ~10 MB of checkpoint and model every round, on the cores its clients
+        train on; ``finish`` writes the last round done of a stopped run."""
+        return (self.cfg.save_seconds <= 0 or self._saved < 1 or self.done >= self.cfg.num_rounds
+                or time.monotonic() - self._saved_at >= self.cfg.save_seconds)
 
     @staticmethod
     def _client_records(tasks: Sequence[ClientTask], accepted: dict[int, ClientUpdate], failures: list[Failure],
@@ -417,6 +429,8 @@ class RoundEngine:
         """Mark the run finished when every round is done, write metrics and the plot."""
         assert self.metrics is not None
         self.metrics.finished = self.done >= self.cfg.num_rounds
+        if self._saved != self.done:  # stopped between two writes: its last round is written now
+            self._write()
         self._write(checkpoint=False)
         plot_accuracy(self.metrics, self.out / "accuracy.png")
         return self.metrics
@@ -432,6 +446,7 @@ class RoundEngine:
             self._writer.wait()
             self.metrics.write(self.out)
             return
+        self._saved, self._saved_at = self.done, time.monotonic()
         metrics = self.metrics.snapshot()
         # no copy of the head: its tensors are never changed in place (each round's aggregate is
         # a new state; tests/test_engine.py checks every algorithm), so the next round cannot
