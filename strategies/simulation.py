@@ -129,9 +129,9 @@ def start_ray(init_args: dict[str, Any]) -> None:
     # Ctrl-C, a service manager's stop); fedsparse gets it, stops, and shuts Ray down.
     # Ray's core also installs a C-level SIGTERM handler in this process that logs a stack trace
     # and then dies; the Python handlers in place before (fedsparse's clean stop) are put back.
+    env_vars = {"PYTHONPATH": pythonpath, WORKER_NICENESS: worker_niceness()}  # a bad value raises here
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(handlers))
-    env_vars = {"PYTHONPATH": pythonpath, WORKER_NICENESS: worker_niceness()}
     try:
         ray.init(runtime_env={"env_vars": env_vars}, **{"include_dashboard": False, **init_args})
     finally:

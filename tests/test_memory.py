@@ -87,3 +87,13 @@ def test_the_sampler_is_a_process_that_ends_with_the_monitor_or_its_process():
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{orphan}")
     assert not os.path.exists(samples_file)
+
+
+def test_without_a_process_to_spare_the_monitor_keeps_its_own_samples(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with ProcessTreeMonitor(interval=0.05) as mon:
+        time.sleep(0.1)
+    assert len(mon.samples) == 2 and mon.peak_rss > 0  # on entry and on exit

@@ -124,7 +124,7 @@ def test_torch_state_fails_on_malformed_arrays_as_flower_does(data, error):
         np.save(buf, np.array([1, "a"], dtype=object), allow_pickle=True)
         data = buf.getvalue()
     record = ArrayRecord({"x": Array(dtype="float32", shape=(10,), stype="numpy.ndarray", data=data)})
-    with pytest.raises(Exception, match=error) as mine:
+    with pytest.raises(Exception, match=error or None) as mine:  # "": Flower's message is empty too
         torch_state(record)
     with pytest.raises(Exception) as theirs:
         record.to_torch_state_dict()

@@ -42,3 +42,13 @@ def test_simulated_clients_run_at_the_niceness_of_this_process(monkeypatch):
         assert ray.get(actor.niceness.remote(), timeout=120) == 0
     finally:
         ray.shutdown()
+
+
+def test_a_bad_niceness_leaves_the_signals_unblocked(monkeypatch):
+    import signal
+
+    monkeypatch.setenv(WORKER_NICENESS, "high")
+    monkeypatch.setattr("strategies.simulation.import_ray", lambda: type("Ray", (), {"is_initialized": staticmethod(lambda: False)}))
+    with pytest.raises(ValueError, match="is not a niceness"):
+        start_ray({"num_cpus": 1})
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, set())

@@ -86,7 +86,8 @@ def tree_sample(root: int, t: float, leave_out: int | None = None) -> TreeSample
 
 def _sampler(root: int, interval: float, path: str) -> None:
     """The sampling process: a sample of ``root``'s tree every ``interval`` s, one JSON line
-    each, appended to ``path``, until standard input closes."""
+    each, appended to ``path``, until its standard input says stop, or closes (its monitor's
+    process died: ``path`` is then deleted)."""
     background_priority()
     t0 = float(os.environ.get("FEDSPARSE_MEMORY_T0", time.perf_counter()))
     with open(path, "a", buffering=1) as out:
@@ -153,12 +154,15 @@ class ProcessTreeMonitor:
             fd, name = tempfile.mkstemp(prefix="fedsparse-memory-", suffix=".jsonl")
             os.close(fd)
             self._file = Path(name)
-            # its own session: a terminal's Ctrl-C goes to the run, which then closes its stdin
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "fedsparse.accounting.memory", str(os.getpid()), repr(self.interval), name],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "FEDSPARSE_MEMORY_T0": repr(self._t0), "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)})
+            # its own session: a terminal's Ctrl-C goes to the run, which then tells it to stop
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "fedsparse.accounting.memory", str(os.getpid()), repr(self.interval), name],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+                    env={**os.environ, "FEDSPARSE_MEMORY_T0": repr(self._t0), "PYTHONPATH": os.pathsep.join(
+                        p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)})
+            except OSError:  # no process to spare: the samples on entry and exit only
+                self._proc = None
         return self
 
     def __exit__(self, *exc: object) -> None:
