@@ -59,13 +59,14 @@ def make_run_dir() -> Path:
     return path
 
 
-def sweep_stale(root: Path | None = None) -> list[Path]:
-    """Remove the directories of runs whose process is gone (a killed run's leftovers)."""
+def sweep_stale(root: Path | None = None, prefix: str = PREFIX) -> list[Path]:
+    """Remove the directories ``<prefix><pid>-...`` in ``root`` (default: this module's, in
+    shared memory) of runs whose process is gone (a killed run's leftovers)."""
     removed = []
     root = root or shm_root()
-    for path in root.glob(f"{PREFIX}*"):
+    for path in root.glob(f"{prefix}*"):
         try:
-            pid = int(path.name[len(PREFIX):].split("-", 1)[0])
+            pid = int(path.name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
         if pid != os.getpid() and not os.path.exists(f"/proc/{pid}") and path.is_dir():

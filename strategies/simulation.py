@@ -36,6 +36,9 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+APP_PREFIX = "fedsparse-app-"  # the run's app directory in the temporary folder: fedsparse-app-<pid>-...
+
+
 def write_app_dir(cfg: RunConfig, app_dir: Path) -> Path:
     """A minimal Flower app directory whose default run config is ``cfg``."""
     lines = [
@@ -159,7 +162,9 @@ def simulate(cfg: RunConfig) -> RunMetrics:
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
-    app_dir = Path(tempfile.mkdtemp(prefix="fedsparse-app-"))
+    # named by this process: a killed run's app directory is removed by the next run
+    ray_arrays.sweep_stale(Path(tempfile.gettempdir()), APP_PREFIX)
+    app_dir = Path(tempfile.mkdtemp(prefix=f"{APP_PREFIX}{os.getpid()}-"))
     monitor = ProcessTreeMonitor(interval=1.0)
     arrays_dir = None
     try:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -306,7 +307,7 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     The first run sends every Array both ways through shared-memory files
     (strategies.ray_arrays), the CLI run none of this config's small ones: the same model."""
     from strategies import ray_arrays
-    from strategies.simulation import simulate
+    from strategies.simulation import APP_PREFIX, simulate
 
     # an idle machine runs a round of this config in ~0.1 s: room to kill mid-run, between writes
     # every 0.3 s (the killed run resumes from the last round written, whichever it was)
@@ -343,7 +344,8 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
         proc.wait()
     done = Checkpoint.load(out).round  # written before metrics.json: at least the rounds it showed
     assert 2 <= done < long.num_rounds
-    assert list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))  # a killed run leaves its directory
+    assert list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))  # a killed run leaves its directories
+    assert list(Path(tempfile.gettempdir()).glob(f"{APP_PREFIX}{proc.pid}-*"))
     resumed = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -351,5 +353,6 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     assert [r.round for r in b.rounds] == list(range(1, 13)) and b.resumed_at == [done] and b.finished
     assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
     assert same_state(torch.load(Path(first.out_dir) / "model.pt"), torch.load(out / "model.pt"))
-    # the killed run's shared-memory directory was removed by the run that resumed it
+    # the killed run's shared-memory and app directories were removed by the run that resumed it
     assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"{APP_PREFIX}{proc.pid}-*"))

@@ -52,3 +52,21 @@ def test_a_bad_niceness_leaves_the_signals_unblocked(monkeypatch):
     with pytest.raises(ValueError, match="is not a niceness"):
         start_ray({"num_cpus": 1})
     assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_app_directories_of_dead_runs_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from strategies import ray_arrays
+    from strategies.simulation import APP_PREFIX
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{APP_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{APP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "fedsparse-appendix"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "pyproject.toml").write_text("")
+    assert ray_arrays.sweep_stale(tmp_path, APP_PREFIX) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
