@@ -122,8 +122,8 @@ class ProcessTreeMonitor:
     ``smaps_rollup`` costs ~60 ms a second, and a thread doing it at nice 19 holds this
     process's GIL while the simulated clients (nice 0) keep it off the cores, so the threads
     that run the rounds wait for it; a process has no GIL to hold. It leaves itself out of
-    the tree it measures, and it ends when its standard input closes: when the monitor
-    exits, or when this process dies.
+    the tree it measures, and it ends when the monitor exits (which tells it to stop) or when
+    this process dies (its standard input closes).
     """
 
     interval: float = 0.5
