@@ -5,7 +5,8 @@ with the run config handed to both sides the way Flower does it: from an app dir
 ``[tool.flwr.app.config]`` (written to a temporary directory, so an installed fedsparse
 needs no source checkout). Ray is shut down afterwards, so the run leaves no process
 behind. The summed RSS and PSS of the whole process tree (Ray included) is sampled during
-the run and added to ``metrics.json`` under ``memory``.
+the run (``fedsparse.accounting.memory``: the PSS less often) and added to ``metrics.json``
+under ``memory``.
 """
 
 from __future__ import annotations

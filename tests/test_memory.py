@@ -42,6 +42,25 @@ def test_monitor_sees_a_child_holding_200_mb():
     assert len(summary["samples"]) >= 3
 
 
+def test_the_sampler_walks_page_tables_for_the_pss_only_part_of_the_time():
+    from fedsparse.accounting.memory import PSS_DUTY, tree_sample
+
+    assert 0 < PSS_DUTY <= 0.05
+    light = tree_sample(os.getpid(), 0.0, pss=False)
+    assert light.pss is None and light.rss > 0
+    # a PSS walk comes no sooner than 1 / pss_duty times the last walk's length after it
+    walked = {}
+    for duty in (1e-9, 1.0):
+        with ProcessTreeMonitor(interval=0.02, pss_duty=duty) as mon:
+            time.sleep(0.4)
+        assert len(mon.samples) >= 8 and all(s.rss > 0 for s in mon.samples)
+        assert mon.samples[0].pss and mon.samples[-1].pss  # on entry and on exit, here
+        assert 0 < mon.peak_pss <= mon.peak_rss
+        walked[duty] = mon.summary()["pss_samples"]
+    assert walked[1e-9] == 3  # entry, exit and the sampler's first walk
+    assert walked[1.0] >= 8  # a duty of 1: every sample walks
+
+
 def test_exited_process_counts_zero():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

@@ -5,9 +5,18 @@ process tree, summed, and its proportional set size (PSS: shared pages divided a
 processes that map them, so the torch libraries that every worker maps count once). Linux
 ``/proc`` only; elsewhere it records nothing and says so.
 
-``python -m fedsparse.accounting.memory ROOT INTERVAL FILE`` is that sampling process: it
-appends one sample of ROOT's tree (itself left out) every INTERVAL seconds to FILE, at nice
-19, until the monitor says stop, or its process dies (its standard input closes; the
+RSS is a counter the kernel keeps (``statm``): reading it costs microseconds. PSS is not: the
+kernel walks every page table of the process (``smaps_rollup``), 20-40 ms for a simulated
+client or a ServerApp here, holding that process's memory-map lock while it walks, so the
+process stalls when it maps or frees memory meanwhile. Walking the whole tree every second
+made the bare-PyTorch reference's rounds 13% slower (median of 6 alternations). So every
+sample has the RSS, and only some the PSS: a walk of the tree starts no sooner than
+``1 / PSS_DUTY`` times the last walk's length after it (at most 2% of the time walking). The
+samples taken on entry and on exit always have both.
+
+``python -m fedsparse.accounting.memory ROOT INTERVAL FILE PSS_DUTY`` is that sampling
+process: it appends one sample of ROOT's tree (itself left out) every INTERVAL seconds to
+FILE, at nice 19, until the monitor says stop, or its process dies (its standard input closes; the
 file is then deleted).
 """
 
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+PSS_DUTY = 0.02  # the sampling process walks page tables (PSS) at most this share of the time
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -52,21 +62,24 @@ def process_tree(root: int | None = None) -> list[int]:
     return out
 
 
-def rss_pss(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in bytes; (0, 0) once it has exited."""
+def rss_pss(pid: int, pss: bool = True) -> tuple[int, int | None]:
+    """(RSS, PSS) of one process in bytes; (0, 0) once it has exited; PSS None unless ``pss``
+    (reading it walks the process's page tables)."""
     try:
         rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
     except (OSError, IndexError, ValueError):
         return 0, 0
-    pss = 0
+    if not pss:
+        return rss, None
+    pss_bytes = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
-                pss = int(line.split()[1]) * 1024
+                pss_bytes = int(line.split()[1]) * 1024
                 break
     except OSError:
-        pss = rss
-    return rss, pss
+        pss_bytes = rss
+    return rss, pss_bytes
 
 
 @dataclass
@@ -74,22 +87,26 @@ class TreeSample:
     t: float
     processes: int
     rss: int
-    pss: int
+    pss: int | None  # None: a sample without a page-table walk
 
 
-def tree_sample(root: int, t: float, leave_out: int | None = None) -> TreeSample:
-    """The summed RSS and PSS of ``root``'s process tree (``leave_out`` left out) at time ``t``."""
+def tree_sample(root: int, t: float, leave_out: int | None = None, pss: bool = True) -> TreeSample:
+    """The summed RSS and (if ``pss``) PSS of ``root``'s process tree (``leave_out`` left out)
+    at time ``t``."""
     pids = [p for p in process_tree(root) if p != leave_out]
-    sizes = [rss_pss(p) for p in pids]
-    return TreeSample(t, len(pids), sum(r for r, _ in sizes), sum(p for _, p in sizes))
+    sizes = [rss_pss(p, pss) for p in pids]
+    return TreeSample(t, len(pids), sum(r for r, _ in sizes),
+                      sum(p or 0 for _, p in sizes) if pss else None)
 
 
-def _sampler(root: int, interval: float, path: str) -> None:
+def _sampler(root: int, interval: float, path: str, pss_duty: float = PSS_DUTY) -> None:
     """The sampling process: a sample of ``root``'s tree every ``interval`` s, one JSON line
     each, appended to ``path``, until its standard input says stop, or closes (its monitor's
-    process died: ``path`` is then deleted)."""
+    process died: ``path`` is then deleted). A sample walks page tables for the PSS when
+    ``1 / pss_duty`` times the last walk's length has passed since that walk began."""
     background_priority()
     t0 = float(os.environ.get("FEDSPARSE_MEMORY_T0", time.perf_counter()))
+    next_walk = 0.0  # when the next sample may walk page tables for the PSS
     with open(path, "a", buffering=1) as out:
         while True:
             ready, _, _ = select.select([sys.stdin], [], [], interval)
@@ -98,7 +115,12 @@ def _sampler(root: int, interval: float, path: str) -> None:
                     out.close()
                     Path(path).unlink(missing_ok=True)  # no one will read it
                 return
-            out.write(json.dumps(vars(tree_sample(root, time.perf_counter() - t0, leave_out=os.getpid()))) + "\n")
+            start = time.perf_counter()
+            walk = start >= next_walk
+            sample = tree_sample(root, start - t0, leave_out=os.getpid(), pss=walk)
+            if walk:
+                next_walk = start + (time.perf_counter() - start) / pss_duty
+            out.write(json.dumps(vars(sample)) + "\n")
 
 
 def background_priority() -> None:
@@ -118,15 +140,18 @@ class ProcessTreeMonitor:
 
     Use as a context manager: one sample on entry and one on exit, here, and in between a
     sampling process (``python -m fedsparse.accounting.memory``), whose samples ``samples``
-    and the peaks hold after exit. A process, not a thread: reading every process's
-    ``smaps_rollup`` costs ~60 ms a second, and a thread doing it at nice 19 holds this
-    process's GIL while the simulated clients (nice 0) keep it off the cores, so the threads
-    that run the rounds wait for it; a process has no GIL to hold. It leaves itself out of
-    the tree it measures, and it ends when the monitor exits (which tells it to stop) or when
-    this process dies (its standard input closes).
+    and the peaks hold after exit. Every sample has the summed RSS; the PSS only those where
+    the sampler walked page tables (see the module: at most ``PSS_DUTY`` of the time), and
+    the samples on entry and exit, so the peak PSS is the peak of fewer samples. A process,
+    not a thread: a thread doing this at nice 19 holds this process's GIL while the simulated
+    clients (nice 0) keep it off the cores, so the threads that run the rounds wait for it; a
+    process has no GIL to hold. It leaves itself out of the tree it measures, and it ends
+    when the monitor exits (which tells it to stop) or when this process dies (its standard
+    input closes).
     """
 
     interval: float = 0.5
+    pss_duty: float = PSS_DUTY
     samples: list[TreeSample] = field(default_factory=list)
     peak_rss: int = 0
     peak_pss: int = 0
@@ -140,7 +165,7 @@ class ProcessTreeMonitor:
 
     def _add(self, s: TreeSample) -> TreeSample:
         self.samples.append(s)
-        self.peak_rss, self.peak_pss = max(self.peak_rss, s.rss), max(self.peak_pss, s.pss)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, s.rss), max(self.peak_pss, s.pss or 0)
         self.peak_processes = max(self.peak_processes, s.processes)
         return s
 
@@ -157,7 +182,8 @@ class ProcessTreeMonitor:
             # its own session: a terminal's Ctrl-C goes to the run, which then tells it to stop
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "fedsparse.accounting.memory", str(os.getpid()), repr(self.interval), name],
+                    [sys.executable, "-m", "fedsparse.accounting.memory", str(os.getpid()), repr(self.interval), name,
+                     repr(self.pss_duty)],
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
                     env={**os.environ, "FEDSPARSE_MEMORY_T0": repr(self._t0), "PYTHONPATH": os.pathsep.join(
                         p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)})
@@ -204,6 +230,7 @@ class ProcessTreeMonitor:
             "peak_summed_pss_bytes": self.peak_pss,
             "peak_processes": self.peak_processes,
             "interval_seconds": self.interval,
+            "pss_samples": sum(s.pss is not None for s in self.samples),
             "samples": [vars(s) for s in self.samples[::step]],
         }
 
@@ -253,4 +280,4 @@ class PeakAnonSampler:
 
 
 if __name__ == "__main__":
-    _sampler(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
+    _sampler(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
