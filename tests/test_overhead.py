@@ -78,6 +78,12 @@ def test_the_bare_pytorch_reference_trains_the_engines_model_in_parallel_process
         warnings.simplefilter("ignore", UserWarning)
         (row,) = overhead(authors, tmp_path / "o", [2], rounds=3, engines=("plain", "reference"), report=lambda s: None)
     assert row["reference_workers"] == 2 and row["reference_later_round_seconds"] > 0
+    # the round split into its slowest client's training and the rest, in each driver
+    for engine in ("plain", "reference"):
+        train, rest = row[f"{engine}_later_train_seconds"], row[f"{engine}_later_rest_seconds"]
+        assert 0 < train < row[f"{engine}_later_round_seconds"] and rest > 0
+        runs = zip(row[f"{engine}_later_round_seconds_runs"], [train])
+        assert all(abs(total - t - rest) < 1e-12 for total, t in runs)  # one repeat: round = train + rest
     assert row["reference_same_model"] is True  # the same work, so the times compare
     assert row["reference_final_accuracy"] == row["plain_final_accuracy"]
     assert "plain / reference" in (tmp_path / "o" / "overhead.md").read_text()

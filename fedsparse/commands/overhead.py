@@ -27,6 +27,13 @@ background writer, the progress line, asking for the next clients), not only
 order (forwards, then backwards, ...), so that drivers compared are timed minutes apart at
 most on a machine whose speed drifts: a driver's time is the median over its repeats, and
 its ratio to another the median of the ratios within each repeat.
+
+Every driver runs the same ``train_slice``, and every one reports how long its slowest client
+trained in each round (``RoundMetrics.client_train_seconds_max``; the reference's workers
+time the same call). The rest of the round (``*_later_rest_seconds``: planning, slicing,
+messages, aggregation, bookkeeping) is what the driver adds; it does not move with how fast
+the machine happened to train during that driver's turn, which the round's ratio does. In the
+plain loop it includes the other clients' training (they train one after the other).
 """
 
 from __future__ import annotations
@@ -119,12 +126,14 @@ def overhead(
         row: dict[str, Any] = {"clients_per_round": k, "num_clients": c.num_clients, "rounds": rounds,
                                "repeats": repeats, "warm_cache_seconds": warm_cache(c, report)}
         later: dict[str, list[float]] = {e: [] for e in engines}
+        training: dict[str, list[float]] = {e: [] for e in engines}
         for rep in range(repeats):
             for engine in (engines if rep % 2 == 0 else engines[::-1]):
                 report(f"K={k}: {engine}" + (f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""))
                 if engine == "reference":
                     ref = reference_rounds(c)
                     seconds, accuracy, workers = ref["seconds"], ref["accuracy"], ref["workers"]
+                    train = ref["train_seconds"]
                     reference_state = ref["state"]
                     row["reference_workers"] = workers
                 else:
@@ -134,7 +143,9 @@ def overhead(
                     if engine == "simulation":
                         row["simulation_peak_summed_rss_bytes"] = result.memory.get("peak_summed_rss_bytes")
                     seconds, accuracy = round_walls(result.rounds), result.final_accuracy
+                    train = [r.client_train_seconds_max or 0.0 for r in result.rounds]
                 later[engine].append(_later_mean(seconds))
+                training[engine].append(_later_mean(train))
                 if rep == 0:
                     row[f"{engine}_first_round_seconds"] = seconds[0]
                     row[f"{engine}_final_accuracy"] = accuracy
@@ -144,6 +155,10 @@ def overhead(
         for engine in engines:
             row[f"{engine}_later_round_seconds"] = median(later[engine])
             row[f"{engine}_later_round_seconds_runs"] = later[engine]
+            # the slowest client's training (the same train_slice in every driver), and the rest
+            # of the round: what the driver adds, apart from how fast the machine trained
+            row[f"{engine}_later_train_seconds"] = median(training[engine])
+            row[f"{engine}_later_rest_seconds"] = median([a - b for a, b in zip(later[engine], training[engine])])
         for base in ("plain", "reference"):
             if base in engines:
                 for engine in engines:
@@ -154,7 +169,9 @@ def overhead(
                 final = torch.load(out / f"{engine_models[0]}-k{k}" / "model.pt")
                 row["reference_same_model"] = all(torch.equal(final[key], v) for key, v in reference_state.items())
         rows.append(row)
-        report(f"K={k}: " + ", ".join(f"{e} {row[f'{e}_later_round_seconds']:.3f}s/round" for e in engines))
+        report(f"K={k}: " + ", ".join(f"{e} {row[f'{e}_later_round_seconds']:.3f}s/round "
+                                      f"({row[f'{e}_later_rest_seconds'] * 1000:.0f} ms besides training)"
+                                      for e in engines))
         (out / "overhead.json").write_text(json.dumps({"config": cfg.to_run_config(), "rows": rows}, indent=1))
         (out / "overhead.md").write_text(markdown(rows, engines))
     return rows
@@ -162,6 +179,7 @@ def overhead(
 
 def markdown(rows: list[dict[str, Any]], engines: tuple[str, ...]) -> str:
     head = ["clients per round"] + [f"{e} s/round (first)" for e in engines] + [f"{e} s/round (later)" for e in engines]
+    head += [f"{e} ms/round besides training" for e in engines]
     if "plain" in engines:
         head += [f"{e} / plain" for e in engines if e != "plain"]
     if "reference" in engines:
@@ -171,6 +189,7 @@ def markdown(rows: list[dict[str, Any]], engines: tuple[str, ...]) -> str:
         cells = [str(r["clients_per_round"])]
         cells += [f"{r[f'{e}_first_round_seconds']:.2f}" for e in engines]
         cells += [f"{r[f'{e}_later_round_seconds']:.2f}" for e in engines]
+        cells += [f"{r[f'{e}_later_rest_seconds'] * 1000:.0f}" for e in engines]
         if "plain" in engines:
             cells += [f"{r[f'{e}_vs_plain']:.2f}x" for e in engines if e != "plain"]
         if "reference" in engines:

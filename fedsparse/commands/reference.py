@@ -36,8 +36,9 @@ def _worker(conn: Any, run_config: dict[str, Any]) -> None:
     while (job := conn.recv()) is not None:
         server_round, pid, state = job
         feats = client_features(cfg, pid, cfg.num_clients, server_round)
+        t0 = time.perf_counter()  # what a fedsparse client reports as its training seconds
         trained, _ = train_slice(cfg, state, feats, server_round, pid)
-        conn.send((trained, len(feats.y)))
+        conn.send((trained, len(feats.y), time.perf_counter() - t0))
 
 
 def supports(cfg: RunConfig) -> bool:
@@ -47,7 +48,8 @@ def supports(cfg: RunConfig) -> bool:
 
 def reference_rounds(cfg: RunConfig, workers: int | None = None) -> dict[str, Any]:
     """``cfg.num_rounds`` pure-IST rounds with ``min(K, workers)`` worker processes; returns
-    the seconds of every round, the final state and its test accuracy."""
+    the seconds of every round, the seconds of its slowest worker's training in every round
+    (``train_seconds``), the final state and its test accuracy."""
     if not supports(cfg):
         raise ValueError("the bare-PyTorch reference runs the authors' pure IST "
                          "(strategy = ist, ist-variant = authors, one subnet per client)")
@@ -65,23 +67,25 @@ def reference_rounds(cfg: RunConfig, workers: int | None = None) -> dict[str, An
         proc.start()
         pipes.append(here)
         procs.append(proc)
-    seconds = []
+    seconds, train_seconds = [], []
     try:
         for server_round in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             clients = sample_clients(cfg.seed, server_round, range(cfg.num_clients), k)
             parts = partition(hidden_sizes(state), k, derive_seed("partition", cfg.seed, server_round))
             indices = [worker_indices(parts, i) for i in range(k)]
-            updates = []
+            updates, trained_for = [], []
             for start in range(0, k, n_workers):  # K <= workers: one wave, all workers at once
                 wave = list(range(start, min(k, start + n_workers)))
                 for w, i in enumerate(wave):
                     pipes[w].send((server_round, clients[i], slice_state(state, indices[i], cfg.ist_scaling)))
                 for w, i in enumerate(wave):
-                    trained, n = pipes[w].recv()
+                    trained, n, train_s = pipes[w].recv()
                     updates.append(SliceUpdate(indices[i], trained, n))
+                    trained_for.append(train_s)
             state = stitch(state, updates, cfg.ist_scaling)
             seconds.append(time.perf_counter() - t0)
+            train_seconds.append(max(trained_for))
     finally:
         for pipe in pipes:
             pipe.send(None)
@@ -90,4 +94,4 @@ def reference_rounds(cfg: RunConfig, workers: int | None = None) -> dict[str, An
             if proc.is_alive():
                 proc.kill()
     accuracy, _ = evaluate(MLPHead.from_state_dict(state), test.x, test.y)
-    return {"seconds": seconds, "state": state, "accuracy": accuracy, "workers": n_workers}
+    return {"seconds": seconds, "train_seconds": train_seconds, "state": state, "accuracy": accuracy, "workers": n_workers}
