@@ -7,17 +7,17 @@ processes that map them, so the torch libraries that every worker maps count onc
 
 RSS is a counter the kernel keeps (``statm``): reading it costs microseconds. PSS is not: the
 kernel walks every page table of the process (``smaps_rollup``), 20-40 ms for a simulated
-client or a ServerApp here, holding that process's memory-map lock while it walks, so the
-process stalls when it maps or frees memory meanwhile. Walking the whole tree every second
-made the bare-PyTorch reference's rounds 13% slower (median of 6 alternations). So every
-sample has the RSS, and only some the PSS: a walk of the tree starts no sooner than
-``1 / PSS_DUTY`` times the last walk's length after it (at most 2% of the time walking). The
-samples taken on entry and on exit always have both.
+client or a ServerApp here, with that process's memory map locked for reading. Walking the
+tree every second took 7.4% of a core in a simulated run of the paper setting, on a 2-core
+machine whose cores the clients need. So every sample has the RSS, and only some the PSS: a
+walk of the tree starts no sooner than ``1 / PSS_DUTY`` times the last walk's length after
+it (at most 2% of the time walking; 1.3% of a core for the whole sampler in the same run).
+The samples taken on entry and on exit always have both.
 
 ``python -m fedsparse.accounting.memory ROOT INTERVAL FILE PSS_DUTY`` is that sampling
 process: it appends one sample of ROOT's tree (itself left out) every INTERVAL seconds to
-FILE, at nice 19, until the monitor says stop, or its process dies (its standard input closes; the
-file is then deleted).
+FILE, at nice 19, until the monitor says stop, or its process dies (its standard input
+closes; the file is then deleted).
 """
 
 from __future__ import annotations
