@@ -82,6 +82,7 @@ def test_the_bare_pytorch_reference_trains_the_engines_model_in_parallel_process
     for engine in ("plain", "reference"):
         train, rest = row[f"{engine}_later_train_seconds"], row[f"{engine}_later_rest_seconds"]
         assert 0 < train < row[f"{engine}_later_round_seconds"] and rest > 0
+        assert row[f"{engine}_later_train_seconds_runs"] == [train]
         runs = zip(row[f"{engine}_later_round_seconds_runs"], [train])
         assert all(abs(total - t - rest) < 1e-12 for total, t in runs)  # one repeat: round = train + rest
     assert row["reference_same_model"] is True  # the same work, so the times compare

@@ -158,6 +158,7 @@ def overhead(
             # the slowest client's training (the same train_slice in every driver), and the rest
             # of the round: what the driver adds, apart from how fast the machine trained
             row[f"{engine}_later_train_seconds"] = median(training[engine])
+            row[f"{engine}_later_train_seconds_runs"] = training[engine]
             row[f"{engine}_later_rest_seconds"] = median([a - b for a, b in zip(later[engine], training[engine])])
         for base in ("plain", "reference"):
             if base in engines:
@@ -188,7 +189,7 @@ def markdown(rows: list[dict[str, Any]], engines: tuple[str, ...]) -> str:
     for r in rows:
         cells = [str(r["clients_per_round"])]
         cells += [f"{r[f'{e}_first_round_seconds']:.2f}" for e in engines]
-        cells += [f"{r[f'{e}_later_round_seconds']:.2f}" for e in engines]
+        cells += [f"{r[f'{e}_later_round_seconds']:.3f}" for e in engines]
         cells += [f"{r[f'{e}_later_rest_seconds'] * 1000:.0f}" for e in engines]
         if "plain" in engines:
             cells += [f"{r[f'{e}_vs_plain']:.2f}x" for e in engines if e != "plain"]
