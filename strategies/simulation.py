@@ -144,6 +144,29 @@ def start_ray(init_args: dict[str, Any]) -> None:
                 if h is not None:
                     signal.signal(s, h)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    stop_without_grace(ray)
+
+
+def stop_without_grace(ray: Any) -> bool:
+    """Make ``ray.shutdown`` kill Ray's own processes at once; returns whether it could.
+
+    ``ray.shutdown`` stops each of Ray's processes (GCS, raylet, log monitor, API server,
+    reaper) gracefully: SIGTERM, then up to a second's wait, then SIGKILL. The processes
+    ``start_ray`` starts have SIGTERM blocked, so every wait ran its full second: 5 s at the
+    end of every run (a third of the README's default run beyond its rounds), ending in the
+    SIGKILL anyway. Ray's node object is private; where it changes, the waits come back and
+    nothing else does."""
+    try:
+        node = ray._private.worker._global_node
+        kill_all = node.kill_all_processes
+    except AttributeError:
+        return False
+
+    def kill_all_at_once(check_alive: bool = True, allow_graceful: bool = False, wait: bool = False) -> None:
+        kill_all(check_alive=check_alive, allow_graceful=False, wait=wait)
+
+    node.kill_all_processes = kill_all_at_once
+    return True
 
 
 def simulate(cfg: RunConfig) -> RunMetrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -24,8 +25,11 @@ def test_a_bad_niceness_is_one_line_naming_the_variable(monkeypatch, value):
     assert "\n" not in str(err.value)
 
 
-def test_simulated_clients_run_at_the_niceness_of_this_process(monkeypatch):
-    """Ray would start its workers (the simulated clients) at nice 15, below this process."""
+def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypatch):
+    """Ray would start its workers (the simulated clients) at nice 15, below this process, and
+    wait a second for each of its own processes at shutdown."""
+    import subprocess
+
     ray = pytest.importorskip("ray")
     monkeypatch.delenv(WORKER_NICENESS, raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -40,13 +44,28 @@ def test_simulated_clients_run_at_the_niceness_of_this_process(monkeypatch):
     try:
         actor = Probe.remote()
         assert ray.get(actor.niceness.remote(), timeout=120) == 0
+        ray_processes = [info.process for infos in ray._private.worker._global_node.all_processes.values()
+                         for info in infos]
+        waits = []  # Popen.wait calls while Ray shuts down
+        real_wait = subprocess.Popen.wait
+
+        def wait(self, timeout=None):
+            waits.append((self.pid, timeout))
+            return real_wait(self, timeout)
+
+        monkeypatch.setattr(subprocess.Popen, "wait", wait)
     finally:
         ray.shutdown()
+        monkeypatch.undo()
+    # started with SIGTERM blocked, Ray's own processes are killed at once, not sent SIGTERM and
+    # waited for a second each (a SIGKILL in the end all the same)
+    assert len(ray_processes) >= 3
+    assert not [w for w in waits if w[0] in {p.pid for p in ray_processes}]
+    for process in ray_processes:
+        assert process.wait(timeout=30) == -signal.SIGKILL
 
 
 def test_a_bad_niceness_leaves_the_signals_unblocked(monkeypatch):
-    import signal
-
     monkeypatch.setenv(WORKER_NICENESS, "high")
     monkeypatch.setattr("strategies.simulation.import_ray", lambda: type("Ray", (), {"is_initialized": staticmethod(lambda: False)}))
     with pytest.raises(ValueError, match="is not a niceness"):
