@@ -153,7 +153,7 @@ def stop_without_grace(ray: Any) -> bool:
     ``ray.shutdown`` stops each of Ray's processes (GCS, raylet, log monitor, API server,
     reaper) gracefully: SIGTERM, then up to a second's wait, then SIGKILL. The processes
     ``start_ray`` starts have SIGTERM blocked, so every wait ran its full second: 5 s at the
-    end of every run (a third of the README's default run beyond its rounds), ending in the
+    end of every run (a quarter of the README's default run beyond its rounds), ending in the
     SIGKILL anyway. Ray's node object is private; where it changes, the waits come back and
     nothing else does."""
     try:

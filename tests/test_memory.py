@@ -52,7 +52,9 @@ def test_the_sampler_walks_page_tables_for_the_pss_only_part_of_the_time():
     walked = {}
     for duty in (1e-9, 1.0):
         with ProcessTreeMonitor(interval=0.02, pss_duty=duty) as mon:
-            time.sleep(0.4)
+            deadline = time.monotonic() + 20  # the sampler's samples, however slow it starts
+            while len(mon._file.read_text().splitlines()) < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
         assert len(mon.samples) >= 8 and all(s.rss > 0 for s in mon.samples)
         assert mon.samples[0].pss and mon.samples[-1].pss  # on entry and on exit, here
         assert 0 < mon.peak_pss <= mon.peak_rss

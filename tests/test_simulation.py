@@ -33,6 +33,7 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
     ray = pytest.importorskip("ray")
     monkeypatch.delenv(WORKER_NICENESS, raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as simulate() sets it: no FutureWarning
     assert not ray.is_initialized()
 
     @ray.remote(num_cpus=1)
