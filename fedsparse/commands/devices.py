@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fedsparse.accounting.memory import rss_pss
 from fedsparse.config import RunConfig
 
 HOST = "127.0.0.1"
@@ -399,13 +400,6 @@ def stop_processes(procs: list[subprocess.Popen], token: str, token_var: str = T
     return sorted(left)
 
 
-def _rss(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 class Processes:
     """Every process this command starts: one group each, found again by a token."""
 
@@ -475,7 +469,7 @@ class MemorySampler(threading.Thread):
             table = _proc_table()
             for d in self.devices:
                 if d.proc is not None:
-                    total = sum(_rss(p) for p in tree(d.proc.pid, table) if table[p][1] != "Z")
+                    total = sum(rss_pss(p, pss=False)[0] for p in tree(d.proc.pid, table) if table[p][1] != "Z")
                     d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
             self.done.wait(self.interval)
 
