@@ -309,9 +309,10 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     from strategies import ray_arrays
     from strategies.simulation import APP_PREFIX, simulate
 
-    # an idle machine runs a round of this config in ~0.1 s: room to kill mid-run, between writes
-    # every 0.3 s (the killed run resumes from the last round written, whichever it was)
-    long = cfg.replace(num_rounds=12, save_seconds=0.3)
+    # an idle machine runs a round of this config in ~0.04 s and writes its files every 0.3 s, so
+    # metrics.json first shows 2 rounds near round 8: 60 rounds leave ~2 s to kill it mid-run (12
+    # rounds once ran out, in CI). The killed run resumes from the last round written, whichever.
+    long = cfg.replace(num_rounds=60, save_seconds=0.3)
     first = long.replace(out_dir=str(Path(cfg.out_dir) / "first"))
     monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")
     through_files = simulate(first).extra["shared_memory_arrays"]
@@ -350,7 +351,7 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = RunMetrics.load(first.out_dir), RunMetrics.load(out)
-    assert [r.round for r in b.rounds] == list(range(1, 13)) and b.resumed_at == [done] and b.finished
+    assert [r.round for r in b.rounds] == list(range(1, long.num_rounds + 1)) and b.resumed_at == [done] and b.finished
     assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
     assert same_state(torch.load(Path(first.out_dir) / "model.pt"), torch.load(out / "model.pt"))
     # the killed run's shared-memory and app directories were removed by the run that resumed it
