@@ -29,7 +29,14 @@ from flwr.supercore import log
 # otherwise, and once with finished=True when the wait is over (all in, or timed out)
 ReplyCallback = Callable[[int, int, int, bool], None]
 
-POLL_SECONDS = 0.01  # Flower's InMemoryGrid polls every 0.1 s (its HttpGrid every 3 s): up to 0.1 s lost per round
+# The wait between pulls starts at POLL_SECONDS after a push or a reply and doubles while
+# nothing arrives, up to POLL_MAX_SECONDS. In the Simulation Engine REPLY_STORED ends the wait
+# as soon as a reply is stored, so the doubling costs nothing there; in deployment nothing
+# signals, and a round that waits for slow devices pulls from the SuperLink about 4 times a
+# second instead of 100, a reply waiting at most POLL_MAX_SECONDS to be seen. (Flower's
+# InMemoryGrid polls every 0.1 s, its HttpGrid every 3 s.)
+POLL_SECONDS = 0.01
+POLL_MAX_SECONDS = 0.25
 TICK_SECONDS = 1.0  # the callback also runs this often while nothing arrives
 # Set by the Simulation Engine's LinkState when it stores a reply (strategies.flower_internals.
 # patched_vce): the wait below then pulls at once instead of at its next poll.
@@ -40,10 +47,11 @@ class PollingGrid(Grid):
     """A Grid that forwards everything to ``grid``; ``send_and_receive`` reports replies as they come."""
 
     def __init__(self, grid: Grid, on_replies: ReplyCallback | None = None, poll: float = POLL_SECONDS,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, max_poll: float = POLL_MAX_SECONDS) -> None:
         self.grid = grid
         self.on_replies = on_replies
-        self.poll = poll
+        self.poll = poll  # the first wait after a push or a reply
+        self.max_poll = max(poll, max_poll)  # the longest, reached by doubling while nothing arrives
         self.stop = stop  # set: stop waiting (the run is being interrupted)
 
     # --- plain delegation -------------------------------------------------------------
@@ -93,11 +101,13 @@ class PollingGrid(Grid):
         errors = 0
         self._report(0, total, 0, False)
         last_report = time.monotonic()
+        wait = self.poll
         try:
             while pending:
                 REPLY_STORED.clear()  # before the pull: a reply stored after it wakes the wait below
                 got = list(self.grid.pull_messages(pending))
                 if got:
+                    wait = self.poll
                     replies.extend(got)
                     for reply in got if on_message is not None else ():
                         on_message(reply)
@@ -111,7 +121,8 @@ class PollingGrid(Grid):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                REPLY_STORED.wait(self.poll if left is None else min(self.poll, left))
+                REPLY_STORED.wait(wait if left is None else min(wait, left))
+                wait = min(2 * wait, self.max_poll)
         finally:
             self._report(len(replies), total, errors, True)
         return replies

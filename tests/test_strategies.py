@@ -566,11 +566,36 @@ class TestPollingGrid:
             return Message(Error(code=1, reason="x"), reply_to=m)
 
         grid = QueueGrid([1, 2, 3], reply, per_pull=5, silent={3})
-        polling = PollingGrid(grid, lambda *a: calls.append(a), poll=0.01)
+        polling = PollingGrid(grid, lambda *a: calls.append(a), poll=0.01, max_poll=0.01)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
         replies = list(polling.send_and_receive(msgs, timeout=0.2))
         assert len(replies) == 2 and calls[:2] == [(0, 3, 0, False), (2, 3, 2, False)] and calls[-1] == (2, 3, 2, True)
         assert grid.pulls >= 5  # it kept polling until the deadline
+
+    def test_the_wait_between_pulls_doubles_while_nothing_arrives(self, monkeypatch):
+        """In deployment nothing wakes the wait: it doubles from ``poll`` to ``max_poll`` while
+        nothing arrives and starts again from ``poll`` after a reply, so a round waiting for slow
+        devices pulls from the SuperLink a few times a second, not 100."""
+        from strategies import progress
+        from strategies.progress import PollingGrid
+
+        grid = QueueGrid([1, 2], _any_reply, silent={1, 2})
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+        waits = []
+
+        class Recorder:  # never set: records each wait instead of sleeping it
+            def clear(self):
+                pass
+
+            def wait(self, seconds):
+                waits.append(round(seconds, 9))
+                if len(waits) in (7, 9):  # a reply is there for the 8th pull, the other for the 10th
+                    grid.ready.append(_any_reply(msgs[len(waits) == 9]))
+
+        monkeypatch.setattr(progress, "REPLY_STORED", Recorder())
+        replies = list(PollingGrid(grid, poll=0.01, max_poll=0.08).send_and_receive(msgs, timeout=None))
+        assert len(replies) == 2 and grid.pulls == 10
+        assert waits == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.08, 0.01, 0.02]
 
     def test_nothing_to_send_returns_at_once(self):
         from strategies.progress import PollingGrid
