@@ -11,6 +11,7 @@ under ``memory``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -155,18 +156,42 @@ def stop_without_grace(ray: Any) -> bool:
     ``start_ray`` starts have SIGTERM blocked, so every wait ran its full second: 5 s at the
     end of every run (a quarter of the README's default run beyond its rounds), ending in the
     SIGKILL anyway. Ray's node object is private; where it changes, the waits come back and
-    nothing else does."""
+    nothing else does.
+
+    Killed this way, the raylet's own children (its dashboard and runtime-env agents, idle
+    workers) outlive it: an agent that sees its raylet die reports it to the GCS, which is gone
+    too, and retries for about a minute. (Killed one by one, a second apart, the GCS was still
+    there to take the report.) So they are killed with it: every descendant of Ray's processes
+    found just before, that is still the same process."""
     try:
         node = ray._private.worker._global_node
         kill_all = node.kill_all_processes
+        processes = node.all_processes
     except AttributeError:
         return False
 
     def kill_all_at_once(check_alive: bool = True, allow_graceful: bool = False, wait: bool = False) -> None:
-        kill_all(check_alive=check_alive, allow_graceful=False, wait=wait)
+        roots = [info.process.pid for infos in list(processes.values()) for info in infos]
+        left = {pid: started for root in roots for pid in process_tree(root)[1:]
+                if (started := start_time(pid)) is not None}
+        kill_all(check_alive=check_alive, allow_graceful=False, wait=True)  # SIGKILL, then reap at once
+        for pid, started in left.items():
+            if start_time(pid) == started:  # not a new process under a reused pid
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     node.kill_all_processes = kill_all_at_once
     return True
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if there is none: with the
+    pid, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces and ')'
 
 
 def simulate(cfg: RunConfig) -> RunMetrics:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedsparse.engine.metrics import RunMetrics
-from test_run import processes_of_run
+from test_run import RUN_TOKEN, processes_of_run, run_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,9 @@ def start_run(tmp_path: Path, make_image_tree, engine: str) -> tuple[subprocess.
                  f"clients-per-round=3 num-rounds=400 local-steps=3 batch-size=4 cache-dir='{tmp_path / 'cache'}'")
     proc = subprocess.Popen([sys.executable, "-m", "fedsparse.commands.cli", "run", "--engine", engine,
                              "--run-config", overrides, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, RUN_TOKEN: (token := run_token())})
+    proc.token = token
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
@@ -72,4 +74,4 @@ def test_one_signal_stops_the_run_cleanly(tmp_path, make_image_tree, engine, sig
     assert len(rounds) >= 2 and rounds == list(range(1, len(rounds) + 1)) and not m.finished
     assert (out / "model.pt").is_file() and (out / "checkpoint.pt").is_file()
     time.sleep(1)
-    assert processes_of_run(proc.pid) == [], "the run left Ray processes behind"
+    assert processes_of_run(proc.pid, proc.token) == [], "the run left Ray processes behind"

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fedsparse(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEDSPARSE_CACHE": str(cache)}
+    token = run_token()
+    env = {**os.environ, "FEDSPARSE_CACHE": str(cache), RUN_TOKEN: token}
     with subprocess.Popen(
         [sys.executable, "-m", "fedsparse.commands.cli", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -27,17 +28,37 @@ def fedsparse(*args: str, cache: Path, timeout: int = 600) -> subprocess.Complet
             proc.kill()
             raise
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    result.pid = proc.pid
+    result.pid, result.token = proc.pid, token
     return result
 
 
-def processes_of_run(pid: int) -> list[str]:
-    """Ray processes of the run whose driver had ``pid``: Ray names its session folder
-    ``session_<date>_<driver pid>``, and its workers are children of the raylet."""
-    rows = [line.split(None, 2) for line in subprocess.run(
-        ["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
-    mine = {p for p, _, args in rows if f"_{pid}/" in args or f"_{pid} " in args}
-    return [args for p, ppid, args in rows if p in mine or ppid in mine]
+RUN_TOKEN = "FEDSPARSE_TEST_RUN"  # in a run's environment: every process it starts inherits it
+
+
+def run_token() -> str:
+    return os.urandom(8).hex()
+
+
+def processes_of_run(pid: int, token: str) -> list[str]:
+    """Processes left by the run whose driver had ``pid`` and whose environment held
+    ``RUN_TOKEN=token``: Ray names its session folder ``session_<date>_<driver pid>`` and its
+    workers are children of the raylet; anything the run started, wherever it was reparented
+    (the raylet's agents once the raylet is gone), carries the token. Zombies aside."""
+    rows = [line.split(None, 3) for line in subprocess.run(
+        ["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
+    mine = {p for p, _, _, args in rows if f"_{pid}/" in args or f"_{pid} " in args}
+    marker = f"{RUN_TOKEN}={token}".encode()
+    left = []
+    for p, ppid, stat, args in rows:
+        if stat.startswith("Z"):
+            continue
+        try:
+            carries = marker in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        except OSError:
+            carries = False
+        if p in mine or ppid in mine or carries:
+            left.append(args)
+    return left
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +97,7 @@ def test_default_run_learns_and_writes_its_files(tmp_path, run_cache):
     assert metrics["initial"]["accuracy"] < chance + 0.05
     assert acc[-1] > chance + 0.08, acc  # clearly above chance
     assert acc[-1] > acc[0] and max(acc[len(acc) // 2 :]) > max(acc[: len(acc) // 2]), acc  # rising over rounds
-    assert processes_of_run(proc.pid) == [], "the run left Ray processes behind"
+    assert processes_of_run(proc.pid, proc.token) == [], "the run left Ray processes behind"
     mem = metrics["memory"]  # the whole process tree: driver, Ray's GCS and raylet, workers
     assert mem["peak_processes"] >= 4 and mem["peak_summed_rss_bytes"] > 1 << 30
     assert "peak summed RSS" in proc.stdout

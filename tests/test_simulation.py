@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
-from strategies.simulation import WORKER_NICENESS, start_ray, worker_niceness
+from fedsparse.accounting.memory import process_tree
+from strategies.simulation import WORKER_NICENESS, start_ray, start_time, worker_niceness
 
 
 def test_workers_default_to_nice_0_and_an_explicit_setting_wins(monkeypatch):
@@ -27,7 +30,8 @@ def test_a_bad_niceness_is_one_line_naming_the_variable(monkeypatch, value):
 
 def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypatch):
     """Ray would start its workers (the simulated clients) at nice 15, below this process, and
-    wait a second for each of its own processes at shutdown."""
+    wait a second for each of its own processes at shutdown. Killed at once, Ray's processes
+    take the raylet's agents with them: left alone, those outlived it by about a minute."""
     import subprocess
 
     ray = pytest.importorskip("ray")
@@ -47,6 +51,9 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
         assert ray.get(actor.niceness.remote(), timeout=120) == 0
         ray_processes = [info.process for infos in ray._private.worker._global_node.all_processes.values()
                          for info in infos]
+        raylet = next(p.pid for p in ray_processes if "raylet" in Path(f"/proc/{p.pid}/cmdline").read_text())
+        agents = {pid: start_time(pid) for pid in process_tree(raylet)[1:]
+                  if "Agent" in Path(f"/proc/{pid}/cmdline").read_text()}
         waits = []  # Popen.wait calls while Ray shuts down
         real_wait = subprocess.Popen.wait
 
@@ -59,11 +66,24 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
         ray.shutdown()
         monkeypatch.undo()
     # started with SIGTERM blocked, Ray's own processes are killed at once, not sent SIGTERM and
-    # waited for a second each (a SIGKILL in the end all the same)
+    # waited for a second each (a SIGKILL in the end all the same), and reaped
     assert len(ray_processes) >= 3
-    assert not [w for w in waits if w[0] in {p.pid for p in ray_processes}]
-    for process in ray_processes:
-        assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not [w for w in waits if w[0] in {p.pid for p in ray_processes} and w[1] is not None]
+    assert [p.returncode for p in ray_processes] == [-signal.SIGKILL] * len(ray_processes)
+    # the raylet's dashboard and runtime-env agents are gone too (or dead, waiting for init to reap them)
+    assert len(agents) >= 1
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid, t in agents.items() if start_time(pid) == t and not dead(pid)]):
+        assert time.monotonic() < deadline, f"the raylet's agents outlived it: {alive}"
+        time.sleep(0.05)
+
+
+def dead(pid: int) -> bool:
+    """A zombie: exited, not yet reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_a_bad_niceness_leaves_the_signals_unblocked(monkeypatch):
