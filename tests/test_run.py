@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedsparse.commands.devices import live_pids
 from fedsparse.config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,24 +42,15 @@ def run_token() -> str:
 
 def processes_of_run(pid: int, token: str) -> list[str]:
     """Processes left by the run whose driver had ``pid`` and whose environment held
-    ``RUN_TOKEN=token``: Ray names its session folder ``session_<date>_<driver pid>`` and its
-    workers are children of the raylet; anything the run started, wherever it was reparented
-    (the raylet's agents once the raylet is gone), carries the token. Zombies aside."""
-    rows = [line.split(None, 3) for line in subprocess.run(
-        ["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
-    mine = {p for p, _, _, args in rows if f"_{pid}/" in args or f"_{pid} " in args}
-    marker = f"{RUN_TOKEN}={token}".encode()
-    left = []
-    for p, ppid, stat, args in rows:
-        if stat.startswith("Z"):
-            continue
-        try:
-            carries = marker in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
-        except OSError:
-            carries = False
-        if p in mine or ppid in mine or carries:
-            left.append(args)
-    return left
+    ``RUN_TOKEN=token``: Ray names its session folder ``session_<date>_<driver pid>``, its
+    workers descend from the raylet, and anything the run started, wherever it was reparented
+    (the raylet's agents once the raylet is gone), carries the token. Zombies aside
+    (``fedsparse.commands.devices.live_pids``)."""
+    rows = [line.split(None, 1) for line in subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
+    roots = [int(p) for p, args in rows if f"_{pid}/" in args or f"_{pid} " in args]
+    left = live_pids(roots, token, RUN_TOKEN)
+    return [args for p, args in rows if int(p) in left]
 
 
 @pytest.fixture(scope="module")

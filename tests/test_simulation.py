@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedsparse.accounting.memory import process_tree
-from strategies.simulation import WORKER_NICENESS, start_ray, start_time, worker_niceness
+from strategies.simulation import WORKER_NICENESS, _alive, start_ray, start_time, worker_niceness
 
 
 def test_workers_default_to_nice_0_and_an_explicit_setting_wins(monkeypatch):
@@ -73,17 +73,9 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
     # the raylet's dashboard and runtime-env agents are gone too (or dead, waiting for init to reap them)
     assert len(agents) >= 1
     deadline = time.monotonic() + 10
-    while (alive := [pid for pid, t in agents.items() if start_time(pid) == t and not dead(pid)]):
+    while (alive := [pid for pid, t in agents.items() if start_time(pid) == t and _alive(pid)]):
         assert time.monotonic() < deadline, f"the raylet's agents outlived it: {alive}"
         time.sleep(0.05)
-
-
-def dead(pid: int) -> bool:
-    """A zombie: exited, not yet reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_a_bad_niceness_leaves_the_signals_unblocked(monkeypatch):
