@@ -227,7 +227,10 @@ def simulate(cfg: RunConfig) -> RunMetrics:
             run_simulation_with_config(server_app, client_app, cfg.num_clients, cfg.to_run_config(),
                                        backend_config, app_dir)
     finally:
-        children = process_tree()[1:]  # Ray's GCS, raylet, agents and workers
+        # what is left of Ray: Flower's backend has usually shut Ray down by now (its raylet's
+        # descendants are killed with it: stop_without_grace); if the run failed before that,
+        # Ray's GCS, raylet, agents and workers
+        children = process_tree()[1:]
         if arrays_dir is not None:
             ray_arrays.uninstall()  # keeps COUNTS (the next install resets them)
         if ray.is_initialized():

@@ -67,6 +67,7 @@ def test_exited_process_counts_zero():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert rss_pss(p.pid) == (0, 0)
+    assert rss_pss(p.pid, pss=False) == (0, None)  # as for a live process: no PSS asked, none given
 
 
 def test_peak_anon_sampler_sees_a_short_lived_allocation():

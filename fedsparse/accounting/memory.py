@@ -63,12 +63,12 @@ def process_tree(root: int | None = None) -> list[int]:
 
 
 def rss_pss(pid: int, pss: bool = True) -> tuple[int, int | None]:
-    """(RSS, PSS) of one process in bytes; (0, 0) once it has exited; PSS None unless ``pss``
-    (reading it walks the process's page tables)."""
+    """(RSS, PSS) of one process in bytes, 0 for each once it has exited; PSS None unless
+    ``pss`` (reading it walks the process's page tables)."""
     try:
         rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
     except (OSError, IndexError, ValueError):
-        return 0, 0
+        return 0, (0 if pss else None)
     if not pss:
         return rss, None
     pss_bytes = 0
