@@ -1,4 +1,4 @@
-"""The commands in README.md and docs/deployment.md work as written.
+"""The commands in README.md and the docs/ pages work as written.
 
 The certificate and key commands of docs/deployment.md run verbatim in a temporary folder;
 every flag the documents give ``flower-superlink``, ``flower-supernode``, ``flwr`` or
@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = ROOT / "docs" / "deployment.md"
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
 FLOWER = ("flower-superlink", "flower-supernode", "flwr")
 
@@ -49,6 +50,11 @@ def commands(block: str) -> list[str]:
 
 def all_commands(*docs: Path) -> list[str]:
     return [c for doc in docs for b in blocks(doc) for c in commands(b)]
+
+
+def inline_fedsparse_commands(doc: Path) -> list[str]:
+    """``fedsparse ...`` written in the prose as inline code, e.g. `fedsparse keys`."""
+    return re.findall(r"`(fedsparse [a-z][^`]*)`", doc.read_text())
 
 
 def argv_of(command: str) -> list[str]:
@@ -82,7 +88,7 @@ def flwr_subcommand(words: list[str]) -> tuple[str, ...]:
 
 
 def test_no_document_advises_pkill_or_killall() -> None:
-    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+    for doc in DOCS:
         text = doc.read_text()
         assert "pkill" not in text and "killall" not in text, f"{doc.name} advises stopping processes by name"
 
@@ -120,10 +126,9 @@ def test_supernode_key_commands_run_verbatim(tmp_path: Path) -> None:
     assert (tmp_path / "keys" / "node1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
 
-@pytest.mark.parametrize("doc", [DEPLOYMENT, README], ids=lambda p: p.name)
-def test_every_flower_flag_is_in_its_help(doc: Path) -> None:
-    checked = 0
-    for command in all_commands(doc):
+def test_every_flower_flag_is_in_its_help() -> None:
+    checked = {}
+    for doc, command in ((d, c) for d in DOCS for c in all_commands(d)):
         words = argv_of(command)
         if not words or words[0] not in FLOWER:
             continue
@@ -132,8 +137,8 @@ def test_every_flower_flag_is_in_its_help(doc: Path) -> None:
         for flag in (w.split("=")[0] for w in words if w.startswith("--")):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_), \
                 f"{doc.name}: `{' '.join(program)}` has no {flag}: {command}"
-            checked += 1
-    assert checked >= (20 if doc == DEPLOYMENT else 3), checked
+            checked[doc.name] = checked.get(doc.name, 0) + 1
+    assert checked.get("deployment.md", 0) >= 20 and checked.get("running.md", 0) >= 3, checked
 
 
 def test_every_flag_the_deployment_prose_names_exists() -> None:
@@ -156,30 +161,30 @@ def _fedsparse_flags(parser) -> set[str]:
     return flags
 
 
-@pytest.mark.parametrize("doc", [DEPLOYMENT, README], ids=lambda p: p.name)
-def test_every_fedsparse_command_parses(doc: Path) -> None:
+def test_every_fedsparse_command_parses() -> None:
     from fedsparse.commands.cli import build_parser
 
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
     seen = 0
-    for command in all_commands(doc):
+    written = [(d, c) for d in DOCS for c in [*all_commands(d), *inline_fedsparse_commands(d)]]
+    for doc, command in written:
         words = argv_of(command)
         if not words or words[0] != "fedsparse":
             continue
-        assert words[1] in subcommands, command
+        assert words[1] in subcommands, f"{doc.name}: no command `fedsparse {words[1]}`: {command}"
         known = set(subcommands[words[1]]._option_string_actions)
-        for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+        for flag in (w.split("=")[0].strip("[]") for w in words[2:] if w.lstrip("[").startswith("--")):
             assert flag in known, f"{doc.name}: fedsparse {words[1]} has no {flag}: {command}"
         seen += 1
-    assert seen >= 1
+    assert seen >= 20, seen
 
 
 def test_managed_superlink_stop_line_stops_only_the_callers_own(tmp_path: Path) -> None:
     """The documented stop line, run verbatim, ends the process that logs into *this*
     ``FLWR_HOME`` and leaves one that logs elsewhere running."""
-    lines = {c for doc in (README, DEPLOYMENT) for c in all_commands(doc) if c.startswith("pgrep ")}
-    assert len(lines) == 1, lines  # the same line in both documents
+    lines = {c for doc in DOCS for c in all_commands(doc) if c.startswith("pgrep ")}
+    assert len(lines) == 1, lines  # the same line wherever it is given
     (line,) = lines
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
