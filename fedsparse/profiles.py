@@ -91,12 +91,12 @@ class Profile:
 # The shipped profiles. Budgets are the peak RSS of the client process (``VmHWM``), which starts
 # at the library's own imports (torch, timm, Flower: 740 MiB measured on this machine,
 # ``fedsparse.accounting.budget.LIBRARY_BASELINE_BYTES``); the rest is the device's working
-# memory (BENCHMARKS.md §9 has each profile's predicted and measured peak).
+# memory (BENCHMARKS.md, "Heterogeneous federation" has each profile's predicted and measured peak).
 #
 # Every profile encodes in fp32. bf16 (``profile-encoder-dtype=bf16``, for a device whose CPU
 # has bf16 arithmetic) gives features that differ from the fp32 ones the server evaluates on:
 # a federation whose tiny and small clients encoded in bf16 ended 2.4 points lower (0.422
-# against 0.446, 5 seeds, BENCHMARKS.md §9), and on CPUs without bf16 units it is slower too.
+# against 0.446, 5 seeds, BENCHMARKS.md, "Heterogeneous federation"), and on CPUs without bf16 units it is slower too.
 PROFILES: dict[str, Profile] = {
     # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 900 MiB
     # for the client process, of which the library takes 740 (fedsparse.accounting.budget).
