@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedsparse.commands.drivers import DRIVERS, run_with_engine
 from fedsparse.config import RunConfig, config_keys, load_toml, parse_overrides, resolve
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.toml"
@@ -34,9 +35,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.t
 
 def _default_config() -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-ENGINES = ("simulation", "in-process", "plain")
 
 
 def overrides_of(text: str) -> dict:
@@ -158,24 +156,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"fedsparse check: the config is valid ({args.resume or args.config or _default_config() or 'defaults'}"
           f"{' + --run-config' if args.run_config else ''}); data, encoder and {cfg.out_dir} are usable")
     return 0
-
-
-def run_with_engine(cfg: RunConfig, engine: str):
-    """Run ``cfg`` on one of ``ENGINES``; returns its ``RunMetrics``."""
-    if engine == "simulation":
-        from strategies.simulation import simulate
-
-        return simulate(cfg)
-    if engine == "in-process":
-        from strategies.in_process import in_process_run
-
-        return in_process_run(cfg)
-    if engine == "plain":
-        from fedsparse.engine.plain import PlainTransport
-        from fedsparse.engine.rounds import RoundEngine
-
-        return RoundEngine(cfg).run(PlainTransport(cfg))
-    raise ValueError(f"Unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
 
 
 def _check_pretrain_args(args: argparse.Namespace) -> None:
@@ -362,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="", help="output directory (sets out-dir)")
     run.add_argument("--resume", default="", metavar="DIR",
                      help="continue the run in DIR after its last finished round (same config; num-rounds may grow)")
-    run.add_argument("--engine", default="simulation", choices=ENGINES,
+    run.add_argument("--engine", default="simulation", choices=DRIVERS,
                      help="simulation: Flower's Simulation Engine (Ray); in-process: Flower messages, no Ray; "
                           "plain: PyTorch only. The same config gives the same model on each")
     run.set_defaults(func=cmd_run)
@@ -405,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any of ist, ist-authors, fedavg, fedopt, fed3r, fedncm, centralized (comma-separated)")
     swp.add_argument("--partitions", default="",
                      help="heterogeneity axis: iid and Dirichlet concentrations, e.g. 0.1,0.5,1,iid (default: the config's)")
-    swp.add_argument("--engine", default="simulation", choices=ENGINES,
+    swp.add_argument("--engine", default="simulation", choices=DRIVERS,
                      help="driver of the federated runs (the same config gives the same model on each)")
     swp.add_argument("--mask-modes", default="per-image",
                      help="per-image (fixed masks), shared, random (drawn anew every round: the ablation)")
@@ -429,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--run-config", default="", help="overrides as for fedsparse run / flwr run: \"k=v ...\" or a .toml file")
     chk.add_argument("--out", default="", help="output directory (sets out-dir)")
     chk.add_argument("--resume", default="", metavar="DIR", help="check a resume of the run in DIR")
-    chk.add_argument("--engine", default="simulation", choices=ENGINES, help="the driver the run would use")
+    chk.add_argument("--engine", default="simulation", choices=DRIVERS, help="the driver the run would use")
     chk.add_argument("--deployment", action="store_true",
                      help="for flwr run on SuperNodes: skip the checks that depend on num-clients")
     chk.add_argument("--node-config", default="", metavar="'partition-id=I num-partitions=N'",
