@@ -11,16 +11,16 @@ step "probe: built-in encoder vs random init vs raw pixels (issue 3 quality bar)
 $FS probe --run-config "mask-ratio=0.0" --steps 3000 --out "$OUT/probe.json"
 
 step "bench: built-in encoder, 32x32, bundled sample"
-$FS bench configs/quickstart.toml --mask-ratios 0,0.5,0.75,0.9 --images 512 --speed-images 256 --out "$OUT/bench-builtin"
+$FS bench configs/quickstart.toml --mask-ratios 0,0.5,0.75,0.9 --extraction-images 512 --speed-images 256 --out "$OUT/bench-builtin"
 
 step "bench: ViT-B/16 (random weights) at 224x224 on RSSCN7"
-$FS bench configs/bench-vitb.toml --mask-ratios 0,0.5,0.75,0.9 --images 256 --speed-images 32 --out "$OUT/bench-vitb"
+$FS bench configs/bench-vitb.toml --mask-ratios 0,0.5,0.75,0.9 --extraction-images 256 --speed-images 32 --out "$OUT/bench-vitb"
 
 step "scale: 1,000 clients, 100 per round"
 $FS run configs/scale.toml --out "$OUT/scale"
 
 step "overhead: plain loop vs in-process Flower vs Simulation Engine"
-$FS overhead configs/scale.toml --clients-per-round 10,100,1000 --rounds 3 --out "$OUT/overhead"
+$FS overhead configs/scale.toml --clients-per-round-list 10,100,1000 --num-rounds 3 --out "$OUT/overhead"
 
 step "baselines at r = 0.5 on the paper's IST setup: IST, FedAvg and the centralized head"
 $FS sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/sweep-offline"

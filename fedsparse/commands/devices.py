@@ -25,7 +25,7 @@ into the report (``limits``).
 
 Data: ``--data-dir`` in the layout of ``partitioner = "folders"`` (one sub-folder per device,
 ``<device>/<class>/<image>``, and ``test/`` for the server), or, without it, a seeded split of
-the bundled CIFAR-10 sample into one folder per device (``--images`` each, every class) and a
+the bundled CIFAR-10 sample into one folder per device (``--images-per-device`` each, every class) and a
 test folder. Each SuperNode names its folder in its node config (``data-dir``), with
 ``client-id`` = its index and ``profile`` = its profile.
 """
@@ -104,7 +104,7 @@ def split_sample(dest: Path, devices: int, images: int, test_images: int, seed: 
 
     train, test = load_splits("cifar10-sample", "", cache_dir)
     if devices * images > len(train):
-        raise ValueError(f"--images {images} x {devices} devices exceeds the sample's {len(train)} training images")
+        raise ValueError(f"--images-per-device {images} x {devices} devices exceeds the sample's {len(train)} training images")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     # round-robin over classes so that every device holds every class

@@ -98,7 +98,7 @@ def overhead(
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if rounds < 2:
-        raise ValueError("--rounds must be >= 2: the first round is reported apart")
+        raise ValueError(f"num-rounds must be >= 2: the first round is reported apart, got {rounds}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if "reference" in engines and not reference_supports(cfg):
