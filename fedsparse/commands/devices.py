@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsparse.accounting.memory import rss_pss
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, run_config_arg, toml_text
 
 HOST = "127.0.0.1"
 CONNECTION = "fedsparse-devices"
@@ -477,20 +477,6 @@ class MemorySampler(threading.Thread):
 # --- the command ----------------------------------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if "'" in value:
-            raise ValueError(f"run-config value {value!r} holds a single quote, which flwr run cannot carry")
-        return f"'{value}'"
-    return repr(value)
-
-
-def run_config_arg(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
-
-
 def parse_limits(text: str, n: int) -> list[int]:
     """``--memory-limit-mib "300,0"``: one number per device, 0 = from its profile."""
     if not text.strip():
@@ -559,7 +545,7 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
         for d, port in zip(devices, node_ports):
             lim.prepare(d)
             d.name = f"supernode-{d.index}-{d.profile.name}"
-            node_config = f"data-dir='{d.data_dir}' client-id={d.index} profile='{d.profile.name}'"
+            node_config = run_config_arg({"data-dir": str(d.data_dir), "client-id": d.index, "profile": d.profile.name})
             threads = str(d.profile.threads)
             d.proc = procs.spawn(
                 d.name, [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
@@ -572,7 +558,8 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
                    f"memory limit {d.limit_mib} MiB ({how}), {d.profile.threads} threads")
         cli_home = out / "flwr-home" / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)
-        (cli_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{link_port}"\ninsecure = true\n')
+        (cli_home / "config.toml").write_text(
+            toml_text({"superlink": {CONNECTION: {"address": f"{HOST}:{link_port}", "insecure": True}}}))
         sampler.start()
         values = {k: v for k, v in run_cfg.to_run_config().items() if v != RunConfig().to_run_config()[k]}
         flwr = procs.spawn("flwr-run", [_exe("flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
