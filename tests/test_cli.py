@@ -183,3 +183,15 @@ def test_version_is_the_packages() -> None:
     proc = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "--version"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith(f"fedsparse {version} (flwr "), proc.stdout + proc.stderr
+
+
+def test_one_line_is_written_once() -> None:
+    from fedsparse.errors import one_line
+
+    assert one_line("a\n  b\tc ") == "a b c"
+    assert one_line(KeyError()) == "KeyError" and one_line(ValueError("x\ny")) == "x y"
+    assert one_line("word " * 100, 20) == "word word word wo..." and len(one_line("w" * 500, 300)) == 300
+    copies = [p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("fedsparse/**/*.py"), *ROOT.glob("strategies/*.py"),
+                                                       *ROOT.glob("clients/*.py")]
+              if ".split())" in p.read_text() and '" ".join(' in p.read_text()]
+    assert copies == ["fedsparse/errors.py"], copies

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fedsparse.commands.drivers import DRIVERS, run_with_engine
 from fedsparse.config import RunConfig, config_keys, load_toml, parse_overrides, resolve
+from fedsparse.errors import USER_ERRORS, one_line
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.toml"
 
@@ -586,18 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(err: BaseException) -> str:
-    """An error as the one line the CLI promises."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+    except USER_ERRORS as err:
         print(f"fedsparse: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 from fedsparse.accounting.memory import rss_pss
 from fedsparse.config import RunConfig, run_config_arg, toml_text
+from fedsparse.errors import one_line
 
 HOST = "127.0.0.1"
 CONNECTION = "fedsparse-devices"
@@ -591,7 +592,7 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     refused = {**dict(re.findall(r"node (\d+) is not used: (.*)", run_log)), **metrics.get("refused_nodes", {})}
     for d in devices:
         m = re.search(r"SuperNode ID: (\d+)", procs.log(d.name))
-        d.refused = " ".join(refused.get(m.group(1), "").split()) if m else ""
+        d.refused = one_line(refused.get(m.group(1), "")) if m else ""
     result = summarize(metrics, devices, peaks, ooms, lim, time.monotonic() - started)
     (out / "devices.json").write_text(json.dumps(result, indent=2))
     (out / "devices.md").write_text(markdown(result))

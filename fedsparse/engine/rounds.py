@@ -28,6 +28,7 @@ import torch
 
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
+from fedsparse import errors
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
@@ -161,10 +162,13 @@ def check_reply(task: ClientTask, reply: Reply, *, update_bound: float = 0.0,
     return ClientUpdate(task.client, reply.arrays, n, {**reply.metrics, UPDATE_RATIO_KEY: ratio})
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    """A (possibly multi-line) reason as one short log line."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+REASON_CHARS = 300  # a failed client's reason in the log and the metrics
+
+
+def one_line(text: object) -> str:
+    """A failed client's (possibly multi-line) reason as one log line of at most
+    ``REASON_CHARS`` characters (``fedsparse.errors.one_line``)."""
+    return errors.one_line(text, REASON_CHARS)
 
 
 class RoundEngine:
