@@ -32,7 +32,7 @@ from fedsparse import errors
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
-from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
+from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
@@ -294,7 +294,7 @@ class RoundEngine:
             task.config = {**base, **own, **task.config}
         return tasks
 
-    def _add_profile_fields(self, records: list[dict], tasks: Sequence[ClientTask], exchange: Exchange,
+    def _add_profile_fields(self, records: list[ClientRecord], tasks: Sequence[ClientTask], exchange: Exchange,
                             full: State) -> None:
         """Rounds with device profiles: each per-client record (task order) gains the client's
         profile and capacity, its slice (hidden widths, share of the full head's tensor bytes),
@@ -308,11 +308,11 @@ class RoundEngine:
                 dims = list(state_dims(task.arrays))
             except (KeyError, IndexError):
                 dims = []
-            rec.update({"profile": prof.name if prof is not None else None,
-                        "capacity": prof.width if prof is not None else 1.0,
-                        "slice_dims": dims, "slice_share": state_bytes(task.arrays) / total,
-                        "bytes_up": exchange.bytes_up_of.get(task.client),
-                        "local_steps": task.config.get("local-steps"), "batch_size": task.config.get("batch-size")})
+            rec.profile = prof.name if prof is not None else None
+            rec.capacity = prof.width if prof is not None else 1.0
+            rec.slice_dims, rec.slice_share = dims, state_bytes(task.arrays) / total
+            rec.bytes_up = exchange.bytes_up_of.get(task.client)
+            rec.local_steps, rec.batch_size = task.config.get("local-steps"), task.config.get("batch-size")
 
     def check(self, task: ClientTask, reply: Reply) -> "ClientUpdate | RejectedReply":
         """``check_reply`` with this run's bounds: the accepted update, or the rejection."""
@@ -395,7 +395,7 @@ class RoundEngine:
 
     @staticmethod
     def _client_records(tasks: Sequence[ClientTask], accepted: dict[int, ClientUpdate], failures: list[Failure],
-                        exchange: Exchange) -> list[dict]:
+                        exchange: Exchange) -> list[ClientRecord]:
         """``RoundMetrics.per_client``: one record per task, in task order."""
         if len(tasks) > PER_CLIENT_MAX:
             return []
