@@ -1,11 +1,11 @@
 """The metrics schema: one dataclass per round and one per run.
 
-``metrics.json``, the round line, ``fedsparse sweep``, ``fedsparse overhead`` and the CLI
-summary read these classes (a round's clients are ``ClientRecord``s). String keys remain
-where data crosses a boundary: the replies' metrics (``fedsparse.protocol``'s keys, mapped
-to fields here), ``metrics.json`` read by ``fedsparse devices`` (``summarize``) and by
-``fedsparse sweep`` for reuse (through ``RunMetrics.load``), and the rows ``bench``, ``sweep``
-and ``overhead`` write. Fields that do not apply to a round are ``None`` (accuracy of a
+``metrics.json`` (``RunMetrics.load``), the round line, ``fedsparse sweep``, ``fedsparse
+overhead`` and the CLI summary read these classes (a round's clients are ``ClientRecord``s).
+String keys remain where data crosses a boundary: the replies' metrics (``fedsparse.protocol``'s
+keys, mapped to fields here), ``metrics.json`` as ``fedsparse devices`` reads it (the JSON the
+``flwr run`` it started wrote; ``summarize``), and the result rows ``bench``, ``sweep`` and
+``overhead`` write. Fields that do not apply to a round are ``None`` (accuracy of a
 round that was not evaluated, client metrics nobody sent).
 """
 
