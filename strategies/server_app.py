@@ -60,7 +60,8 @@ def serve(grid: Grid, cfg: RunConfig, name: str | None = None, engine: RoundEngi
     if cfg.fault_rate > 0:
         log(WARNING, "fault injection: each client fails with probability %.2f per round (mode %s)",
             cfg.fault_rate, cfg.fault_mode)
-    strategy = AlgorithmStrategy(engine, grid, name or engine_name(grid), on_replies=line.replies)
+    strategy = AlgorithmStrategy(engine, grid, name or engine_name(grid), on_replies=line.replies,
+                                 clients_are_partitions=engine_name(grid) == "simulation")
     try:
         metrics = engine.run(strategy)
     finally:

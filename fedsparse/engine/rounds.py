@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -84,9 +84,24 @@ class Exchange:
 
 
 class Transport(Protocol):
-    """How the engine reaches clients. ``name`` goes into metrics.json as the engine."""
+    """How the engine reaches clients, and what it can tell the engine about them. The engine
+    asks these attributes; it never changes behaviour by ``name``, which only goes into
+    metrics.json as the engine.
+
+    Attributes:
+        name: the engine name recorded in metrics.json.
+        clients_are_partitions: its client ids are the partitions ``0 .. num-clients - 1`` of
+            the server's own data set (plain, in-process, simulation), so a reply may claim at
+            most its partition's size; False where clients bring their own data (deployment:
+            ``max-examples`` bounds a reply instead).
+        profiles: client id -> the device profile the client reported (deployment: its node
+            config); empty where clients report none (their profile then comes from
+            ``device-profiles``).
+    """
 
     name: str
+    clients_are_partitions: bool
+    profiles: Mapping[int, Profile | None]
 
     def clients(self, k: int) -> list[int]:
         """The ids of the clients available now (wait for ``k`` when they may still connect)."""
@@ -229,8 +244,7 @@ class RoundEngine:
         """Initial head and evaluation, or the checkpoint's state when ``cfg.resume``; returns
         the number of rounds already done."""
         self._t_start = time.perf_counter()
-        # drivers whose clients are the partitions 0..num-clients-1 of the server's own data set
-        self._exact_sizes = transport.name in ("plain", "in-process", "simulation")
+        self._exact_sizes = transport.clients_are_partitions
         self._transport = transport
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
@@ -265,8 +279,8 @@ class RoundEngine:
         """A client's device profile (``fedsparse.profiles``): what it reported to the transport
         (``Transport.profiles``, deployment: its node config), else its share of
         ``device-profiles`` by partition id (simulation), else None."""
-        reported = getattr(self._transport, "profiles", None)
-        if reported is not None and client in reported:
+        reported = self._transport.profiles if self._transport is not None else {}
+        if client in reported:
             return reported[client]
         if self.cfg.device_profiles and 0 <= client < self.cfg.num_clients:
             return profile_for(self.cfg, client)
