@@ -13,6 +13,8 @@ import math
 from collections import Counter
 from typing import Any, Iterator, Mapping
 
+from fedsparse.caches import ProcessCache
+
 ARRAYS_KEY = "arrays"  # ArrayRecord: the (sub-)model
 CONFIG_KEY = "config"  # ConfigRecord: round, local-steps, lr, batch-size, subnet
 METRICS_KEY = "metrics"  # MetricRecord in replies
@@ -76,7 +78,7 @@ def torch_state(record: Any) -> dict[str, Any]:
     return {key: torch.from_numpy(_ndarray(array)) for key, array in record.items()}
 
 
-_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, fortran order, dtype)
+_HEADERS: ProcessCache[tuple] = ProcessCache("npy headers", 4096)  # header bytes -> (shape, fortran order, dtype)
 NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -103,9 +105,7 @@ def _ndarray(array: Any) -> Any:
         shape, fortran, dtype = reader(fp)
         if dtype.hasobject:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-        if len(_HEADERS) >= 4096:
-            _HEADERS.clear()
-        parsed = _HEADERS[head] = (tuple(shape), bool(fortran), dtype)
+        parsed = _HEADERS.put(head, (tuple(shape), bool(fortran), dtype))
     shape, fortran, dtype = parsed
     count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
