@@ -42,3 +42,16 @@ def test_metrics_json_holds_only_what_was_reported_and_loads_back_typed(tmp_path
     loaded = RunMetrics.load(tmp_path)
     assert loaded.rounds[0].per_client == [ok, lost]
     assert all(isinstance(r, ClientRecord) for r in loaded.rounds[0].per_client)
+
+
+def test_round_settings_cross_the_message_as_config_keys() -> None:
+    import pytest
+
+    from fedsparse.protocol import RoundSettings
+
+    settings = RoundSettings(server_round=3, local_steps=5, lr=0.01, batch_size=32)
+    config = settings.to_config()
+    assert config == {"server-round": 3, "local-steps": 5, "lr": 0.01, "batch-size": 32}
+    assert RoundSettings.from_config({**config, "subnet": 1}) == settings  # an algorithm's own keys pass by
+    with pytest.raises(ValueError, match="lacks 'lr'"):
+        RoundSettings.from_config({k: v for k, v in config.items() if k != "lr"})

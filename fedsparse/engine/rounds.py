@@ -15,6 +15,7 @@ driver and after any resume, whatever ids Flower gives the nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -36,7 +37,7 @@ from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics,
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
-from fedsparse.protocol import CLIENT_TASK_KEY
+from fedsparse.protocol import CLIENT_TASK_KEY, RoundSettings
 from fedsparse.seeds import derive_seed
 from fedsparse.task import initial_head, partition_sizes_of, test_features
 
@@ -299,13 +300,13 @@ class RoundEngine:
             tasks = self.algorithm.plan(server_round, self.state, clients, capacities=capacities)  # type: ignore[call-arg]
         else:
             tasks = self.algorithm.plan(server_round, self.state, clients)
-        base = {"server-round": server_round, "local-steps": self.cfg.local_steps, "lr": self.cfg.lr,
-                "batch-size": self.cfg.batch_size, CLIENT_TASK_KEY: self.algorithm.client_task}
+        settings = RoundSettings(server_round, self.cfg.local_steps, self.cfg.lr, self.cfg.batch_size)
         profile_of = dict(zip(clients, profiles))
         for task in tasks:
             prof = profile_of.get(task.client)
-            own = {"local-steps": prof.local_steps, "batch-size": prof.batch_size} if prof is not None else {}
-            task.config = {**base, **own, **task.config}
+            mine = settings if prof is None else dataclasses.replace(settings, local_steps=prof.local_steps,
+                                                                     batch_size=prof.batch_size)
+            task.config = {**mine.to_config(), CLIENT_TASK_KEY: self.algorithm.client_task, **task.config}
         return tasks
 
     def _add_profile_fields(self, records: list[ClientRecord], tasks: Sequence[ClientTask], exchange: Exchange,
@@ -326,7 +327,8 @@ class RoundEngine:
             rec.capacity = prof.width if prof is not None else 1.0
             rec.slice_dims, rec.slice_share = dims, state_bytes(task.arrays) / total
             rec.bytes_up = exchange.bytes_up_of.get(task.client)
-            rec.local_steps, rec.batch_size = task.config.get("local-steps"), task.config.get("batch-size")
+            given = RoundSettings.from_config(task.config)
+            rec.local_steps, rec.batch_size = given.local_steps, given.batch_size
 
     def check(self, task: ClientTask, reply: Reply) -> "ClientUpdate | RejectedReply":
         """``check_reply`` with this run's bounds: the accepted update, or the rejection."""
