@@ -195,3 +195,13 @@ def test_one_line_is_written_once() -> None:
                                                        *ROOT.glob("clients/*.py")]
               if ".split())" in p.read_text() and '" ".join(' in p.read_text()]
     assert copies == ["fedsparse/errors.py"], copies
+
+
+def test_the_cli_page_lists_every_renamed_flag() -> None:
+    from fedsparse.commands.cli import RENAMED
+
+    rows = [line for line in (ROOT / "docs" / "cli-convention.md").read_text().splitlines() if line.startswith("| `")]
+    for command, renames in RENAMED.items():
+        for old, new in renames.items():
+            assert any(row.startswith(f"| `{command}` |") and f"`{old}" in row and new.split()[0] in row
+                       for row in rows), f"docs/cli-convention.md: no row for {command} {old} -> {new}"

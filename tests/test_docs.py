@@ -9,6 +9,7 @@ advises ``pkill -f`` (or ``killall``), which would stop other people's processes
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = ROOT / "docs" / "deployment.md"
 README = ROOT / "README.md"
+CLI = ROOT / "docs" / "cli-convention.md"
 BIN = Path(sys.executable).parent
 FLOWER = ("flower-superlink", "flower-supernode", "flwr")
 
@@ -156,7 +158,7 @@ def _fedsparse_flags(parser) -> set[str]:
     return flags
 
 
-@pytest.mark.parametrize("doc", [DEPLOYMENT, README], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", [DEPLOYMENT, README, CLI], ids=lambda p: p.name)
 def test_every_fedsparse_command_parses(doc: Path) -> None:
     from fedsparse.commands.cli import build_parser
 
@@ -168,9 +170,11 @@ def test_every_fedsparse_command_parses(doc: Path) -> None:
         if not words or words[0] != "fedsparse":
             continue
         assert words[1] in subcommands, command
-        known = set(subcommands[words[1]]._option_string_actions)
+        actions = subcommands[words[1]]._option_string_actions
         for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
-            assert flag in known, f"{doc.name}: fedsparse {words[1]} has no {flag}: {command}"
+            assert flag in actions, f"{doc.name}: fedsparse {words[1]} has no {flag}: {command}"
+            assert actions[flag].help != argparse.SUPPRESS, \
+                f"{doc.name}: fedsparse {words[1]} {flag} is a deprecated alias (see its --help): {command}"
         seen += 1
     assert seen >= 1
 
