@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 from fedsparse.commands.drivers import DRIVERS, run_with_engine
