@@ -305,3 +305,29 @@ def resolve(config_path: str | Path | None = None, overrides: Mapping[str, Any] 
         merged.update(load_toml(config_path))
     merged.update(overrides or {})
     return RunConfig.from_run_config(merged)
+
+
+# --- writing TOML: one way, with tomli-w ---------------------------------------------------------
+
+
+def toml_text(data: Mapping[str, Any]) -> str:
+    """``data`` (nested mappings for tables) as a TOML document, written by tomli-w: strings
+    double-quoted and escaped as TOML says, keys quoted where they must be."""
+    import tomli_w
+
+    return tomli_w.dumps(data)
+
+
+def toml_value(value: Any) -> str:
+    """One value as TOML writes it: ``0.5``, ``true``, ``"a b"``."""
+    return toml_text({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+def run_config_arg(values: Mapping[str, Any]) -> str:
+    """``values`` as one ``flwr run --run-config`` (or ``flower-supernode --node-config``)
+    string, ``k=v ...`` with TOML values. Flower finds a quoted value by its closing quote,
+    with no escapes, so a string holding a double quote cannot be carried: refused."""
+    for key, value in values.items():
+        if isinstance(value, str) and '"' in value:
+            raise ValueError(f"run-config value {key}={value!r} holds a double quote, which flwr cannot carry")
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())

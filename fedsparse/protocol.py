@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Mapping
+
+from fedsparse.caches import ProcessCache
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: the (sub-)model
 CONFIG_KEY = "config"  # ConfigRecord: round, local-steps, lr, batch-size, subnet
@@ -29,6 +32,36 @@ CLIENT_TASK_KEY = "client-task"  # what a client does with a task (fedsparse.alg
 CLIENT_ID_KEY = "partition-id"  # a query reply: who the node is
 NUM_PARTITIONS_KEY = "num-partitions"
 OWN_DATA_KEY = "own-data"  # a query reply: 1 for a node that trains on its own images (node config data-dir)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What every task of a round tells its client besides its algorithm's own settings (the
+    server sets them; a client never takes them from its run config). In the message they are
+    ``CONFIG_KEY`` entries under ``KEYS``' names; ``to_config`` and ``from_config`` convert at
+    that boundary, and everything on either side uses the fields. An algorithm's own settings
+    (``subnet``, ``num-subnets``, ``label-aware``, ...) stay string-keyed: each algorithm
+    defines its own."""
+
+    server_round: int
+    local_steps: int
+    lr: float
+    batch_size: int
+
+    KEYS: ClassVar[dict[str, str]] = {"server_round": "server-round", "local_steps": "local-steps", "lr": "lr",
+                                      "batch_size": "batch-size"}
+
+    def to_config(self) -> dict[str, Any]:
+        return {key: getattr(self, name) for name, key in self.KEYS.items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RoundSettings":
+        """The settings of a task's config, or a one-line error naming the first missing key."""
+        missing = [key for key in cls.KEYS.values() if key not in config]
+        if missing:
+            raise ValueError(f"the server's message lacks {missing[0]!r} (per-round settings come only from the message)")
+        c = config
+        return cls(int(c["server-round"]), int(c["local-steps"]), float(c["lr"]), int(c["batch-size"]))
 
 
 def array_record(state: Mapping[str, Any]) -> Any:
@@ -76,7 +109,7 @@ def torch_state(record: Any) -> dict[str, Any]:
     return {key: torch.from_numpy(_ndarray(array)) for key, array in record.items()}
 
 
-_HEADERS: dict[bytes, tuple] = {}  # .npy header bytes -> (shape, fortran order, dtype)
+_HEADERS: ProcessCache[tuple] = ProcessCache("npy headers", 4096)  # header bytes -> (shape, fortran order, dtype)
 NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -103,9 +136,7 @@ def _ndarray(array: Any) -> Any:
         shape, fortran, dtype = reader(fp)
         if dtype.hasobject:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-        if len(_HEADERS) >= 4096:
-            _HEADERS.clear()
-        parsed = _HEADERS[head] = (tuple(shape), bool(fortran), dtype)
+        parsed = _HEADERS.put(head, (tuple(shape), bool(fortran), dtype))
     shape, fortran, dtype = parsed
     count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:

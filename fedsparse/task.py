@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedsparse.caches import ProcessCache
 from fedsparse.config import RunConfig
 from fedsparse.data.datasets import (ImageSet, client_folders, default_cache_dir, folder_test_set, load_splits,
                                      own_images, parse_classes, with_classes)
@@ -140,8 +141,9 @@ def whole_split_features(cfg: RunConfig) -> Features:
     return features(cfg.replace(mask_mode="per-image"), training_set(cfg), group="train")
 
 
-_WHOLE: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = {}  # one whole split per process
-_WHOLE_KEYS: dict[tuple, dict] = {}
+# 50,000 x 192 floats is 38 MB: one whole split per process, and its cache key per setting
+_WHOLE: ProcessCache[tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = ProcessCache("whole split", 1)
+_WHOLE_KEYS: ProcessCache[dict] = ProcessCache("whole split keys", 64)
 
 
 def rows_of_whole_split(cfg: RunConfig, train: ImageSet, mine: ImageSet) -> Features | None:
@@ -153,20 +155,19 @@ def rows_of_whole_split(cfg: RunConfig, train: ImageSet, mine: ImageSet) -> Feat
     cache = FeatureCache(default_cache_dir(cfg.cache_dir))
     setting = (cfg.encoder, cfg.image_size, cfg.mask_ratio, cfg.mask_seed, cfg.preprocessing, cfg.encoder_dtype,
                train.fingerprint, len(train), str(cache.root))
-    if setting not in _WHOLE_KEYS:  # hashing 50,000 image ids costs ~2 ms: once per setting
-        _WHOLE_KEYS[setting] = feature_key(get_encoder(cfg.encoder, cfg.image_size), train, cfg.mask_ratio,
-                                           cfg.mask_seed, "per-image", "train", cfg.preprocessing, cfg.encoder_dtype)
-    key = _WHOLE_KEYS[setting]
+    key = _WHOLE_KEYS.get_or_make(setting, lambda: feature_key(  # hashing 50,000 image ids costs ~2 ms
+        get_encoder(cfg.encoder, cfg.image_size), train, cfg.mask_ratio, cfg.mask_seed, "per-image", "train",
+        cfg.preprocessing, cfg.encoder_dtype))
     path = str(cache.path(key))
-    if path not in _WHOLE:
+    whole = _WHOLE.get(path)
+    if whole is None:
         if not Path(path).is_file():
             return None
         entry = cache.load(key)
         if entry is None or entry[2] != 0:
             return None
-        _WHOLE.clear()  # 50,000 x 192 floats is 38 MB: keep one split
-        _WHOLE[path] = (entry[0], entry[1], {rel: i for i, rel in enumerate(train.paths)})
-    x, y, row = _WHOLE[path]
+        whole = _WHOLE.put(path, (entry[0], entry[1], {rel: i for i, rel in enumerate(train.paths)}))
+    x, y, row = whole
     try:
         index = torch.tensor([row[rel] for rel in mine.paths], dtype=torch.long)
     except KeyError:  # not a subset of this split

@@ -78,14 +78,19 @@ class AlgorithmStrategy(Strategy):
         grid: the Grid to reach the nodes (``bind`` sets another).
         name: the engine name recorded in metrics.json (``simulation``, ``deployment``, ...).
         on_replies: called as ``(round, done, total, errors, finished)`` while a round waits.
+        clients_are_partitions: the nodes are the partitions of the server's own data set
+            (in-process, simulation): the engine bounds a reply's examples by its partition's
+            size (``Transport.clients_are_partitions``); False for real SuperNodes.
     """
 
     def __init__(self, engine: RoundEngine, grid: Grid | None = None, name: str = "flower",
-                 on_replies: Callable[[int, int, int, int, bool], None] | None = None) -> None:
+                 on_replies: Callable[[int, int, int, int, bool], None] | None = None,
+                 clients_are_partitions: bool = False) -> None:
         self.engine = engine
         self.cfg = engine.cfg
         self.grid = grid
         self.name = name
+        self.clients_are_partitions = clients_are_partitions
         self.on_replies = on_replies
         self.client_of: dict[int, int] = {}  # node id -> client id (its partition)
         self.node_of: dict[int, int] = {}  # client id -> node id

@@ -27,7 +27,10 @@ stored message** and re-validates it. With 1,000 nodes and 100 messages in fligh
 ServerApp needs. ``fast_add_messages_to_queue`` does the same job in one pass, woken as soon
 as the ServerApp stores messages (at the latest every 10 ms); the ServerApp's wait for replies
 is woken the same way when a reply is stored.
-``FEDSPARSE_FLOWER_POLLING=flower`` turns it off (for comparison).
+``FEDSPARSE_FLOWER_POLLING=flower`` turns it off (for comparison). Off, or when a Flower
+release no longer fits it (``patched_vce`` then yields False), a run is slower, not different:
+``tests/test_flower_internals.py`` runs a simulation with it and ``strategies.ray_arrays`` off
+and gets the plain engine's model bit for bit.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def in_process_run(cfg: RunConfig, engine: RoundEngine | None = None) -> RunMetr
     """Run ``cfg`` through the Strategy adapter and the ClientApp in this process."""
     set_task_identity()
     engine = engine if engine is not None else RoundEngine(cfg)
-    return engine.run(AlgorithmStrategy(engine, LocalGrid(cfg), "in-process"))
+    return engine.run(AlgorithmStrategy(engine, LocalGrid(cfg), "in-process", clients_are_partitions=True))
 
 
 @dataclass
@@ -88,7 +88,7 @@ def one_round(cfg: RunConfig, answer: int | None = None, engine: RoundEngine | N
     set_task_identity()
     engine = engine if engine is not None else RoundEngine(cfg, report=lambda s: None)
     grid = LocalGrid(cfg, answer)
-    strategy = AlgorithmStrategy(engine, grid, "in-process")
+    strategy = AlgorithmStrategy(engine, grid, "in-process", clients_are_partitions=True)
     engine.state = engine.initial_head_state()
     tasks = engine.plan_round(1, strategy.clients(cfg.clients_per_round))
     strategy.exchange(1, tasks)

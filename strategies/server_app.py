@@ -15,6 +15,7 @@ from flwr.supercore import log
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
 from fedsparse.engine.rounds import RoundEngine
+from fedsparse.errors import USER_ERRORS, one_line
 from strategies.adapter import AlgorithmStrategy
 from strategies.progress import RoundLine
 
@@ -35,8 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_run_config(context.run_config)
         preflight(cfg, partitions=engine_name(grid) == "simulation")
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
-        line = " ".join(str(err).split()) or type(err).__name__
+    except USER_ERRORS as err:
+        line = one_line(err)
         log(ERROR, "fedsparse: error: %s", line)
         raise ValueError(f"fedsparse: error: {line}") from None
     serve(grid, cfg)
@@ -59,7 +60,8 @@ def serve(grid: Grid, cfg: RunConfig, name: str | None = None, engine: RoundEngi
     if cfg.fault_rate > 0:
         log(WARNING, "fault injection: each client fails with probability %.2f per round (mode %s)",
             cfg.fault_rate, cfg.fault_mode)
-    strategy = AlgorithmStrategy(engine, grid, name or engine_name(grid), on_replies=line.replies)
+    strategy = AlgorithmStrategy(engine, grid, name or engine_name(grid), on_replies=line.replies,
+                                 clients_are_partitions=engine_name(grid) == "simulation")
     try:
         metrics = engine.run(strategy)
     finally:

@@ -12,7 +12,6 @@ under ``memory``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -24,18 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, toml_text
 from fedsparse.engine.metrics import RunMetrics
 from strategies import ray_arrays
 from strategies.flower_internals import patched_vce, run_simulation_with_config
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
 
 
 APP_PREFIX = "fedsparse-app-"  # the run's app directory in the temporary folder: fedsparse-app-<pid>-...
@@ -43,19 +34,11 @@ APP_PREFIX = "fedsparse-app-"  # the run's app directory in the temporary folder
 
 def write_app_dir(cfg: RunConfig, app_dir: Path) -> Path:
     """A minimal Flower app directory whose default run config is ``cfg``."""
-    lines = [
-        "[project]",
-        'name = "fedsparse-run"',
-        'version = "0.0.0"',
-        "[tool.flwr.app]",
-        'publisher = "fedsparse"',
-        "[tool.flwr.app.components]",
-        'serverapp = "strategies.server_app:app"',
-        'clientapp = "clients.client_app:app"',
-        "[tool.flwr.app.config]",
-        *(f'"{k}" = {_toml_value(v)}' for k, v in cfg.to_run_config().items()),
-    ]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    app = {"publisher": "fedsparse",
+           "components": {"serverapp": "strategies.server_app:app", "clientapp": "clients.client_app:app"},
+           "config": cfg.to_run_config()}
+    project = {"project": {"name": "fedsparse-run", "version": "0.0.0"}, "tool": {"flwr": {"app": app}}}
+    (app_dir / "pyproject.toml").write_text(toml_text(project))
     return app_dir
 
 

@@ -402,6 +402,6 @@ class TestFoldersPartitioner:
         assert metrics.num_classes == 3 and metrics.test_examples == 3
         sizes = {0: 2, 1: 2, 2: 6}  # alice, bob, carol
         for r in metrics.rounds:  # one record per sampled client, with what its reply reported
-            assert [c["status"] for c in r.per_client] == ["ok", "ok"]
+            assert [c.status for c in r.per_client] == ["ok", "ok"]
             for c in r.per_client:
-                assert c["examples"] == sizes[c["client"]] and c["bytes_down"] > 0 and c["train_seconds"] >= 0
+                assert c.examples == sizes[c.client] and c.bytes_down > 0 and c.train_seconds >= 0

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from fedsparse.commands.devices import Processes, free_ports, stop_processes
+from fedsparse.config import run_config_arg, toml_text
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +127,8 @@ class Deployment(Processes):
         """The ``[superlink.<name>]`` entry of the CLI's ``$FLWR_HOME/config.toml``: plaintext,
         or TLS trusting ``root_cert``."""
         config = self.cli_home / "config.toml"
-        security = "insecure = true" if root_cert is None else f'root-certificates = "{root_cert}"'
-        config.write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{superlink_port}"\n{security}\n')
+        security = {"insecure": True} if root_cert is None else {"root-certificates": str(root_cert)}
+        config.write_text(toml_text({"superlink": {CONNECTION: {"address": f"{HOST}:{superlink_port}", **security}}}))
         return config
 
     def wait_for_log(self, name: str, pattern: str, count: int = 1, timeout: float = 60.0) -> str:
@@ -193,17 +194,6 @@ def sample_subset(dest: Path, per_class: dict[str, int]) -> Path:
                 tar.extract(member, dest, filter="data")
     assert taken, f"no train/<class>/<image> members in {SAMPLE_ARCHIVE}"
     return dest
-
-
-def run_config_arg(values: dict[str, object]) -> str:
-    """``key=value`` pairs for ``flwr run --run-config``; strings as TOML literal strings."""
-    def fmt(v: object) -> str:
-        if isinstance(v, str):
-            assert "'" not in v, v
-            return f"'{v}'"
-        return str(v).lower() if isinstance(v, bool) else repr(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
 def tiny_run_config(tmp_path: Path) -> dict[str, object]:

@@ -56,8 +56,8 @@ def test_two_emulated_devices_train_and_leave_nothing_behind(tmp_path: Path) -> 
     out = tmp_path / "devices"
     env = {**os.environ, MARK: mark}  # FEDSPARSE_CACHE: the session's (the sample is extracted once)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--rounds", "2",
-         "--images", "10", "--test-images", "20", "--timeout", "300", "--out", str(out),
+        [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--num-rounds", "2",
+         "--images-per-device", "10", "--test-images", "20", "--run-timeout", "300", "--out", str(out),
          "--run-config", "hidden='16,16' local-steps=2 round-timeout=120.0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -9,6 +9,7 @@ advises ``pkill -f`` (or ``killall``), which would stop other people's processes
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -173,9 +174,11 @@ def test_every_fedsparse_command_parses() -> None:
         if not words or words[0] != "fedsparse":
             continue
         assert words[1] in subcommands, f"{doc.name}: no command `fedsparse {words[1]}`: {command}"
-        known = set(subcommands[words[1]]._option_string_actions)
+        actions = subcommands[words[1]]._option_string_actions
         for flag in (w.split("=")[0].strip("[]") for w in words[2:] if w.lstrip("[").startswith("--")):
-            assert flag in known, f"{doc.name}: fedsparse {words[1]} has no {flag}: {command}"
+            assert flag in actions, f"{doc.name}: fedsparse {words[1]} has no {flag}: {command}"
+            assert actions[flag].help != argparse.SUPPRESS, \
+                f"{doc.name}: fedsparse {words[1]} {flag} is a deprecated alias (see its --help): {command}"
         seen += 1
     assert seen >= 20, seen
 

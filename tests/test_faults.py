@@ -194,7 +194,7 @@ def train_with_faults(cfg: RunConfig):
             assert all_finite(engine.state), f"round {engine.done}: a non-finite value reached the model"
 
     engine = RoundEngine(cfg, report=check_round)
-    metrics = engine.run(AlgorithmStrategy(engine, FaultyGrid(cfg), "in-process"))
+    metrics = engine.run(AlgorithmStrategy(engine, FaultyGrid(cfg), "in-process", clients_are_partitions=True))
     accuracy = [metrics.initial["accuracy"]] + [r.accuracy for r in metrics.rounds]
     return accuracy, metrics, engine
 

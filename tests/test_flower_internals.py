@@ -125,3 +125,38 @@ def test_patch_installs_and_restores_flowers_function(monkeypatch):
     monkeypatch.setenv("FEDSPARSE_FLOWER_POLLING", "flower")
     with patched_vce() as installed:
         assert not installed and vce_api.add_messages_to_queue is original
+
+
+@pytest.mark.slow
+def test_a_simulation_without_the_patches_trains_the_plain_engines_model(tmp_path, make_image_tree, monkeypatch):
+    """With every speed-up that leans on Flower's or Ray's internals off (Flower's own
+    per-node message polling instead of ``patched_vce``, Ray's own pickling of Arrays instead
+    of ``strategies.ray_arrays``), as after a Flower upgrade that a patch no longer fits, a
+    simulated run still finishes and trains the plain engine's model bit for bit: an upgrade
+    costs speed, not correctness."""
+    import warnings
+
+    import torch
+
+    from fedsparse.config import RunConfig
+    from fedsparse.engine.plain import PlainTransport
+    from fedsparse.engine.rounds import RoundEngine
+    from strategies.simulation import simulate
+
+    monkeypatch.setenv("FEDSPARSE_FLOWER_POLLING", "flower")
+    monkeypatch.setenv("FEDSPARSE_RAY_ARRAYS", "off")
+    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+    cfg = RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
+                    num_clients=6, clients_per_round=3, num_rounds=3, local_steps=3, batch_size=4,
+                    cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "plain"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = RoundEngine(cfg, report=lambda s: None)
+        plain.run(PlainTransport(cfg))
+    sim = cfg.replace(out_dir=str(tmp_path / "simulation"))
+    metrics = simulate(sim)
+    assert metrics.extra["fast_message_dispatch"] is False and metrics.extra["shared_memory_arrays"] is False
+    assert metrics.finished and [r.clients for r in metrics.rounds] == [3, 3, 3]
+    model = torch.load(tmp_path / "simulation" / "model.pt")
+    assert model.keys() == plain.state.keys() and all(torch.equal(model[k], plain.state[k]) for k in model)
+    assert not all(torch.equal(model[k], v) for k, v in plain.initial_head_state().items())  # it trained

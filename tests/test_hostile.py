@@ -129,7 +129,8 @@ def run(cfg: RunConfig, hostile):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             engine = RoundEngine(cfg, report=lambda s: None)
-            metrics = engine.run(AlgorithmStrategy(engine, HostileGrid(cfg, hostile), "in-process"))
+            metrics = engine.run(AlgorithmStrategy(engine, HostileGrid(cfg, hostile), "in-process",
+                                                   clients_are_partitions=True))
     finally:
         torch.set_num_threads(threads)
     return metrics, engine

@@ -62,7 +62,7 @@ def test_repeats_alternate_the_drivers_and_report_medians(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("change, kwargs, needle", [
-    ({}, {"rounds": 1}, "--rounds must be >= 2"),
+    ({}, {"rounds": 1}, "num-rounds must be >= 2"),
     ({}, {"engines": ("plain", "ray")}, "Unknown engine 'ray'"),
     ({"mask_mode": "random"}, {}, "cacheable features"),
 ])

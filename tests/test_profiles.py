@@ -360,33 +360,33 @@ class TestHeterogeneousRun:
         engine, metrics = run_plain(hetero_cfg)
         assert metrics.finished and all(r.clients == 3 for r in metrics.rounds)
         records = [rec for r in metrics.rounds for rec in r.per_client]
-        assert {rec["profile"] for rec in records} <= {"tiny", "large"} and len(records) == 6
+        assert {rec.profile for rec in records} <= {"tiny", "large"} and len(records) == 6
         for rec in records:
-            prof = PROFILES[rec["profile"]]
-            assert rec["profile"] == profile_for(hetero_cfg, rec["client"]).name
-            assert (rec["local_steps"], rec["batch_size"]) == (prof.local_steps, prof.batch_size)
-            assert rec["mask_ratio"] == prof.mask_ratio and rec["encoder_batch"] == prof.encoder_batch
-            assert rec["memory_budget_bytes"] == prof.memory_mib * MIB
-            assert rec["predicted_peak_bytes"] <= rec["memory_budget_bytes"]
-            assert rec["bytes_up"] == rec["bytes_down"] + 3 * 4  # tensor bytes, plus the class counts (label-aware)
+            prof = PROFILES[rec.profile]
+            assert rec.profile == profile_for(hetero_cfg, rec.client).name
+            assert (rec.local_steps, rec.batch_size) == (prof.local_steps, prof.batch_size)
+            assert rec.mask_ratio == prof.mask_ratio and rec.encoder_batch == prof.encoder_batch
+            assert rec.memory_budget_bytes == prof.memory_mib * MIB
+            assert rec.predicted_peak_bytes <= rec.memory_budget_bytes
+            assert rec.bytes_up == rec.bytes_down + 3 * 4  # tensor bytes, plus the class counts (label-aware)
         for r in metrics.rounds:
-            by = {rec["profile"]: rec for rec in r.per_client}
+            by = {rec.profile: rec for rec in r.per_client}
             if len(by) == 2:  # a round with both: the tiny slice and its bytes are smaller
-                assert by["tiny"]["slice_dims"][1] < by["large"]["slice_dims"][1]
-                assert by["tiny"]["bytes_down"] < by["large"]["bytes_down"]
-            assert sum(rec["slice_dims"][1] for rec in r.per_client) == 24  # every neuron in one slice
+                assert by["tiny"].slice_dims[1] < by["large"].slice_dims[1]
+                assert by["tiny"].bytes_down < by["large"].bytes_down
+            assert sum(rec.slice_dims[1] for rec in r.per_client) == 24  # every neuron in one slice
 
     def test_a_profile_over_its_budget_is_a_counted_error(self, hetero_cfg, monkeypatch) -> None:
         monkeypatch.setitem(PROFILES, "tiny", dataclasses.replace(PROFILES["tiny"], memory_mib=300))
         _, metrics = run_plain(hetero_cfg.replace(num_rounds=1))
         r = metrics.rounds[0]
-        tiny = [rec for rec in r.per_client if rec["profile"] == "tiny"]
+        tiny = [rec for rec in r.per_client if rec.profile == "tiny"]
         assert tiny and r.failed_error == len(tiny) and r.clients == 3 - len(tiny)
-        assert all(rec["status"] == "error" and "memory budget" in rec["reason"] for rec in tiny)
+        assert all(rec.status == "error" and "memory budget" in rec.reason for rec in tiny)
 
     def test_no_profiles_leaves_records_without_profile_fields(self, hetero_cfg) -> None:
         _, metrics = run_plain(hetero_cfg.replace(device_profiles="", num_rounds=1))
-        assert all("profile" not in rec for rec in metrics.rounds[0].per_client)
+        assert all(rec.profile is None and "profile" not in rec.to_dict() for rec in metrics.rounds[0].per_client)
 
     def test_in_process_driver_reports_profiles_and_gives_the_same_model(self, hetero_cfg) -> None:
         from strategies.in_process import in_process_run
@@ -399,8 +399,8 @@ class TestHeterogeneousRun:
             engine = RoundEngine(cfg, report=lambda s: None)
             metrics = in_process_run(cfg, engine)
         assert all(torch.equal(engine.state[k], plain_engine.state[k]) for k in engine.state)
-        assert [rec["profile"] for r in metrics.rounds for rec in r.per_client] == \
-            [profile_for(cfg, rec["client"]).name for r in metrics.rounds for rec in r.per_client]
+        assert [rec.profile for r in metrics.rounds for rec in r.per_client] == \
+            [profile_for(cfg, rec.client).name for r in metrics.rounds for rec in r.per_client]
 
 
 # --- deployment: node configs name profiles, the server plans by what nodes report ------------------

@@ -741,7 +741,7 @@ class TestFlowerStrategyApi:
         in_process_run(reference.cfg, reference)
         engine = RoundEngine(cfg, report=lambda s: None)
         grid = LocalGrid(cfg)
-        strategy = AlgorithmStrategy(engine, grid, "in-process")
+        strategy = AlgorithmStrategy(engine, grid, "in-process", clients_are_partitions=True)
         engine.start(strategy)
         result = strategy.start(grid, ArrayRecord(engine.state), num_rounds=cfg.num_rounds, timeout=cfg.round_timeout)
         final = result.arrays.to_torch_state_dict()

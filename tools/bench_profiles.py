@@ -69,16 +69,16 @@ def run_one(name: str, spec: str, seed: int, rounds: int, out: Path, scaling: st
     per_profile: dict[str, dict[str, list[float]]] = {}
     for rnd in metrics.rounds:
         for rec in rnd.per_client:
-            if rec.get("status") != "ok":
+            if rec.status != "ok":
                 continue
-            p = per_profile.setdefault(rec["profile"], {k: [] for k in ("bytes_down", "bytes_up", "gmacs", "share",
+            p = per_profile.setdefault(rec.profile, {k: [] for k in ("bytes_down", "bytes_up", "gmacs", "share",
                                                                          "predicted_mib", "hidden")})
-            p["bytes_down"].append(rec["bytes_down"])
-            p["bytes_up"].append(rec["bytes_up"])
-            p["gmacs"].append(rec["encoder_macs_per_image"] * rec["examples"] / 1e9)
-            p["share"].append(rec["slice_share"])
-            p["predicted_mib"].append(rec["predicted_peak_bytes"] / 2**20)
-            p["hidden"].append(rec["slice_dims"][1])
+            p["bytes_down"].append(rec.bytes_down)
+            p["bytes_up"].append(rec.bytes_up)
+            p["gmacs"].append(rec.encoder_macs_per_image * rec.examples / 1e9)
+            p["share"].append(rec.slice_share)
+            p["predicted_mib"].append(rec.predicted_peak_bytes / 2**20)
+            p["hidden"].append(rec.slice_dims[1])
     summary = {prof: {k: statistics.fmean(v) for k, v in vals.items()} | {"samples": len(vals["bytes_down"])}
                for prof, vals in per_profile.items()}
     return {"run": name, "spec": spec, "seed": seed, "final_accuracy": metrics.final_accuracy,

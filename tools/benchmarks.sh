@@ -12,8 +12,8 @@ set -euo pipefail
 SECTIONS=(bench paper skew robustness devices profiles overhead scaling)
 
 section_bench() {
-    fedsparse bench configs/bench-vitb.toml --mask-ratios 0,0.5,0.75,0.9 --images 128 --speed-images 32 --out "$OUT/bench-vitb"
-    fedsparse bench configs/quickstart.toml --mask-ratios 0,0.5,0.75,0.9 --images 512 --speed-images 256 --out "$OUT/bench-builtin"
+    fedsparse bench configs/bench-vitb.toml --mask-ratios 0,0.5,0.75,0.9 --extraction-images 128 --speed-images 32 --out "$OUT/bench-vitb"
+    fedsparse bench configs/quickstart.toml --mask-ratios 0,0.5,0.75,0.9 --extraction-images 512 --speed-images 256 --out "$OUT/bench-builtin"
 }
 
 section_paper() {
@@ -35,8 +35,8 @@ section_robustness() {
 
 section_devices() {
     # the lead fills this section
-    fedsparse devices --profiles tiny,small,large --rounds 3 --images 300 --test-images 500 --out "$OUT/devices"
-    fedsparse devices --profiles tiny,small,large --rounds 3 --images 300 --test-images 500 \
+    fedsparse devices --profiles tiny,small,large --num-rounds 3 --images-per-device 300 --test-images 500 --out "$OUT/devices"
+    fedsparse devices --profiles tiny,small,large --num-rounds 3 --images-per-device 300 --test-images 500 \
         --memory-limit-mib 600,0,0 --run-config "round-timeout=180.0" --out "$OUT/devices-oom"
 }
 
@@ -45,13 +45,13 @@ section_profiles() {
 }
 
 section_overhead() {
-    fedsparse overhead configs/cifar10-offline.toml --clients-per-round 2 --rounds 60 --engines plain,in-process,simulation,reference --repeats 8 --run-config "eval-every=1000" --out "$OUT/overhead"
+    fedsparse overhead configs/cifar10-offline.toml --clients-per-round-list 2 --num-rounds 60 --engines plain,in-process,simulation,reference --repeats 8 --run-config "eval-every=1000" --out "$OUT/overhead"
 }
 
 section_scaling() {
     # the lead fills this section
     fedsparse run configs/scale.toml --run-config "$RC" --out "$OUT/scale"
-    fedsparse overhead configs/scale.toml --clients-per-round 10,100,1000 --rounds 3 --run-config "$RC" --out "$OUT/overhead-scale"
+    fedsparse overhead configs/scale.toml --clients-per-round-list 10,100,1000 --num-rounds 3 --run-config "$RC" --out "$OUT/overhead-scale"
 }
 
 wanted=()

@@ -64,7 +64,7 @@ def bench_images(cfg: RunConfig, n: int) -> ImageSet:
     """The first ``n`` training images of ``cfg``'s data set (its order is seeded and fixed)."""
     train, _ = load_splits(cfg.dataset, cfg.data_dir, cfg.cache_dir)
     if n > len(train):
-        raise ValueError(f"--images {n} exceeds the {len(train)} training images of {cfg.dataset}")
+        raise ValueError(f"--extraction-images {n} exceeds the {len(train)} training images of {cfg.dataset}")
     return train.subset(range(n))
 
 

@@ -25,7 +25,7 @@ into the report (``limits``).
 
 Data: ``--data-dir`` in the layout of ``partitioner = "folders"`` (one sub-folder per device,
 ``<device>/<class>/<image>``, and ``test/`` for the server), or, without it, a seeded split of
-the bundled CIFAR-10 sample into one folder per device (``--images`` each, every class) and a
+the bundled CIFAR-10 sample into one folder per device (``--images-per-device`` each, every class) and a
 test folder. Each SuperNode names its folder in its node config (``data-dir``), with
 ``client-id`` = its index and ``profile`` = its profile.
 """
@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsparse.accounting.memory import rss_pss
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, run_config_arg, toml_text
+from fedsparse.errors import one_line
 
 HOST = "127.0.0.1"
 CONNECTION = "fedsparse-devices"
@@ -104,7 +105,7 @@ def split_sample(dest: Path, devices: int, images: int, test_images: int, seed: 
 
     train, test = load_splits("cifar10-sample", "", cache_dir)
     if devices * images > len(train):
-        raise ValueError(f"--images {images} x {devices} devices exceeds the sample's {len(train)} training images")
+        raise ValueError(f"--images-per-device {images} x {devices} devices exceeds the sample's {len(train)} training images")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     # round-robin over classes so that every device holds every class
@@ -477,20 +478,6 @@ class MemorySampler(threading.Thread):
 # --- the command ----------------------------------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if "'" in value:
-            raise ValueError(f"run-config value {value!r} holds a single quote, which flwr run cannot carry")
-        return f"'{value}'"
-    return repr(value)
-
-
-def run_config_arg(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
-
-
 def parse_limits(text: str, n: int) -> list[int]:
     """``--memory-limit-mib "300,0"``: one number per device, 0 = from its profile."""
     if not text.strip():
@@ -559,7 +546,7 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
         for d, port in zip(devices, node_ports):
             lim.prepare(d)
             d.name = f"supernode-{d.index}-{d.profile.name}"
-            node_config = f"data-dir='{d.data_dir}' client-id={d.index} profile='{d.profile.name}'"
+            node_config = run_config_arg({"data-dir": str(d.data_dir), "client-id": d.index, "profile": d.profile.name})
             threads = str(d.profile.threads)
             d.proc = procs.spawn(
                 d.name, [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
@@ -572,7 +559,8 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
                    f"memory limit {d.limit_mib} MiB ({how}), {d.profile.threads} threads")
         cli_home = out / "flwr-home" / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)
-        (cli_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{HOST}:{link_port}"\ninsecure = true\n')
+        (cli_home / "config.toml").write_text(
+            toml_text({"superlink": {CONNECTION: {"address": f"{HOST}:{link_port}", "insecure": True}}}))
         sampler.start()
         values = {k: v for k, v in run_cfg.to_run_config().items() if v != RunConfig().to_run_config()[k]}
         flwr = procs.spawn("flwr-run", [_exe("flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
@@ -604,7 +592,7 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     refused = {**dict(re.findall(r"node (\d+) is not used: (.*)", run_log)), **metrics.get("refused_nodes", {})}
     for d in devices:
         m = re.search(r"SuperNode ID: (\d+)", procs.log(d.name))
-        d.refused = " ".join(refused.get(m.group(1), "").split()) if m else ""
+        d.refused = one_line(refused.get(m.group(1), "")) if m else ""
     result = summarize(metrics, devices, peaks, ooms, lim, time.monotonic() - started)
     (out / "devices.json").write_text(json.dumps(result, indent=2))
     (out / "devices.md").write_text(markdown(result))

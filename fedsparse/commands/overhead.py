@@ -46,13 +46,15 @@ from typing import Any, Callable
 
 import torch
 
+from fedsparse.commands.drivers import DRIVERS, run_with_engine
 from fedsparse.commands.reference import reference_rounds, supports as reference_supports
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.task import client_features, distinct_partitions
 
-ENGINES = ("plain", "in-process", "simulation", "reference")
+ENGINES = ("plain", "in-process", "simulation", "reference")  # fedsparse.commands.drivers' DRIVERS + the reference
+assert set(ENGINES) == {*DRIVERS, "reference"}
 
 
 def round_walls(rounds: list[RoundMetrics]) -> list[float]:
@@ -68,23 +70,11 @@ def _later_mean(seconds: list[float]) -> float:
 
 
 def run_engine(cfg: RunConfig, engine: str, report: Callable[[str], None] = print) -> RunMetrics:
-    """``cfg`` on one of ``ENGINES``; the in-process drivers with ``client-cpus`` torch threads."""
+    """``cfg`` on one of ``DRIVERS``; the in-process drivers with ``client-cpus`` torch threads."""
     if engine == "simulation":
-        from strategies.simulation import simulate
-
-        return simulate(cfg)
+        return run_with_engine(cfg, engine)
     with torch_threads(max(1, int(cfg.client_cpus))):  # as many as each simulated client gets
-        if engine == "plain":
-            from fedsparse.engine.plain import PlainTransport
-            from fedsparse.engine.rounds import RoundEngine
-
-            return RoundEngine(cfg, report=report).run(PlainTransport(cfg))
-        if engine == "in-process":
-            from fedsparse.engine.rounds import RoundEngine
-            from strategies.in_process import in_process_run
-
-            return in_process_run(cfg, RoundEngine(cfg, report=report))
-    raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        return run_with_engine(cfg, engine, report)
 
 
 def warm_cache(cfg: RunConfig, report: Callable[[str], None] = print) -> float:
@@ -108,7 +98,7 @@ def overhead(
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if rounds < 2:
-        raise ValueError("--rounds must be >= 2: the first round is reported apart")
+        raise ValueError(f"num-rounds must be >= 2: the first round is reported apart, got {rounds}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if "reference" in engines and not reference_supports(cfg):

@@ -158,8 +158,7 @@ def federated(cfg: RunConfig, engine: str = "simulation") -> RunMetrics:
     """The metrics of ``cfg``'s federated run on ``engine`` (``simulation``, ``in-process`` or
     ``plain``: the same config gives the same model on each). A finished run of ``cfg`` in
     its folder is reused, an interrupted one resumed after its last finished round."""
-    from fedsparse.commands.cli import run_with_engine
-
+    from fedsparse.commands.drivers import run_with_engine
     from fedsparse.task import preflight
 
     out = Path(cfg.out_dir)
@@ -301,10 +300,9 @@ def sweep(
     ``partitions``: ``iid`` and Dirichlet concentrations (``parse_partition``); None runs the
     config's own partitioning (and keeps the run folders' names without a partition tag).
     """
-    from fedsparse.commands.cli import ENGINES
+    from fedsparse.commands.drivers import check_driver
 
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    check_driver(engine)
     specs = {s: parse_strategy(s) for s in strategies}
     for name, own in specs.values():  # a bad setting is an error before the first run
         RunConfig.from_run_config({**cfg.to_run_config(), **own})

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fedsparse.caches import ProcessCache
 from fedsparse.data.datasets import ImageSet
 
 PARTITIONERS = ("iid", "dirichlet", "shards", "full", "folders")  # folders: fedsparse.task.client_images
@@ -113,18 +114,14 @@ def client_split(
     return train.subset(parts[partition_id])
 
 
-_PARTITIONS: dict[tuple, list[np.ndarray]] = {}
+_PARTITIONS: ProcessCache[list[np.ndarray]] = ProcessCache("partitions", 4)
 
 
 def _cached_partition(train: ImageSet, num_partitions: int, partitioner: str, seed: int, alpha: float) -> list[np.ndarray]:
     """``partition_indices`` once per process and setting: a simulation worker serves many
     clients, and a Dirichlet split of 50,000 labels among 1,000 clients takes ~0.1 s."""
     key = (train.fingerprint, len(train), num_partitions, partitioner, seed, alpha)
-    if key not in _PARTITIONS:
-        if len(_PARTITIONS) >= 4:
-            _PARTITIONS.pop(next(iter(_PARTITIONS)))
-        _PARTITIONS[key] = partition_indices(train.labels, num_partitions, partitioner, seed, alpha)
-    return _PARTITIONS[key]
+    return _PARTITIONS.get_or_make(key, lambda: partition_indices(train.labels, num_partitions, partitioner, seed, alpha))
 
 
 def partition_sizes(train: ImageSet, num_partitions: int, partitioner: str, seed: int, alpha: float) -> list[int]:

@@ -25,9 +25,6 @@ from fedsparse.inputs.features import encoder_batch
 from fedsparse.profiles import Profile, fit_profile
 from fedsparse.task import client_features, train_slice
 
-ROUND_KEYS = ("server-round", "local-steps", "lr", "batch-size")  # every training task carries these
-
-
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run torch with ``n`` intra-op threads (a simulated client gets ``client-cpus``)."""
@@ -47,7 +44,8 @@ def client_threads(cfg: RunConfig) -> int:
 
 
 def round_setting(config: Mapping[str, Any], key: str) -> Any:
-    """A per-round setting from the task, or a one-line error naming the missing key."""
+    """An algorithm's setting from the task, or a one-line error naming the missing key
+    (the settings every task carries: ``fedsparse.protocol.RoundSettings``)."""
     try:
         return config[key]
     except KeyError:
@@ -75,8 +73,8 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
         return run_stats_task(cfg, partition_id, num_partitions, arrays, config, data_dir, profile)
     if kind != TRAIN:
         raise ValueError(f"unknown client task {kind!r}; this client knows: {TRAIN}, {STATS}")
-    server_round = int(round_setting(config, "server-round"))
-    steps, lr, batch_size = (round_setting(config, k) for k in ("local-steps", "lr", "batch-size"))
+    settings = p.RoundSettings.from_config(config)
+    server_round, steps, lr, batch_size = settings.server_round, settings.local_steps, settings.lr, settings.batch_size
     label_aware = bool(int(config.get(LABEL_AWARE_KEY, 0)))
     fit = fit_profile(cfg, profile, state_dims(arrays), int(batch_size)) if profile is not None else None
     if fit is not None:
@@ -119,7 +117,7 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
     """A ``stats`` task: the sufficient statistics (``config["stats"]``: ridge or ncm, see
     ``fedsparse.model.closed_form``) of this client's features, or, when ``arrays`` holds an
     MLP trunk (hidden layers only), of the trunk's last hidden activations."""
-    server_round = int(round_setting(config, "server-round"))
+    server_round = p.RoundSettings.from_config(config).server_round
     kind, num_classes = str(round_setting(config, STATS_KEY)), int(round_setting(config, NUM_CLASSES_KEY))
     fit = fit_profile(cfg, profile, state_dims(arrays) if arrays else (), 1) if profile is not None else None
     if fit is not None:

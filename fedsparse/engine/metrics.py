@@ -1,8 +1,12 @@
 """The metrics schema: one dataclass per round and one per run.
 
-``metrics.json``, the round line, ``fedsparse sweep`` and the CLI summary all read these
-classes; no module reads metric keys by string. Fields that do not apply to a round are
-``None`` (accuracy of a round that was not evaluated, client metrics nobody sent).
+``metrics.json`` (``RunMetrics.load``), the round line, ``fedsparse sweep``, ``fedsparse
+overhead`` and the CLI summary read these classes (a round's clients are ``ClientRecord``s).
+String keys remain where data crosses a boundary: the replies' metrics (``fedsparse.protocol``'s
+keys, mapped to fields here), ``metrics.json`` as ``fedsparse devices`` reads it (the JSON the
+``flwr run`` it started wrote; ``summarize``), and the result rows ``bench``, ``sweep`` and
+``overhead`` write. Fields that do not apply to a round are ``None`` (accuracy of a
+round that was not evaluated, client metrics nobody sent).
 """
 
 from __future__ import annotations
@@ -59,9 +63,23 @@ class RoundMetrics:
     rejected: dict[str, int] = field(default_factory=dict)  # invalid replies by reason
     update_ratio_max: float | None = None  # the largest accepted ||reply - sent|| / ||sent|| (update-bound)
     head_kept: bool = False  # the aggregate was not finite; the previous head was kept
-    # one record per sampled client (client_records), in task order; empty for rounds of more
+    # one record per sampled client (client_record), in task order; empty for rounds of more
     # than PER_CLIENT_MAX clients (metrics.json is rewritten every round)
-    per_client: list[dict[str, Any]] = field(default_factory=list)
+    per_client: list["ClientRecord"] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The round as ``metrics.json`` holds it (a client record without its unset fields)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["rejected"] = dict(self.rejected)
+        out["per_client"] = [rec.to_dict() for rec in self.per_client]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RoundMetrics":
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        known["per_client"] = [ClientRecord.from_dict(rec) for rec in known.get("per_client", [])]
+        return cls(**known)
 
     def line(self, num_rounds: int) -> str:
         """The one line printed when the round ends."""
@@ -112,20 +130,60 @@ PER_CLIENT_FIELDS = {
 }
 
 
-def client_record(client: int, status: str, bytes_down: int | None, metrics: dict[str, float] | None = None,
-                  examples: int | None = None, reason: str = "") -> dict[str, Any]:
+@dataclass
+class ClientRecord:
     """One sampled client of a round: ``status`` ``ok`` or its failure kind (``error``,
-    ``invalid``, ``lost``) with the ``reason``; the bytes the server sent it; and what its reply
-    reported (seconds extracting and training, peak RSS, bytes as the client measured them)."""
-    rec: dict[str, Any] = {"client": client, "status": status, "bytes_down": bytes_down}
-    if examples is not None:
-        rec["examples"] = examples
-    for key, name in PER_CLIENT_FIELDS.items():
-        if metrics and key in metrics:
-            rec[name] = metrics[key]
-    if reason:
-        rec["reason"] = reason
-    return rec
+    ``invalid``, ``lost``) with the ``reason``; the bytes the server sent it; what its reply
+    reported (``PER_CLIENT_FIELDS``: seconds extracting and training, peak RSS, bytes as the
+    client measured them, ...); and, in a run with device profiles, its profile and slice.
+    ``None`` (and an empty reason) = not reported; ``metrics.json`` leaves such fields out."""
+
+    client: int
+    status: str
+    bytes_down: int | None
+    examples: int | None = None
+    reason: str = ""
+    # what the reply reported (fedsparse.protocol keys, PER_CLIENT_FIELDS)
+    train_seconds: float | None = None
+    extract_seconds: float | None = None
+    peak_rss_bytes: float | None = None
+    bytes_received: float | None = None
+    bytes_sent: float | None = None
+    feature_cache_hit: float | None = None
+    train_loss: float | None = None
+    predicted_peak_bytes: float | None = None
+    memory_budget_bytes: float | None = None
+    encoder_batch: float | None = None
+    mask_ratio: float | None = None
+    encoder_macs_per_image: float | None = None
+    train_tensor_bytes: float | None = None
+    # rounds with device profiles (RoundEngine._add_profile_fields)
+    profile: str | None = None
+    capacity: float | None = None
+    slice_dims: list[int] | None = None
+    slice_share: float | None = None
+    bytes_up: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None and (f.name != "reason" or self.reason)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClientRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+assert set(PER_CLIENT_FIELDS.values()) <= {f.name for f in dataclasses.fields(ClientRecord)}
+
+
+def client_record(client: int, status: str, bytes_down: int | None, metrics: dict[str, float] | None = None,
+                  examples: int | None = None, reason: str = "") -> ClientRecord:
+    """A ``ClientRecord`` from a reply's metrics (protocol keys)."""
+    reported = {name: metrics[key] for key, name in PER_CLIENT_FIELDS.items() if metrics and key in metrics}
+    return ClientRecord(client, status, bytes_down, examples, reason, **reported)
 
 
 @dataclass
@@ -186,18 +244,24 @@ class RunMetrics:
 
     # --- files ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("extra")
+        out = self._head()
+        out["rounds"] = [r.to_dict() for r in self.rounds]
         out.update(self.extra)
         return out
+
+    def _head(self) -> dict[str, Any]:
+        """Every field but ``rounds`` and ``extra``, copied (as ``dataclasses.asdict`` copies)."""
+        import copy
+
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("rounds", "extra")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunMetrics":
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rounds"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k != "rounds"}
-        round_names = {f.name for f in dataclasses.fields(RoundMetrics)}
-        rounds = [RoundMetrics(**{k: v for k, v in r.items() if k in round_names}) for r in data.get("rounds", [])]
+        rounds = [RoundMetrics.from_dict(r) for r in data.get("rounds", [])]
         return cls(**known, rounds=rounds, extra=extra)
 
     def json_text(self) -> str:
@@ -205,8 +269,7 @@ class RunMetrics:
         text is made once and kept on its entry (entries do not change once appended), so a
         run that writes this after every round pays for its new round, not for its whole
         history (150 rounds: 18 ms for ``json.dump(to_dict())``, well under 1 ms this way)."""
-        head = self.to_dict()
-        head.pop("rounds")
+        head = {**self._head(), **self.extra}
         text = json.dumps(head, indent=2)
         rounds = ",\n".join(_round_json(r) for r in self.rounds)
         body = f'"rounds": [\n{rounds}\n  ]' if rounds else '"rounds": []'
@@ -242,7 +305,7 @@ def _round_json(entry: RoundMetrics) -> str:
     """``entry`` as JSON indented to sit in ``rounds``, made once per entry (see ``json_text``)."""
     text = entry.__dict__.get("_json")
     if text is None:
-        text = "    " + json.dumps(dataclasses.asdict(entry), indent=2).replace("\n", "\n    ")
+        text = "    " + json.dumps(entry.to_dict(), indent=2).replace("\n", "\n    ")
         entry.__dict__["_json"] = text
     return text
 

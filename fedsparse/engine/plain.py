@@ -20,9 +20,12 @@ class PlainTransport:
     """Clients ``0 .. num-clients - 1`` (partition ids), trained one after the other."""
 
     name = "plain"
+    clients_are_partitions = True  # every client is a partition of the server's data set
+
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.profiles: dict = {}  # no client reports a profile: the engine uses device-profiles
 
     def clients(self, k: int) -> list[int]:
         return list(range(self.cfg.num_clients))

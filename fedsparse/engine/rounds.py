@@ -15,6 +15,7 @@ driver and after any resume, whatever ids Flower gives the nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -22,20 +23,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
+from fedsparse import errors
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
-from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
+from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
-from fedsparse.protocol import CLIENT_TASK_KEY
+from fedsparse.protocol import CLIENT_TASK_KEY, RoundSettings
 from fedsparse.seeds import derive_seed
 from fedsparse.task import initial_head, partition_sizes_of, test_features
 
@@ -83,9 +85,24 @@ class Exchange:
 
 
 class Transport(Protocol):
-    """How the engine reaches clients. ``name`` goes into metrics.json as the engine."""
+    """How the engine reaches clients, and what it can tell the engine about them. The engine
+    asks these attributes; it never changes behaviour by ``name``, which only goes into
+    metrics.json as the engine.
+
+    Attributes:
+        name: the engine name recorded in metrics.json.
+        clients_are_partitions: its client ids are the partitions ``0 .. num-clients - 1`` of
+            the server's own data set (plain, in-process, simulation), so a reply may claim at
+            most its partition's size; False where clients bring their own data (deployment:
+            ``max-examples`` bounds a reply instead).
+        profiles: client id -> the device profile the client reported (deployment: its node
+            config); empty where clients report none (their profile then comes from
+            ``device-profiles``).
+    """
 
     name: str
+    clients_are_partitions: bool
+    profiles: Mapping[int, Profile | None]
 
     def clients(self, k: int) -> list[int]:
         """The ids of the clients available now (wait for ``k`` when they may still connect)."""
@@ -161,10 +178,13 @@ def check_reply(task: ClientTask, reply: Reply, *, update_bound: float = 0.0,
     return ClientUpdate(task.client, reply.arrays, n, {**reply.metrics, UPDATE_RATIO_KEY: ratio})
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    """A (possibly multi-line) reason as one short log line."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+REASON_CHARS = 300  # a failed client's reason in the log and the metrics
+
+
+def one_line(text: object) -> str:
+    """A failed client's (possibly multi-line) reason as one log line of at most
+    ``REASON_CHARS`` characters (``fedsparse.errors.one_line``)."""
+    return errors.one_line(text, REASON_CHARS)
 
 
 class RoundEngine:
@@ -225,8 +245,7 @@ class RoundEngine:
         """Initial head and evaluation, or the checkpoint's state when ``cfg.resume``; returns
         the number of rounds already done."""
         self._t_start = time.perf_counter()
-        # drivers whose clients are the partitions 0..num-clients-1 of the server's own data set
-        self._exact_sizes = transport.name in ("plain", "in-process", "simulation")
+        self._exact_sizes = transport.clients_are_partitions
         self._transport = transport
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
@@ -261,8 +280,8 @@ class RoundEngine:
         """A client's device profile (``fedsparse.profiles``): what it reported to the transport
         (``Transport.profiles``, deployment: its node config), else its share of
         ``device-profiles`` by partition id (simulation), else None."""
-        reported = getattr(self._transport, "profiles", None)
-        if reported is not None and client in reported:
+        reported = self._transport.profiles if self._transport is not None else {}
+        if client in reported:
             return reported[client]
         if self.cfg.device_profiles and 0 <= client < self.cfg.num_clients:
             return profile_for(self.cfg, client)
@@ -281,16 +300,16 @@ class RoundEngine:
             tasks = self.algorithm.plan(server_round, self.state, clients, capacities=capacities)  # type: ignore[call-arg]
         else:
             tasks = self.algorithm.plan(server_round, self.state, clients)
-        base = {"server-round": server_round, "local-steps": self.cfg.local_steps, "lr": self.cfg.lr,
-                "batch-size": self.cfg.batch_size, CLIENT_TASK_KEY: self.algorithm.client_task}
+        settings = RoundSettings(server_round, self.cfg.local_steps, self.cfg.lr, self.cfg.batch_size)
         profile_of = dict(zip(clients, profiles))
         for task in tasks:
             prof = profile_of.get(task.client)
-            own = {"local-steps": prof.local_steps, "batch-size": prof.batch_size} if prof is not None else {}
-            task.config = {**base, **own, **task.config}
+            mine = settings if prof is None else dataclasses.replace(settings, local_steps=prof.local_steps,
+                                                                     batch_size=prof.batch_size)
+            task.config = {**mine.to_config(), CLIENT_TASK_KEY: self.algorithm.client_task, **task.config}
         return tasks
 
-    def _add_profile_fields(self, records: list[dict], tasks: Sequence[ClientTask], exchange: Exchange,
+    def _add_profile_fields(self, records: list[ClientRecord], tasks: Sequence[ClientTask], exchange: Exchange,
                             full: State) -> None:
         """Rounds with device profiles: each per-client record (task order) gains the client's
         profile and capacity, its slice (hidden widths, share of the full head's tensor bytes),
@@ -304,11 +323,12 @@ class RoundEngine:
                 dims = list(state_dims(task.arrays))
             except (KeyError, IndexError):
                 dims = []
-            rec.update({"profile": prof.name if prof is not None else None,
-                        "capacity": prof.width if prof is not None else 1.0,
-                        "slice_dims": dims, "slice_share": state_bytes(task.arrays) / total,
-                        "bytes_up": exchange.bytes_up_of.get(task.client),
-                        "local_steps": task.config.get("local-steps"), "batch_size": task.config.get("batch-size")})
+            rec.profile = prof.name if prof is not None else None
+            rec.capacity = prof.width if prof is not None else 1.0
+            rec.slice_dims, rec.slice_share = dims, state_bytes(task.arrays) / total
+            rec.bytes_up = exchange.bytes_up_of.get(task.client)
+            given = RoundSettings.from_config(task.config)
+            rec.local_steps, rec.batch_size = given.local_steps, given.batch_size
 
     def check(self, task: ClientTask, reply: Reply) -> "ClientUpdate | RejectedReply":
         """``check_reply`` with this run's bounds: the accepted update, or the rejection."""
@@ -391,7 +411,7 @@ class RoundEngine:
 
     @staticmethod
     def _client_records(tasks: Sequence[ClientTask], accepted: dict[int, ClientUpdate], failures: list[Failure],
-                        exchange: Exchange) -> list[dict]:
+                        exchange: Exchange) -> list[ClientRecord]:
         """``RoundMetrics.per_client``: one record per task, in task order."""
         if len(tasks) > PER_CLIENT_MAX:
             return []

@@ -24,11 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-
-try:
-    import fcntl
-except ImportError:  # Windows: no cross-process lock, concurrent misses extract twice
-    fcntl = None  # type: ignore[assignment]
+from filelock import FileLock
 
 from fedsparse.data.datasets import ImageSet
 from fedsparse.inputs.encoder import Encoder, encode, load_encoder, load_image, normalize
@@ -139,20 +135,13 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def lock(self, key: dict[str, Any]) -> Iterator[None]:
-        """Hold an exclusive lock on ``key``'s entry, across processes (``flock`` on
-        ``<root>/locks/<digest>.lock``), so that clients missing the same entry at once extract
-        it once: the others wait and then read it. A no-op where ``fcntl`` does not exist."""
-        if fcntl is None:
-            yield
-            return
+        """Hold an exclusive lock on ``key``'s entry, across processes and threads
+        (``filelock`` on ``<root>/locks/<digest>.lock``), so that clients missing the same entry
+        at once extract it once: the others wait and then read it."""
         p = self.root.parent / "locks" / self.path(key).with_suffix(".lock").name
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with FileLock(p, thread_local=False):
+            yield
 
     def store(self, key: dict[str, Any], x: torch.Tensor, y: torch.Tensor, skipped: int) -> Path:
         p = self.path(key)
