@@ -12,7 +12,10 @@ Public API is used everywhere else. What is here has no public equivalent:
 3. ``patched_vce``: one pass per poll to hand messages to simulated clients instead of
    Flower's per-node scan of every stored message (``vce_api.add_messages_to_queue``,
    ``InMemoryLinkState._check_stored_messages``), see below.
-4. ``fedsparse.protocol.wire_bytes`` (the library's one Flower-aware function) mirrors how
+4. ``patched_pool``: which client actor a message goes to, known where Flower's actor pool
+   submits it (``BasicActorPool.submit``, re-done in its six lines), so that its
+   Arrays travel by shared-memory file only to an actor on the driver's Ray node.
+5. ``fedsparse.protocol.wire_bytes`` (the library's one Flower-aware function) mirrors how
    Flower deflates messages (its array chunk size, its object headers) to size them without
    hashing every byte; it is listed here so that the check below covers it too.
 
@@ -135,6 +138,41 @@ def patched_vce() -> Iterator[bool]:
         vce_api.add_messages_to_queue = original
 
 
+@contextmanager
+def patched_pool(around: Callable[[Any], Any]) -> Iterator[bool]:
+    """Inside the block, Flower's actor pool submits each message inside ``around(actor)`` (a
+    context manager; the actor is the one that will run it); yields whether it is installed."""
+    try:
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+    except ImportError:
+        yield False
+        return
+    original = getattr(BasicActorPool, "submit", None)
+    if original is None or list(inspect.signature(original).parameters) != POOL_SUBMIT_PARAMS \
+            or "_future_to_actor" not in inspect.getsource(original):
+        yield False
+        return
+
+    def submit(self: Any, actor_fn: Any, job: Any) -> Any:
+        # Flower's submit, with the call that serializes the message inside around(actor); the
+        # actor is taken here (peeking at pool[-1] would race with the threads that put actors back)
+        actor = self.pool.pop()
+        app_fn, message, cid, context = job
+        with around(actor):
+            future = actor_fn(actor, app_fn, message, cid, context)
+        self._future_to_actor[future] = actor
+        return future
+
+    BasicActorPool.submit = submit
+    try:
+        yield True
+    finally:
+        BasicActorPool.submit = original
+
+
+POOL_SUBMIT_PARAMS = ["self", "actor_fn", "job"]
+
+
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
     """Let this process build Messages outside a Flower run (in-process driver, tests)."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -188,6 +226,7 @@ INTERNALS = [
     ("flwr.supercore.task_identity", "TaskIdentity", "building Messages outside a run"),
     ("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue", "the message dispatch patched_vce replaces"),
     ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState", "the state patched_vce reads"),
+    ("flwr.simulation.ray_transport.ray_actor", "BasicActorPool", "the actor pool patched_pool wraps"),
     # fedsparse.protocol.wire_bytes sizes messages as Flower deflates them (tests/test_protocol.py
     # checks it against Flower's own deflate-and-hash on every kind of message)
     ("flwr.app.message.array", "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", "how Flower cuts arrays into chunks"),
@@ -220,4 +259,9 @@ def check_internals() -> list[str]:
                             f"expected {EXPECTED_PARAMS} ({why})")
         if attr == "InMemoryLinkState" and not hasattr(obj, "_check_stored_messages"):
             problems.append(f"{module}.{attr}._check_stored_messages is gone ({why})")
+        if attr == "BasicActorPool":
+            submit = getattr(obj, "submit", None)
+            params = list(inspect.signature(submit).parameters) if submit is not None else None
+            if params != POOL_SUBMIT_PARAMS:
+                problems.append(f"{module}.{attr}.submit has parameters {params}, expected {POOL_SUBMIT_PARAMS} ({why})")
     return problems

@@ -1,0 +1,239 @@
+"""A run attached to a real Ray cluster: two ``ray start`` nodes on this machine, each with its
+own CPU, as a user with two machines starts them (``docs/scaling.md``).
+
+The cluster lives in a private temporary folder (``--temp-dir``: its address file is not the
+machine's default one, so no other ``ray.init()`` on this machine finds it) and is stopped by
+signalling the ``ray start --block`` processes this module started, never with ``ray stop``
+(which stops every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsparse.config import RunConfig
+from fedsparse.engine.plain import PlainTransport
+from fedsparse.engine.rounds import RoundEngine
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayNodes:
+    """``ray start --block`` processes of one cluster, started and stopped by this test."""
+
+    def __init__(self) -> None:
+        self.temp = tempfile.mkdtemp(prefix="fsc-", dir="/tmp")  # short: Ray's socket paths go in it
+        self.cache = str(Path(self.temp) / "cache")  # the nodes' feature cache ($FEDSPARSE_CACHE)
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT), RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+                   FEDSPARSE_CACHE=self.cache)
+        env.update(extra)
+        return env
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        log = open(Path(self.temp) / f"node{len(self.procs)}.log", "w")
+        proc = subprocess.Popen([str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+                                 f"--dashboard-agent-listen-port={free_port()}", *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env(**env), start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_head(self, **env: str) -> None:
+        port = free_port()
+        self.start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
+                   f"--ray-client-server-port={free_port()}", **env)
+        self.address = f"{socket.gethostbyname(socket.gethostname())}:{port}"
+        address_file = Path(self.temp) / "ray_current_cluster"
+        self._wait(lambda: address_file.is_file() and address_file.read_text().strip(), "the head node")
+        self.address = address_file.read_text().strip()
+
+    def add_worker(self, **env: str) -> None:
+        before = len(self.alive_nodes())
+        self.start(f"--address={self.address}", **env)
+        self._wait(lambda: len(self.alive_nodes()) > before, "a worker node")
+
+    def alive_nodes(self) -> list[str]:
+        """Node ids the cluster reports alive, asked through the GCS (no driver needed)."""
+        from ray._raylet import GcsClient
+
+        try:
+            nodes = GcsClient(address=self.address).get_all_node_info(timeout=5)
+        except Exception:  # noqa: BLE001 - not up yet
+            return []
+        return [info.node_id.hex() if hasattr(info.node_id, "hex") else str(info.node_id)
+                for info in nodes.values() if info.state == 0]  # ALIVE
+
+    def _wait(self, ready, what: str, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            dead = [p.args for p in self.procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = "\n".join(p.read_text()[-2000:] for p in Path(self.temp).glob("node*.log"))
+                pytest.fail(f"{what} did not start ({'exited' if dead else 'timeout'}):\n{logs}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM to each ``ray start --block`` (it stops its own node's processes), workers first."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        # anything of this cluster still running (it names the private folder): killed, by pid
+        for pid in _pids_naming(self.temp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _pids_naming(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = RayNodes()
+    try:
+        nodes.start_head()
+        nodes.add_worker()
+        yield nodes
+    finally:
+        nodes.stop()
+    assert not _pids_naming(nodes.temp), "the cluster's processes outlived the test"
+
+
+SECOND_JOB = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Counter:
+    def __init__(self):
+        self.n = 0
+    def bump(self):
+        self.n += 1
+        return self.n
+
+counter = Counter.remote()
+print(ray.get(counter.bump.remote(), timeout=60), flush=True)
+sys.stdin.readline()  # until the test says
+print(ray.get(counter.bump.remote(), timeout=30), flush=True)
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path, make_image_tree):
+    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
+                     num_clients=6, clients_per_round=3, num_rounds=2, local_steps=3, batch_size=4,
+                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), save_seconds=0.0)
+
+
+def test_a_run_attached_to_a_two_node_cluster_uses_both_and_leaves_it_running(cluster, cfg, monkeypatch):
+    """Both nodes run clients; the Arrays for the actor on the other node travel through Ray,
+    those for the driver's node through shared-memory files; the model is the one the plain
+    loop gives for the same seed; the cluster and another job on it are still running after."""
+    from strategies import ray_arrays
+    from strategies.simulation import simulate
+
+    second = subprocess.Popen([sys.executable, "-c", SECOND_JOB, cluster.address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cluster.env())
+    try:
+        assert second.stdout.readline().strip() == "1"  # the other job is up, with its actor
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # as a user attaches: the environment
+        monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")  # every Array of the driver's is "big"
+        metrics = simulate(cfg.replace(out_dir=str(Path(cfg.out_dir) / "cluster")))
+        second.stdin.write("\n")
+        second.stdin.flush()
+        assert second.stdout.readline().strip() == "2"  # the other job's actor lived through the run
+    finally:
+        second.kill()
+        second.wait()
+    assert [r.round for r in metrics.rounds] == [1, 2] and all(r.clients == 3 for r in metrics.rounds)
+    assert metrics.extra["ray_cluster"] == {"address": cluster.address, "attached": True, "nodes": 2, "cpus": 2.0}
+    # both nodes ran clients, and ray_nodes says which, where and how many
+    alive = set(cluster.alive_nodes())
+    assert len(metrics.ray_nodes) == 2 and {n["node_id"] for n in metrics.ray_nodes} == alive
+    assert all(n["tasks"] >= 1 and n["workers"] == 1 and n["peak_rss_bytes_max"] > 0 and n["address"]
+               for n in metrics.ray_nodes)
+    assert sum(n["tasks"] for n in metrics.ray_nodes) == 2 * 3
+    assert any(r.ray_nodes == 2 for r in metrics.rounds)
+    # the cross-node path: the actor on the worker node got its Arrays through Ray and sent them
+    # back that way; the actor on the driver's node through files
+    assert metrics.extra["arrays_by_node"] is True
+    assert metrics.extra["cross_node_arrays"]["sent"] > 0 and metrics.extra["cross_node_arrays"]["received"] > 0
+    assert metrics.extra["shared_memory_arrays"]["sent"] > 0
+    # the plain loop's model, bit for bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = RoundEngine(cfg.replace(out_dir=str(Path(cfg.out_dir) / "plain")), report=lambda s: None)
+        plain.run(PlainTransport(plain.cfg))
+    model = torch.load(Path(cfg.out_dir) / "cluster" / "model.pt")
+    assert model.keys() == plain.state.keys() and all(torch.equal(model[k], plain.state[k]) for k in model)
+    # the cluster is still up: both nodes, their processes
+    assert all(p.poll() is None for p in cluster.procs)
+    assert set(cluster.alive_nodes()) == alive
+
+
+def test_an_unwritable_cache_on_a_worker_node_fails_its_clients_in_one_line_naming_it(cluster, cfg, monkeypatch,
+                                                                                        tmp_path):
+    """A node whose feature cache cannot be written (its $FEDSPARSE_CACHE is a file): its clients
+    fail with one line naming the node, counted as failures; the round ends, the other nodes'
+    clients count."""
+    from strategies.simulation import simulate
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    cluster.add_worker(FEDSPARSE_CACHE=str(blocker / "cache"))
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        monkeypatch.setenv("FEDSPARSE_CACHE", cluster.cache)  # the driver's, and the first two nodes'
+
+        metrics = simulate(cfg.replace(cache_dir="", num_rounds=1, clients_per_round=6,
+                                       out_dir=str(Path(cfg.out_dir) / "bad-node")))
+    finally:
+        cluster.procs[-1].send_signal(signal.SIGTERM)  # this test's node only
+        cluster.procs.pop().wait(timeout=30)
+    rnd = metrics.rounds[0]
+    assert rnd.failed_error >= 1 and rnd.clients >= 1 and rnd.clients + rnd.failures == 6
+    reasons = [c["reason"] for c in rnd.per_client if c["status"] == "error"]
+    assert reasons and all("on node" in r and "Ray node" in r and "\n" not in r for r in reasons)
