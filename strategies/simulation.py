@@ -267,6 +267,13 @@ def start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces and ')'
 
 
+def driver_peak_rss() -> int:
+    """This process's peak RSS in bytes (Linux reports ``ru_maxrss`` in kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def simulate(cfg: RunConfig) -> RunMetrics:
     """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; returns the run's metrics."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -330,6 +337,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
         raise RuntimeError(f"the run ended without writing {metrics_path}; see the log above")
     metrics = RunMetrics.load(metrics_path)
     metrics.memory = monitor.summary()  # this process, Ray's GCS and raylet, and every worker
+    metrics.extra["driver_peak_rss_bytes"] = driver_peak_rss()  # this process alone: the server
     metrics.extra["fast_message_dispatch"] = fast_dispatch
     # Arrays that went through shared-memory files (strategies.ray_arrays): sent to the clients,
     # received in their replies; false where that path is off

@@ -1,22 +1,12 @@
 """A run attached to a real Ray cluster: two ``ray start`` nodes on this machine, each with its
-own CPU, as a user with two machines starts them (``docs/scaling.md``).
-
-The cluster lives in a private temporary folder (``--temp-dir``: its address file is not the
-machine's default one, so no other ``ray.init()`` on this machine finds it) and is stopped by
-signalling the ``ray start --block`` processes this module started, never with ``ray stop``
-(which stops every Ray on the machine).
+own CPU, as a user with two machines starts them (``docs/scaling.md``), in a private folder
+and stopped by signalling the processes this module started (``strategies.local_cluster``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,119 +16,28 @@ import torch
 from fedsparse.config import RunConfig
 from fedsparse.engine.plain import PlainTransport
 from fedsparse.engine.rounds import RoundEngine
+from strategies.local_cluster import LocalCluster, pids_naming
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).parent / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RayNodes:
-    """``ray start --block`` processes of one cluster, started and stopped by this test."""
-
-    def __init__(self) -> None:
-        self.temp = tempfile.mkdtemp(prefix="fsc-", dir="/tmp")  # short: Ray's socket paths go in it
-        self.cache = str(Path(self.temp) / "cache")  # the nodes' feature cache ($FEDSPARSE_CACHE)
-        self.procs: list[subprocess.Popen] = []
-        self.address = ""
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT), RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
-                   FEDSPARSE_CACHE=self.cache)
-        env.update(extra)
-        return env
-
-    def start(self, *args: str, **env: str) -> subprocess.Popen:
-        log = open(Path(self.temp) / f"node{len(self.procs)}.log", "w")
-        proc = subprocess.Popen([str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                                 f"--dashboard-agent-listen-port={free_port()}", *args],
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env(**env), start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def start_head(self, **env: str) -> None:
-        port = free_port()
-        self.start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
-                   f"--ray-client-server-port={free_port()}", **env)
-        self.address = f"{socket.gethostbyname(socket.gethostname())}:{port}"
-        address_file = Path(self.temp) / "ray_current_cluster"
-        self._wait(lambda: address_file.is_file() and address_file.read_text().strip(), "the head node")
-        self.address = address_file.read_text().strip()
-
-    def add_worker(self, **env: str) -> None:
-        before = len(self.alive_nodes())
-        self.start(f"--address={self.address}", **env)
-        self._wait(lambda: len(self.alive_nodes()) > before, "a worker node")
-
-    def alive_nodes(self) -> list[str]:
-        """Node ids the cluster reports alive, asked through the GCS (no driver needed)."""
-        from ray._raylet import GcsClient
-
-        try:
-            nodes = GcsClient(address=self.address).get_all_node_info(timeout=5)
-        except Exception:  # noqa: BLE001 - not up yet
-            return []
-        return [info.node_id.hex() if hasattr(info.node_id, "hex") else str(info.node_id)
-                for info in nodes.values() if info.state == 0]  # ALIVE
-
-    def _wait(self, ready, what: str, seconds: float = 90) -> None:
-        deadline = time.monotonic() + seconds
-        while not ready():
-            dead = [p.args for p in self.procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                logs = "\n".join(p.read_text()[-2000:] for p in Path(self.temp).glob("node*.log"))
-                pytest.fail(f"{what} did not start ({'exited' if dead else 'timeout'}):\n{logs}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        """SIGTERM to each ``ray start --block`` (it stops its own node's processes), workers first."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        # anything of this cluster still running (it names the private folder): killed, by pid
-        for pid in _pids_naming(self.temp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def _pids_naming(text: str) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    out.append(int(entry.name))
-            except OSError:
-                pass
-    return out
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    nodes = RayNodes()
+def cluster(tmp_path_factory):
+    """Two nodes of one CPU each; their workers import this checkout and share a feature cache
+    (one machine: the same path on every node)."""
+    cache = str(tmp_path_factory.mktemp("cluster-cache"))
+    nodes = LocalCluster(PYTHONPATH=str(ROOT), FEDSPARSE_CACHE=cache)
+    nodes.cache = cache
     try:
         nodes.start_head()
         nodes.add_worker()
         yield nodes
     finally:
         nodes.stop()
-    assert not _pids_naming(nodes.temp), "the cluster's processes outlived the test"
+    assert not pids_naming(nodes.temp), "the cluster's processes outlived the test"
 
 
 SECOND_JOB = """
@@ -231,8 +130,7 @@ def test_an_unwritable_cache_on_a_worker_node_fails_its_clients_in_one_line_nami
         metrics = simulate(cfg.replace(cache_dir="", num_rounds=1, clients_per_round=6,
                                        out_dir=str(Path(cfg.out_dir) / "bad-node")))
     finally:
-        cluster.procs[-1].send_signal(signal.SIGTERM)  # this test's node only
-        cluster.procs.pop().wait(timeout=30)
+        cluster.stop_node(cluster.procs[-1])  # this test's node only
     rnd = metrics.rounds[0]
     assert rnd.failed_error >= 1 and rnd.clients >= 1 and rnd.clients + rnd.failures == 6
     reasons = [c["reason"] for c in rnd.per_client if c["status"] == "error"]

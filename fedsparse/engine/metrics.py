@@ -63,6 +63,11 @@ class RoundMetrics:
     # than PER_CLIENT_MAX clients (metrics.json is rewritten every round)
     per_client: list[dict[str, Any]] = field(default_factory=list)
     ray_nodes: int | None = None  # how many Ray nodes the round's replies came from (None: not on Ray)
+    # CPU seconds of the server's process since the previous round ended (all its threads: on the
+    # Simulation Engine the server, Flower's runtime and Ray's driver, no client), and the seconds
+    # the used replies' clients spent extracting and training, summed
+    server_cpu_seconds: float | None = None
+    client_seconds_sum: float | None = None
 
     def line(self, num_rounds: int) -> str:
         """The one line printed when the round ends."""
@@ -97,6 +102,8 @@ def client_summary(metrics: Sequence[dict[str, float]]) -> dict[str, Any]:
         "client_bytes_received_mean": _mean(vals(p.BYTES_RECEIVED_KEY)),
         "client_bytes_sent_mean": _mean(vals(p.BYTES_SENT_KEY)),
         "feature_cache_hits": int(sum(hits)) if hits else None,
+        "client_seconds_sum": (sum(vals(p.TRAIN_SECONDS_KEY)) + sum(vals(p.EXTRACT_SECONDS_KEY))
+                               if vals(p.TRAIN_SECONDS_KEY) else None),
     }
 
 

@@ -192,6 +192,7 @@ class RoundEngine:
         self.done = 0  # rounds finished
         self.metrics: RunMetrics | None = None
         self.nodes = NodeTable()  # client tasks per Ray node (fedsparse.engine.nodes)
+        self._cpu_mark = time.process_time()  # this process's CPU time when the last round ended
         self._t_start = time.perf_counter()
         self._sizes: list[int] | None = None  # partition sizes, when the driver is exact about them
         self._exact_sizes = False
@@ -244,6 +245,7 @@ class RoundEngine:
                 self.metrics.resumed_at.append(self.done)
                 self.metrics.finished = False
             self.report(f"resuming after round {self.done}/{self.cfg.num_rounds} from {self.out / 'checkpoint.pt'}")
+            self._cpu_mark = time.process_time()
             return self.done
         head = initial_head(self.cfg, self.test.x.shape[1], self.num_classes)
         self.state = self.initial_head_state()
@@ -257,6 +259,7 @@ class RoundEngine:
         self.done = 0
         self.report(f"round 0/{self.cfg.num_rounds}: accuracy {accuracy:.4f} (initial head)")
         self._write()
+        self._cpu_mark = time.process_time()
         return 0
 
     # --- one round, in two halves (a Flower Strategy calls them from configure/aggregate) ---
@@ -378,6 +381,7 @@ class RoundEngine:
             rejected=rejected, head_kept=kept, **client_summary([u.metrics for u in updates]),
             update_ratio_max=max((u.metrics.get(UPDATE_RATIO_KEY, 0.0) for u in updates), default=None),
             per_client=self._client_records(tasks, accepted, failures, exchange), ray_nodes=nodes,
+            server_cpu_seconds=time.process_time() - self._cpu_mark,
         )
         self._add_profile_fields(entry.per_client, tasks, exchange, self.state)
         self.metrics.rounds.append(entry)
@@ -385,6 +389,7 @@ class RoundEngine:
         if self.save_due():
             self._write()
         self.report(entry.line(self.cfg.num_rounds))
+        self._cpu_mark = time.process_time()
         return entry
 
     def save_due(self) -> bool:
