@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -139,6 +140,19 @@ def ray_address(cfg: RunConfig) -> str | None:
         raise ValueError(f"ray-address {address!r} is a Ray Client address; run fedsparse on a node of the cluster "
                          "(the head) with the cluster's own address, e.g. ray-address='HEAD-IP:6379' or 'auto'")
     return None if address in ("", LOCAL) else address
+
+
+def check_reachable(address: str, seconds: float = 5.0) -> None:
+    """A one-line error when nothing answers at a cluster's ``HOST:PORT`` (Ray itself retries
+    for minutes before it gives up, with SIGINT blocked while it starts)."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # Ray's own lookup (the cluster started on this machine), or a form Ray will judge
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as err:
+        raise ValueError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
+                         f"`ray start --head --port={port}` on {host}, or check the address and the firewall") from None
 
 
 def start_ray(init_args: dict[str, Any]) -> None:
@@ -302,6 +316,8 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     by_node = False
     theirs = set(process_tree()[1:])  # the caller's own children (another job's driver, say): not the run's
     try:
+        if address is not None:
+            check_reachable(address)
         start_ray(init_args)
         nodes = cluster_nodes()
         if address is not None:

@@ -134,3 +134,38 @@ def test_an_attached_run_checks_client_cpus_against_the_cluster_not_this_machine
     args = cli.build_parser().parse_args(["check", "--out", str(tmp_path / "run"), "--run-config",
                                           f"client-cpus={cores + 1} ray-address='h:6379'"])
     assert cli.cmd_check(args) == 0
+
+
+def test_the_scaling_walkthroughs_ray_start_flags_and_keys_exist():
+    """docs/scaling.md names ``ray start`` flags and run-config keys a user types as written."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from fedsparse.config import config_keys
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    ray = Path(sys.executable).parent / "ray"
+    if not ray.exists():
+        pytest.skip("no ray command (the simulation extra is not installed)")
+    help_text = subprocess.run([str(ray), "start", "--help"], capture_output=True, text=True, check=True).stdout
+    commands = re.findall(r"ray start[^\n`]*", text) + re.findall(r"`ray start --help`:([^)]*)\)", text)
+    flags = set(re.findall(r"--[a-z][a-z-]+", " ".join(commands)))
+    assert {"--head", "--port", "--num-cpus", "--address"} <= flags
+    assert [f for f in flags if f not in help_text] == []
+    for key in re.findall(r"\b([a-z]+(?:-[a-z]+)+)='", text):  # key='value' in the run configs shown
+        assert key in config_keys(), key
+
+
+def test_an_unreachable_cluster_is_one_line_at_once():
+    import socket
+
+    from strategies.simulation import check_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=rf"^cannot reach the Ray cluster at 127.0.0.1:{port} \(.*\); start it with "
+                                         rf"`ray start --head --port={port}` on 127.0.0.1"):
+        check_reachable(f"127.0.0.1:{port}", seconds=2)
+    check_reachable("auto")  # Ray finds it itself

@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -120,6 +121,7 @@ def main() -> int:
     ap.add_argument("--run-config", default="", help="more overrides, as for fedsparse run")
     ap.add_argument("--out", default="runs/scaling")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the cluster it started (finally)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
