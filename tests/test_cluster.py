@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -108,9 +109,29 @@ def test_a_run_attached_to_a_two_node_cluster_uses_both_and_leaves_it_running(cl
         plain.run(PlainTransport(plain.cfg))
     model = torch.load(Path(cfg.out_dir) / "cluster" / "model.pt")
     assert model.keys() == plain.state.keys() and all(torch.equal(model[k], plain.state[k]) for k in model)
-    # the cluster is still up: both nodes, their processes
+    # the cluster is still up: both nodes, their processes; the run's client actors are gone
     assert all(p.poll() is None for p in cluster.procs)
     assert set(cluster.alive_nodes()) == alive
+    deadline = time.monotonic() + 30
+    while actors := client_actors(cluster):
+        assert time.monotonic() < deadline, f"the run's client actors outlived it: {actors}"
+        time.sleep(0.2)
+
+
+def client_actors(cluster: LocalCluster) -> list[int]:
+    """Live Flower client actors among the cluster's processes."""
+    from fedsparse.accounting.memory import process_tree
+    from strategies.simulation import _alive
+
+    pids = [pid for proc in cluster.procs for pid in process_tree(proc.pid)]
+    out = []
+    for pid in pids:
+        try:
+            if "ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") and _alive(pid):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def test_an_unwritable_cache_on_a_worker_node_fails_its_clients_in_one_line_naming_it(cluster, cfg, monkeypatch,
@@ -135,3 +156,31 @@ def test_an_unwritable_cache_on_a_worker_node_fails_its_clients_in_one_line_nami
     assert rnd.failed_error >= 1 and rnd.clients >= 1 and rnd.clients + rnd.failures == 6
     reasons = [c["reason"] for c in rnd.per_client if c["status"] == "error"]
     assert reasons and all("on node" in r and "Ray node" in r and "\n" not in r for r in reasons)
+
+
+def test_a_killed_driver_takes_only_its_own_actors_with_it(cluster, cfg):
+    """``fedsparse run`` attached to the cluster, SIGKILLed after its first round: Ray ends the
+    run's client actors (the dead job's); the nodes stay up."""
+    import json
+
+    out = Path(cfg.out_dir) / "killed"
+    long = cfg.replace(num_rounds=200)
+    args = [sys.executable, "-m", "fedsparse.commands.cli", "run", "--run-config",
+            " ".join(f"{k}={json.dumps(v)}" for k, v in long.to_run_config().items() if k != "out-dir"),
+            "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**cluster.env(), "RAY_ADDRESS": cluster.address}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.json").is_file() or not json.loads((out / "metrics.json").read_text())["rounds"]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not finish a round"
+            time.sleep(0.1)
+        assert client_actors(cluster)  # its actors run on the cluster's nodes
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while actors := client_actors(cluster):
+        assert time.monotonic() < deadline, f"a killed run's client actors outlived it: {actors}"
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in cluster.procs) and len(cluster.alive_nodes()) == 2
