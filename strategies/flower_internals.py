@@ -84,13 +84,17 @@ def fast_add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_s
         MESSAGE_STORED.wait(DISPATCH_SECONDS)
 
 
-def _signalling(store: Callable[[Any], Any], event: threading.Event) -> Callable[[Any], Any]:
-    """``store`` (a LinkState's ``store_message_ins``/``_res``) that sets ``event`` once it stored."""
+def _signalling(store: Callable[[Any], Any], event: threading.Event,
+                note: Callable[[Any], None] | None = None) -> Callable[[Any], Any]:
+    """``store`` (a LinkState's ``store_message_ins``/``_res``) that sets ``event`` once it stored
+    (after ``note(message)``, where given)."""
 
     def wrapped(message: Any) -> Any:
         try:
             return store(message)
         finally:
+            if note is not None:
+                note(message)
             event.set()
 
     return wrapped
@@ -121,13 +125,19 @@ def patched_vce() -> Iterator[bool]:
 
     def dispatch(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
         if isinstance(state, InMemoryLinkState) and hasattr(state, "message_ins_store"):
-            from strategies.progress import REPLY_STORED
+            from strategies.progress import REPLY_STORED, STORED_REPLIES
 
             # this state object is the run's own (its in-memory LinkState): wake the dispatch
             # when the ServerApp stores messages, and the ServerApp's wait when replies are stored
+            # (telling it which: it then pulls only those, STORED_REPLIES)
             state.store_message_ins = _signalling(state.store_message_ins, MESSAGE_STORED)
-            state.store_message_res = _signalling(state.store_message_res, REPLY_STORED)
-            fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+            state.store_message_res = _signalling(state.store_message_res, REPLY_STORED,
+                                                  lambda m: STORED_REPLIES.add(m.metadata.reply_to_message_id))
+            STORED_REPLIES.active = True
+            try:
+                fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+            finally:
+                STORED_REPLIES.active = False
         else:
             original(state, queue, nodes_mapping, f_stop)
 

@@ -153,8 +153,37 @@ def main() -> int:
         for r in rows:
             w.writerow({k: r[k] for k in w.fieldnames})
     (out / "scaling.md").write_text(table(rows))
+    plot(rows, out / "scaling.png")
     print(table(rows))
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Seconds per round (later rounds) and the server's CPU seconds per round against K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for layout, style in (("one-node", "o-"), ("two-node", "s--")):
+        mine = sorted((r for r in rows if r["layout"] == layout), key=lambda r: r["clients_per_round"])
+        if not mine:
+            continue
+        ks = [r["clients_per_round"] for r in mine]
+        left.plot(ks, [r["round_seconds"] for r in mine], style, label=layout)
+        right.plot(ks, [r["server_cpu_seconds"] for r in mine], style, label=layout)
+    for ax, title in ((left, "seconds per round"), (right, "server CPU seconds per round")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("clients per round")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def table(rows: list[dict]) -> str:
