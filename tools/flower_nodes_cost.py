@@ -35,7 +35,8 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 n = int(sys.argv[1])
-app = write_app_dir(RunConfig(num_clients=max(n, 20)), Path(tempfile.mkdtemp()))
+tmp = tempfile.TemporaryDirectory()
+app = write_app_dir(RunConfig(num_clients=max(n, 20)), Path(tmp.name))
 factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
 run = Run.create_empty(run_id=1)
 r0, t0 = rss(), time.perf_counter()
@@ -45,6 +46,7 @@ stores = vce_api._register_node_info_stores(mapping, run, str(app))
 r2, t2 = rss(), time.perf_counter()
 print(json.dumps({{"nodes": n, "register_seconds": t1 - t0, "register_rss_bytes": r1 - r0,
                   "contexts_seconds": t2 - t1, "contexts_rss_bytes": r2 - r1}}))
+tmp.cleanup()
 """
 
 
