@@ -73,6 +73,9 @@ class RunConfig:
     save_seconds: float = 1.0  # write the round's files at most every N wall seconds (first, last, stopped: always); 0 = every round
     resume: bool = False  # continue from out-dir/checkpoint.pt (same config; num-rounds may grow)
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
+    # simulation: a running Ray cluster to attach to ("HEAD-IP:6379", "auto"); "" = $RAY_ADDRESS if set, else a
+    # Ray of this machine's cores, started and stopped by the run; "local" = that, whatever $RAY_ADDRESS says
+    ray_address: str = ""
     # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
     fault_rate: float = 0.0  # probability that a client fails in a round, drawn from (seed, round, partition)
     fault_mode: str = "raise"  # raise, nan, hang or mix

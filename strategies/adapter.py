@@ -45,10 +45,24 @@ from strategies.progress import PollingGrid
 WAIT_LOG_SECONDS = 10.0
 
 
+RAISED = "occurred. Message: "  # how Flower's ClientAppException words the ClientApp's own exception
+
+
+def error_gist(reason: str) -> str:
+    """A client's error as its ClientApp raised it. On the Simulation Engine the reason is Ray's
+    task error: a traceback of the actor (pid, node, actor id, frames) that ends with Flower's
+    ``Exception ClientAppException occurred. Message: <the exception's message>``; that message
+    (300 characters of the traceback never reached it)."""
+    if RAISED not in reason:
+        return reason
+    message = reason.rsplit(RAISED, 1)[1].strip()
+    return message[:-2] if message.endswith("'>") else message  # the end of Flower's "<class ...>:<'...'>"
+
+
 def decode_reply(reply: Message, client: int) -> Reply | Failure:
     """A training reply as the engine's ``Reply``, or the ``Failure`` it is."""
     if reply.has_error():
-        return Failure(client, "error", one_line(f"client error {reply.error.code}: {reply.error.reason}"))
+        return Failure(client, "error", one_line(f"client error {reply.error.code}: {error_gist(reply.error.reason)}"))
     arrays = reply.content.array_records
     if ARRAYS_KEY not in arrays:
         return Failure(client, "invalid", f"reply has no {ARRAYS_KEY!r} ArrayRecord (has {sorted(arrays)})", "arrays")

@@ -12,7 +12,10 @@ Public API is used everywhere else. What is here has no public equivalent:
 3. ``patched_vce``: one pass per poll to hand messages to simulated clients instead of
    Flower's per-node scan of every stored message (``vce_api.add_messages_to_queue``,
    ``InMemoryLinkState._check_stored_messages``), see below.
-4. ``fedsparse.protocol.wire_bytes`` (the library's one Flower-aware function) mirrors how
+4. ``patched_pool``: which client actor a message goes to, known where Flower's actor pool
+   submits it (``BasicActorPool.submit``, re-done in its six lines), so that its
+   Arrays travel by shared-memory file only to an actor on the driver's Ray node.
+5. ``fedsparse.protocol.wire_bytes`` (the library's one Flower-aware function) mirrors how
    Flower deflates messages (its array chunk size, its object headers) to size them without
    hashing every byte; it is listed here so that the check below covers it too.
 
@@ -84,13 +87,17 @@ def fast_add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_s
         MESSAGE_STORED.wait(DISPATCH_SECONDS)
 
 
-def _signalling(store: Callable[[Any], Any], event: threading.Event) -> Callable[[Any], Any]:
-    """``store`` (a LinkState's ``store_message_ins``/``_res``) that sets ``event`` once it stored."""
+def _signalling(store: Callable[[Any], Any], event: threading.Event,
+                note: Callable[[Any], None] | None = None) -> Callable[[Any], Any]:
+    """``store`` (a LinkState's ``store_message_ins``/``_res``) that sets ``event`` once it stored
+    (after ``note(message)``, where given)."""
 
     def wrapped(message: Any) -> Any:
         try:
             return store(message)
         finally:
+            if note is not None:
+                note(message)
             event.set()
 
     return wrapped
@@ -121,13 +128,19 @@ def patched_vce() -> Iterator[bool]:
 
     def dispatch(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
         if isinstance(state, InMemoryLinkState) and hasattr(state, "message_ins_store"):
-            from strategies.progress import REPLY_STORED
+            from strategies.progress import REPLY_STORED, STORED_REPLIES
 
             # this state object is the run's own (its in-memory LinkState): wake the dispatch
             # when the ServerApp stores messages, and the ServerApp's wait when replies are stored
+            # (telling it which: it then pulls only those, STORED_REPLIES)
             state.store_message_ins = _signalling(state.store_message_ins, MESSAGE_STORED)
-            state.store_message_res = _signalling(state.store_message_res, REPLY_STORED)
-            fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+            state.store_message_res = _signalling(state.store_message_res, REPLY_STORED,
+                                                  lambda m: STORED_REPLIES.add(m.metadata.reply_to_message_id))
+            STORED_REPLIES.active = True
+            try:
+                fast_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+            finally:
+                STORED_REPLIES.active = False
         else:
             original(state, queue, nodes_mapping, f_stop)
 
@@ -136,6 +149,41 @@ def patched_vce() -> Iterator[bool]:
         yield True
     finally:
         vce_api.add_messages_to_queue = original
+
+
+@contextmanager
+def patched_pool(around: Callable[[Any], Any]) -> Iterator[bool]:
+    """Inside the block, Flower's actor pool submits each message inside ``around(actor)`` (a
+    context manager; the actor is the one that will run it); yields whether it is installed."""
+    try:
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+    except ImportError:
+        yield False
+        return
+    original = getattr(BasicActorPool, "submit", None)
+    if original is None or list(inspect.signature(original).parameters) != POOL_SUBMIT_PARAMS \
+            or "_future_to_actor" not in inspect.getsource(original):
+        yield False
+        return
+
+    def submit(self: Any, actor_fn: Any, job: Any) -> Any:
+        # Flower's submit, with the call that serializes the message inside around(actor); the
+        # actor is taken here (peeking at pool[-1] would race with the threads that put actors back)
+        actor = self.pool.pop()
+        app_fn, message, cid, context = job
+        with around(actor):
+            future = actor_fn(actor, app_fn, message, cid, context)
+        self._future_to_actor[future] = actor
+        return future
+
+    BasicActorPool.submit = submit
+    try:
+        yield True
+    finally:
+        BasicActorPool.submit = original
+
+
+POOL_SUBMIT_PARAMS = ["self", "actor_fn", "job"]
 
 
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
@@ -191,6 +239,7 @@ INTERNALS = [
     ("flwr.supercore.task_identity", "TaskIdentity", "building Messages outside a run"),
     ("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue", "the message dispatch patched_vce replaces"),
     ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState", "the state patched_vce reads"),
+    ("flwr.simulation.ray_transport.ray_actor", "BasicActorPool", "the actor pool patched_pool wraps"),
     # fedsparse.protocol.wire_bytes sizes messages as Flower deflates them (tests/test_protocol.py
     # checks it against Flower's own deflate-and-hash on every kind of message)
     ("flwr.app.message.array", "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", "how Flower cuts arrays into chunks"),
@@ -223,4 +272,9 @@ def check_internals() -> list[str]:
                             f"expected {EXPECTED_PARAMS} ({why})")
         if attr == "InMemoryLinkState" and not hasattr(obj, "_check_stored_messages"):
             problems.append(f"{module}.{attr}._check_stored_messages is gone ({why})")
+        if attr == "BasicActorPool":
+            submit = getattr(obj, "submit", None)
+            params = list(inspect.signature(submit).parameters) if submit is not None else None
+            if params != POOL_SUBMIT_PARAMS:
+                problems.append(f"{module}.{attr}.submit has parameters {params}, expected {POOL_SUBMIT_PARAMS} ({why})")
     return problems

@@ -43,6 +43,34 @@ TICK_SECONDS = 1.0  # the callback also runs this often while nothing arrives
 REPLY_STORED = threading.Event()
 
 
+class StoredReplies:
+    """Ids of the messages whose replies the simulation's LinkState stored since the last
+    ``take`` (``strategies.flower_internals.patched_vce`` adds them; ``active`` while it runs).
+
+    Flower's ``pull_messages`` checks every message id it is asked about, under the LinkState's
+    lock: asking for all the round's pending ids each time a reply arrives cost O(K) per reply,
+    O(K^2) per round (1,000 clients per round: most of the server's 18 CPU seconds a round,
+    docs/benchmarks/scaling.md). With this feed a pull asks only for the replies stored since
+    the last one."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, message_id: str) -> None:
+        with self._lock:
+            self._ids.add(message_id)
+
+    def take(self) -> set[str]:
+        with self._lock:
+            ids, self._ids = self._ids, set()
+        return ids
+
+
+STORED_REPLIES = StoredReplies()
+
+
 class PollingGrid(Grid):
     """A Grid that forwards everything to ``grid``; ``send_and_receive`` reports replies as they come."""
 
@@ -102,10 +130,15 @@ class PollingGrid(Grid):
         self._report(0, total, 0, False)
         last_report = time.monotonic()
         wait = self.poll
+        full_pull_at = 0.0  # when a pull next asks for every pending reply (at least once a tick)
         try:
             while pending:
                 REPLY_STORED.clear()  # before the pull: a reply stored after it wakes the wait below
-                got = list(self.grid.pull_messages(pending))
+                if STORED_REPLIES.active and time.monotonic() < full_pull_at:
+                    ask = pending & STORED_REPLIES.take()  # the replies stored since the last pull
+                else:  # everything (errors Flower makes at pull time: an expired message, a lost node)
+                    ask, full_pull_at = set(pending), time.monotonic() + TICK_SECONDS
+                got = list(self.grid.pull_messages(ask)) if ask else []
                 if got:
                     wait = self.poll
                     replies.extend(got)

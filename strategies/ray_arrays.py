@@ -21,6 +21,13 @@ and a result once in ``ray.get``. ``fedsparse run`` gives every run its own dire
 removes it when the run ends, with whatever a killed actor left in it; directories of
 killed runs (their process gone) are removed by the next run (``sweep_stale``).
 ``FEDSPARSE_RAY_ARRAYS=off`` keeps Ray's own path (for comparison).
+
+On a Ray cluster a file in one machine's ``/dev/shm`` cannot be read on another, so the files
+are used only between processes on the same Ray node: every sender knows its own node, and
+where its Arrays go (``sending_to``: the driver, per client actor, ``strategies.simulation``
+sets it; an actor replies to the process that sent it the task, whose node came with the
+task's Arrays). An Array for another node, or for a node nobody named, travels through Ray
+(its object store, for big ones) and is counted in ``CROSS_NODE``.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flwr.app import Array
 
@@ -39,8 +48,14 @@ MIN_BYTES_VAR = "FEDSPARSE_RAY_ARRAYS_MIN_BYTES"  # another threshold (tests sen
 PREFIX = "fedsparse-arrays-"  # + "<pid of the run>-<random>"
 
 _dir: str | None = None  # this process's directory for the Arrays it sends
+_node: str | None = None  # this process's Ray node id
+_peer: str | None = None  # an actor: the node of the process that sends it tasks (the driver)
+_destination = threading.local()  # .node: the node the Arrays this thread serializes go to
 # Arrays this process sent and received through files, and big ones it sent through Ray (no file)
 COUNTS = {"sent": 0, "received": 0, "inline": 0}
+# big Arrays sent through Ray because the receiver is on another node (or on none named), and
+# big ones received that way from another node
+CROSS_NODE = {"sent": 0, "received": 0}
 
 
 def shm_root() -> Path:
@@ -75,11 +90,29 @@ def sweep_stale(root: Path | None = None, prefix: str = PREFIX) -> list[Path]:
     return removed
 
 
+@contextmanager
+def sending_to(node: str | None) -> Iterator[None]:
+    """Arrays serialized by this thread inside the block go to Ray node ``node`` (None: unknown,
+    so through Ray)."""
+    before = getattr(_destination, "node", None)
+    _destination.node = node
+    try:
+        yield
+    finally:
+        _destination.node = before
+
+
 def _pack(array: Array) -> tuple[Any, ...]:
-    """``array`` as Ray will pickle it: its fields, with big data swapped for a file name."""
+    """``array`` as Ray will pickle it: its fields, with big data swapped for a file name when
+    the receiver is on this node; and where it came from (this run's directory, this node)."""
     data = array.data
+    origin = (_dir, _node) if _dir is not None else None
     if _dir is None or len(data) < int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES)):
-        return (array.dtype, array.shape, array.stype, data, None, None)
+        return (array.dtype, array.shape, array.stype, data, None, None, origin)
+    destination = getattr(_destination, "node", None) or _peer
+    if destination is None or destination != _node:  # another machine cannot open this node's file
+        CROSS_NODE["sent"] += 1
+        return (array.dtype, array.shape, array.stype, data, None, None, origin)
     path = os.path.join(_dir, uuid.uuid4().hex)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -95,18 +128,24 @@ def _pack(array: Array) -> tuple[Any, ...]:
         except OSError:
             pass
         COUNTS["inline"] += 1
-        return (array.dtype, array.shape, array.stype, data, None, None)
+        return (array.dtype, array.shape, array.stype, data, None, None, origin)
     COUNTS["sent"] += 1
-    return (array.dtype, array.shape, array.stype, None, path, len(data))
+    return (array.dtype, array.shape, array.stype, None, path, len(data), origin)
 
 
 def _unpack(fields: tuple[Any, ...]) -> Array:
     """The Array ``_pack`` described (reading and deleting its file); registers the serializer
-    in this process first, so that what it sends back takes the same path."""
-    dtype, shape, stype, data, path, size = fields
+    in this process first, so that what it sends back takes the same path (or Ray's, when the
+    sender is on another node)."""
+    dtype, shape, stype, data, path, size, origin = fields
+    if origin is not None and _dir is None:
+        install(origin[0], peer=origin[1])
+    if path is None and origin is not None and origin[1] != _node and len(data) >= int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES)):
+        CROSS_NODE["received"] += 1
     if path is not None:
-        if _dir is None:
-            install(os.path.dirname(path))
+        if origin is not None and origin[1] != _node:
+            raise RuntimeError(f"shared-memory array {path} was written on Ray node {origin[1]} and cannot be read "
+                               f"on node {_node}")
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
@@ -119,13 +158,25 @@ def _unpack(fields: tuple[Any, ...]) -> Array:
     return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
 
 
-def install(directory: str | Path) -> None:
-    """Send this process's big Arrays through files in ``directory`` (Ray must be running)."""
+def node_id(_: Any = None) -> str:
+    """This process's Ray node id (the argument: an actor, when Ray calls it as the actor's
+    ``__ray_call__``)."""
     import ray
 
-    global _dir
+    return ray.get_runtime_context().get_node_id()
+
+
+def install(directory: str | Path, peer: str | None = None) -> None:
+    """Send this process's big Arrays through files in ``directory`` (Ray must be running) to
+    receivers on this Ray node; ``peer``: the node it answers (an actor: the driver's)."""
+    import ray
+
+    global _dir, _node, _peer
     _dir = str(directory)
+    _node = node_id()
+    _peer = peer
     COUNTS.update(sent=0, received=0, inline=0)
+    CROSS_NODE.update(sent=0, received=0)
     ray.util.register_serializer(Array, serializer=_pack, deserializer=_unpack)
 
 
@@ -133,8 +184,8 @@ def uninstall() -> None:
     """Back to Ray's own serialization of Arrays in this process."""
     import ray
 
-    global _dir
-    _dir = None
+    global _dir, _node, _peer
+    _dir = _node = _peer = None
     try:
         ray.util.deregister_serializer(Array)
     except Exception:  # noqa: BLE001 - Ray already shut down: nothing registered any more

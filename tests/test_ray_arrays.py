@@ -20,7 +20,10 @@ def run_dir(tmp_path, monkeypatch):
     path = tmp_path / "arrays"
     path.mkdir()
     monkeypatch.setattr(ray_arrays, "_dir", str(path))
+    monkeypatch.setattr(ray_arrays, "_node", "node-a")  # this process's Ray node
+    monkeypatch.setattr(ray_arrays, "_peer", "node-a")  # and its receiver's, unless sending_to says otherwise
     monkeypatch.setattr(ray_arrays, "COUNTS", {"sent": 0, "received": 0, "inline": 0})
+    monkeypatch.setattr(ray_arrays, "CROSS_NODE", {"sent": 0, "received": 0})
     return path
 
 
@@ -96,3 +99,37 @@ def test_a_full_shared_memory_falls_back_to_rays_path(run_dir, monkeypatch):
     assert not list(run_dir.iterdir())  # no partial file left
     assert ray_arrays.COUNTS["inline"] == 1 and ray_arrays.COUNTS["sent"] == 0
     assert ray_arrays._unpack(fields).data == big.data
+
+
+def test_an_array_for_another_node_goes_through_ray_and_is_counted(run_dir, monkeypatch):
+    big = Array(torch.randn(300, 100))
+    with ray_arrays.sending_to("node-b"):  # a client actor on another machine
+        fields = ray_arrays._pack(big)
+    assert fields[3] == big.data and fields[4] is None and not list(run_dir.iterdir())
+    assert ray_arrays.CROSS_NODE == {"sent": 1, "received": 0} and ray_arrays.COUNTS["sent"] == 0
+    with ray_arrays.sending_to("node-a"):  # one on this node: the file
+        assert ray_arrays._pack(big)[4] is not None
+    monkeypatch.setattr(ray_arrays, "_peer", None)  # nobody named the receiver's node: Ray's path
+    assert ray_arrays._pack(big)[4] is None and ray_arrays.CROSS_NODE["sent"] == 2
+    # on node b, the Array that came through Ray is counted as received from another node
+    monkeypatch.setattr(ray_arrays, "_node", "node-b")
+    assert ray_arrays._unpack(fields).data == big.data
+    assert ray_arrays.CROSS_NODE["received"] == 1
+
+
+def test_a_file_written_on_another_node_is_a_one_line_error(run_dir, monkeypatch):
+    fields = ray_arrays._pack(Array(torch.randn(300, 100)))
+    monkeypatch.setattr(ray_arrays, "_node", "node-b")
+    with pytest.raises(RuntimeError, match="written on Ray node node-a and cannot be read on node node-b"):
+        ray_arrays._unpack(fields)
+
+
+def test_a_receiver_installs_the_path_with_the_senders_node_as_its_peer(run_dir, monkeypatch):
+    """An actor's first task registers the serializer there; its replies go back by file only
+    when the driver that sent the task is on the actor's node."""
+    fields = ray_arrays._pack(Array(torch.randn(300, 100)))
+    installed = []
+    monkeypatch.setattr(ray_arrays, "_dir", None)
+    monkeypatch.setattr(ray_arrays, "install", lambda directory, peer=None: installed.append((directory, peer)))
+    ray_arrays._unpack(fields)
+    assert installed == [(str(run_dir), "node-a")]

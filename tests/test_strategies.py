@@ -637,6 +637,38 @@ class TestPollingGrid:
         t.join()
         assert len(replies) == 1 and time.monotonic() - t0 < 30
 
+    def test_with_the_stored_replies_feed_a_pull_asks_only_for_the_replies_stored(self, monkeypatch):
+        """Flower's pull_messages checks every id it is asked about: asking for all K pending ids
+        at every reply cost O(K^2) per round. Fed the ids the LinkState stored, the first pull
+        asks for all, the others only for what arrived."""
+        from strategies import progress
+        from strategies.progress import PollingGrid, StoredReplies
+
+        feed = StoredReplies()
+        feed.active = True
+        monkeypatch.setattr(progress, "STORED_REPLIES", feed)
+        monkeypatch.setattr(progress, "TICK_SECONDS", 600.0)  # no periodic full pull in this test
+        nodes = list(range(1, 7))
+        grid = QueueGrid(nodes, _any_reply, per_pull=6, silent=set(nodes))
+        asked, pull = [], grid.pull_messages
+        grid.pull_messages = lambda ids: (asked.append(set(ids)), pull(ids))[1]
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
+
+        def answer():
+            time.sleep(0.2)  # after the push
+            for m in msgs:
+                grid.ready.append(_any_reply(m))
+                feed.add(m.metadata.message_id)
+                progress.REPLY_STORED.set()
+                time.sleep(0.02)
+
+        t = threading.Thread(target=answer)
+        t.start()
+        replies = list(PollingGrid(grid, poll=60.0).send_and_receive(msgs, timeout=60))
+        t.join()
+        assert len(replies) == 6
+        assert len(asked[0]) == 6 and sum(len(a) for a in asked[1:]) == 6  # each stored reply asked for once
+
 
 class TestProgress:
     def _run(self, make_cfg, nodes, rounds=2, **kw):

@@ -102,10 +102,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = args.resume or args.config or _default_config() or "defaults"
     print(f"fedsparse run ({args.engine}): {source} -> {cfg.out_dir}", flush=True)
     if args.engine == "simulation":
-        from strategies.simulation import import_ray
+        from strategies.simulation import import_ray, ray_address
 
         import_ray()  # a client-only install has no Ray: say so before anything else
-        check_client_cpus(cfg)
+        if ray_address(cfg) is None:  # on a cluster: checked against its nodes once attached
+            check_client_cpus(cfg)
     preflight(cfg)
     from fedsparse.commands.signals import stop_on_signals
 
@@ -168,7 +169,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         check_resumable(Checkpoint.load(cfg.out_dir), cfg.to_run_config())
     deployment = args.deployment or bool(args.node_config)
     if args.engine == "simulation" and not deployment:
-        check_client_cpus(cfg)
+        from strategies.simulation import ray_address
+
+        if ray_address(cfg) is None:  # on a cluster: checked against its nodes once attached
+            check_client_cpus(cfg)
     preflight(cfg, partitions=not deployment)
     if args.node_config:
         check_node_config(cfg, args.node_config)

@@ -19,6 +19,7 @@ from fedsparse import protocol as p
 from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes, reset_peak_rss
 from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, TRAIN, State
 from fedsparse.config import RunConfig
+from fedsparse.engine.nodes import naming_the_node, worker_identity
 from fedsparse.model.closed_form import stats_for
 from fedsparse.model.head import MLPHead, state_dims
 from fedsparse.inputs.features import encoder_batch
@@ -79,7 +80,7 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
     fit = fit_profile(cfg, profile, state_dims(arrays), int(batch_size)) if profile is not None else None
     if fit is not None:
         cfg = fit.cfg
-    with encoder_batch(fit.encoder_batch if fit is not None else None):
+    with encoder_batch(fit.encoder_batch if fit is not None else None), naming_the_node():
         feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)):
@@ -97,6 +98,7 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
         p.PEAK_RSS_KEY: peak_rss_bytes(),
         p.TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(arrays), int(batch_size)),
         **(fit.metrics() if fit is not None else {}),
+        **worker_identity(),  # the Ray node and process it ran in, if any
     }
     return trained, len(feats.y), metrics
 
@@ -122,7 +124,7 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
     fit = fit_profile(cfg, profile, state_dims(arrays) if arrays else (), 1) if profile is not None else None
     if fit is not None:
         cfg = fit.cfg
-    with encoder_batch(fit.encoder_batch if fit is not None else None):
+    with encoder_batch(fit.encoder_batch if fit is not None else None), naming_the_node():
         feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)), torch.no_grad():
@@ -136,5 +138,6 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
         p.CACHE_HIT_KEY: int(feats.cache_hit),
         p.PEAK_RSS_KEY: peak_rss_bytes(),
         **(fit.metrics() if fit is not None else {}),
+        **worker_identity(),
     }
     return stats, len(feats.y), metrics

@@ -66,6 +66,12 @@ class RoundMetrics:
     # one record per sampled client (client_record), in task order; empty for rounds of more
     # than PER_CLIENT_MAX clients (metrics.json is rewritten every round)
     per_client: list["ClientRecord"] = field(default_factory=list)
+    ray_nodes: int | None = None  # how many Ray nodes the round's replies came from (None: not on Ray)
+    # CPU seconds of the server's process since the previous round ended (all its threads: on the
+    # Simulation Engine the server, Flower's runtime and Ray's driver, no client), and the seconds
+    # the used replies' clients spent extracting and training, summed
+    server_cpu_seconds: float | None = None
+    client_seconds_sum: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The round as ``metrics.json`` holds it (a client record without its unset fields)."""
@@ -88,8 +94,9 @@ class RoundMetrics:
             kinds = [f"{getattr(self, 'failed_' + k)} {k}" for k in FAILURE_KINDS if getattr(self, "failed_" + k)]
             detail = f": {', '.join(kinds)}"
         acc = "not evaluated" if self.accuracy is None else f"{self.accuracy:.4f}"
+        nodes = f" on {self.ray_nodes} nodes" if self.ray_nodes is not None and self.ray_nodes > 1 else ""
         return (
-            f"round {self.round}/{num_rounds} | clients {self.clients}/{self.sampled} done, "
+            f"round {self.round}/{num_rounds} | clients {self.clients}/{self.sampled} done{nodes}, "
             f"{self.failures} failed{detail} | accuracy {acc} | "
             f"{self.bytes_down_per_client / 1e3:.1f} kB down, {self.bytes_up_per_client / 1e3:.1f} kB up per client | "
             f"round {self.seconds:.1f}s, elapsed {self.elapsed:.1f}s"
@@ -113,6 +120,8 @@ def client_summary(metrics: Sequence[dict[str, float]]) -> dict[str, Any]:
         "client_bytes_received_mean": _mean(vals(p.BYTES_RECEIVED_KEY)),
         "client_bytes_sent_mean": _mean(vals(p.BYTES_SENT_KEY)),
         "feature_cache_hits": int(sum(hits)) if hits else None,
+        "client_seconds_sum": (sum(vals(p.TRAIN_SECONDS_KEY)) + sum(vals(p.EXTRACT_SECONDS_KEY))
+                               if vals(p.TRAIN_SECONDS_KEY) else None),
     }
 
 
@@ -127,6 +136,7 @@ PER_CLIENT_FIELDS = {
     "predicted-peak-bytes": "predicted_peak_bytes", "memory-budget-bytes": "memory_budget_bytes",
     "encoder-batch": "encoder_batch", "mask-ratio": "mask_ratio", "encoder-macs-per-image": "encoder_macs_per_image",
     "train-tensor-bytes": "train_tensor_bytes",
+    "ray-node": "ray_node", "worker-pid": "worker_pid",  # a client in a Ray worker (fedsparse.engine.nodes)
 }
 
 
@@ -157,6 +167,8 @@ class ClientRecord:
     mask_ratio: float | None = None
     encoder_macs_per_image: float | None = None
     train_tensor_bytes: float | None = None
+    ray_node: float | None = None  # a client in a Ray worker (fedsparse.engine.nodes)
+    worker_pid: float | None = None
     # rounds with device profiles (RoundEngine._add_profile_fields)
     profile: str | None = None
     capacity: float | None = None
@@ -207,6 +219,9 @@ class RunMetrics:
     # node id -> why the server never used it (its identity query failed: a bad node config,
     # a malformed device profile); such a node is asked once and never sampled
     refused_nodes: dict[str, str] = field(default_factory=dict)
+    # simulation: the Ray nodes the clients ran on, one dict each (fedsparse.engine.nodes.NodeTable.rows:
+    # node, address, tasks, workers, peak_rss_bytes_sum, peak_rss_bytes_max; fedsparse run adds node_id, cpus)
+    ray_nodes: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived --------------------------------------------------------------------
@@ -280,7 +295,7 @@ class RunMetrics:
         entry is not changed once appended): what a background write reads while the run goes on."""
         return dataclasses.replace(self, initial=dict(self.initial), rounds=list(self.rounds),
                                    resumed_at=list(self.resumed_at), memory=dict(self.memory), extra=dict(self.extra),
-                                   refused_nodes=dict(self.refused_nodes))
+                                   refused_nodes=dict(self.refused_nodes), ray_nodes=list(self.ray_nodes))
 
     def write(self, out_dir: str | Path, text: str | None = None) -> Path:
         """Write ``metrics.json`` atomically (a crash leaves the previous complete file);

@@ -34,6 +34,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
+from fedsparse.engine.nodes import NodeTable
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
@@ -210,6 +211,8 @@ class RoundEngine:
         self.state: State = {}
         self.done = 0  # rounds finished
         self.metrics: RunMetrics | None = None
+        self.nodes = NodeTable()  # client tasks per Ray node (fedsparse.engine.nodes)
+        self._cpu_mark = time.process_time()  # this process's CPU time when the last round ended
         self._t_start = time.perf_counter()
         self._sizes: list[int] | None = None  # partition sizes, when the driver is exact about them
         self._exact_sizes = False
@@ -255,11 +258,13 @@ class RoundEngine:
             self.algorithm.load_state_dict(ckpt.algorithm)
             self.metrics = RunMetrics.from_dict(ckpt.metrics)
             self.metrics.config = self.cfg.to_run_config()
+            self.nodes = NodeTable(self.metrics.ray_nodes)
             self.done = self._saved = ckpt.round  # its files are on disk
             if self.done < self.cfg.num_rounds:
                 self.metrics.resumed_at.append(self.done)
                 self.metrics.finished = False
             self.report(f"resuming after round {self.done}/{self.cfg.num_rounds} from {self.out / 'checkpoint.pt'}")
+            self._cpu_mark = time.process_time()
             return self.done
         head = initial_head(self.cfg, self.test.x.shape[1], self.num_classes)
         self.state = self.initial_head_state()
@@ -273,6 +278,7 @@ class RoundEngine:
         self.done = 0
         self.report(f"round 0/{self.cfg.num_rounds}: accuracy {accuracy:.4f} (initial head)")
         self._write()
+        self._cpu_mark = time.process_time()
         return 0
 
     # --- one round, in two halves (a Flower Strategy calls them from configure/aggregate) ---
@@ -378,6 +384,9 @@ class RoundEngine:
             if f.kind == "invalid":
                 rejected[f.code or "undecodable"] = rejected.get(f.code or "undecodable", 0) + 1
         kinds = {k: sum(1 for f in failures if f.kind == k) for k in ("error", "invalid", "lost")}
+        nodes = self.nodes.add(r.metrics for r in exchange.replies if r.metrics)  # every reply ran somewhere
+        if nodes is not None:
+            self.metrics.ray_nodes = self.nodes.rows()
         down, up = exchange.bytes_down, exchange.bytes_up
         entry = RoundMetrics(
             round=server_round, accuracy=accuracy, loss=loss, clients=len(updates),
@@ -391,7 +400,8 @@ class RoundEngine:
             seconds=time.perf_counter() - started, elapsed=time.perf_counter() - self._t_start,
             rejected=rejected, head_kept=kept, **client_summary([u.metrics for u in updates]),
             update_ratio_max=max((u.metrics.get(UPDATE_RATIO_KEY, 0.0) for u in updates), default=None),
-            per_client=self._client_records(tasks, accepted, failures, exchange),
+            per_client=self._client_records(tasks, accepted, failures, exchange), ray_nodes=nodes,
+            server_cpu_seconds=time.process_time() - self._cpu_mark,
         )
         self._add_profile_fields(entry.per_client, tasks, exchange, self.state)
         self.metrics.rounds.append(entry)
@@ -399,6 +409,7 @@ class RoundEngine:
         if self.save_due():
             self._write()
         self.report(entry.line(self.cfg.num_rounds))
+        self._cpu_mark = time.process_time()
         return entry
 
     def save_due(self) -> bool:
