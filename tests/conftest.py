@@ -2,16 +2,44 @@
 
 Everything is CPU-only, tiny and seeded. No test touches ``~/.cache``: ``FEDSPARSE_CACHE``
 points at a per-session temporary folder for the whole run.
+
+The suite runs on pytest-xdist workers, one per core (``-n auto --dist loadgroup`` in
+pyproject.toml's addopts; ``-n 0`` runs it in one process). Tests are handed out one at a time,
+so any two may run at once, each in its own process with its own session fixtures. Tests that
+must not overlap share a group, ``@pytest.mark.xdist_group("NAME")``: a group's tests run one
+after another on one worker, in file order. Group ``"ray"`` holds every test that starts a Ray
+cluster (the Simulation Engine: each sizes its cluster to the whole machine); a new such test
+joins it. Ports are picked free at run time (``fedsparse.commands.devices.free_ports``), never
+fixed.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+
+
+# Under pytest-xdist the workers already fill the cores: each gets its share of math threads,
+# in its own process and (OMP_NUM_THREADS) in every process its tests start. More threads than
+# cores make torch's idle OpenMP threads spin: 2 workers x 2 threads on 2 cores ran a test's
+# pretraining 7x slower than with 1 thread each.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Flower's SuperExecs (under the SuperLink and the SuperNodes that the deployment tests start)
+# look for work every second by default; every message of a deployed run waits for that poll.
+# Inherited by every process a test starts.
+os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 
 
 @pytest.fixture(scope="session")

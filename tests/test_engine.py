@@ -280,6 +280,7 @@ def test_sigkill_after_round_k_then_resume_equals_an_uninterrupted_run(cfg, engi
 
 
 # --- the same algorithm objects through all three drivers ------------------------------------
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
     from strategies.in_process import in_process_run
     from strategies.simulation import simulate
@@ -298,6 +299,7 @@ def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
     assert not same_state(initial, a.state)
 
 
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
 def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch):
     """The same config on the Simulation Engine twice, once in this process and once by the CLI
