@@ -71,30 +71,54 @@ def image_writer() -> Callable[..., Path]:
     return write_image
 
 
+def image_tree(
+    root: Path,
+    splits: dict[str, int],
+    classes: tuple[str, ...] = ("cat", "dog"),
+    suffix: str = ".png",
+) -> Path:
+    """Writes ``root/<split>/<class>/<i>.png`` (``split`` "" = no split folder) with distinct
+    seeded pixels; sizes alternate 32 and 40 so that resizing is exercised too."""
+    seed = 0
+    for split, per_class in splits.items():
+        for c in classes:
+            for i in range(per_class):
+                folder = root / split / c if split else root / c
+                write_image(folder / f"{i:03d}{suffix}", size=32 if i % 2 == 0 else 40, seed=seed)
+                seed += 1
+    return root
+
+
 @pytest.fixture
 def make_image_tree() -> Callable[..., Path]:
-    """Factory: ``make_image_tree(root, {"train": 3, "test": 1}, classes=("cat", "dog"))``.
+    """Factory: ``make_image_tree(root, {"train": 3, "test": 1}, classes=("cat", "dog"))``
+    writes a fresh tree under ``root`` (``image_tree``)."""
+    return image_tree
 
-    Writes ``root/<split>/<class>/<i>.png`` (``split`` "" = no split folder) with distinct
-    seeded pixels; sizes alternate 32 and 40 so that resizing is exercised too.
-    """
 
-    def make(
-        root: Path,
-        splits: dict[str, int],
-        classes: tuple[str, ...] = ("cat", "dog"),
-        suffix: str = ".png",
-    ) -> Path:
-        seed = 0
-        for split, per_class in splits.items():
-            for c in classes:
-                for i in range(per_class):
-                    folder = root / split / c if split else root / c
-                    write_image(folder / f"{i:03d}{suffix}", size=32 if i % 2 == 0 else 40, seed=seed)
-                    seed += 1
-        return root
+@pytest.fixture(scope="session")
+def shared_image_tree(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``shared_image_tree({"train": 8, "test": 3}, classes=("a", "b", "c"))``, the same
+    tree as ``make_image_tree`` writes, written once per session (per xdist worker) for each
+    layout and shared by every test that asks for it. Read it, never change it: a test that adds,
+    removes or breaks images makes its own with ``make_image_tree``."""
+    trees: dict[tuple, Path] = {}
 
-    return make
+    def get(splits: dict[str, int], classes: tuple[str, ...] = ("cat", "dog"), suffix: str = ".png") -> Path:
+        key = (tuple(splits.items()), tuple(classes), suffix)
+        if key not in trees:
+            trees[key] = image_tree(tmp_path_factory.mktemp("shared-tree"), splits, classes, suffix)
+        return trees[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shared_feature_cache(session_cache: Path) -> Path:
+    """A ``cache-dir`` shared by the session's tests: a shared tree's features are extracted by
+    the first run that needs them and read from the cache by every later one. For tests that
+    assert nothing about cache hits and misses; the others give their run a fresh folder."""
+    return session_cache / "shared-features"
 
 
 @pytest.fixture(scope="session")

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def cfg(tmp_path, make_image_tree):
-    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+def cfg(tmp_path, shared_image_tree, shared_feature_cache):
+    root = shared_image_tree({"train": 8, "test": 3}, classes=("a", "b", "c"))
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      num_clients=6, clients_per_round=3, num_rounds=4, local_steps=3, batch_size=4,
-                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"))
+                     cache_dir=str(shared_feature_cache), out_dir=str(tmp_path / "run"))
 
 
 def plain(cfg: RunConfig) -> RoundEngine:
