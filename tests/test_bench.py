@@ -24,7 +24,8 @@ def test_encoder_rows_measure_speed_and_bf16_agreement(cfg):
         rows = encoder_rows(cfg, [0.0, 0.75], ["fp32", "bf16"], n_images=16, repeats=1, report=lambda s: None)
     assert [(r["mask_ratio"], r["dtype"]) for r in rows] == [(0.0, "fp32"), (0.0, "bf16"), (0.75, "fp32"), (0.75, "bf16")]
     assert all(r["macs_analytic"] == r["macs_counted"] for r in rows)
-    assert rows[0]["speedup_vs_r0_fp32"] == 1.0
+    base = rows[0]["images_per_second"]  # r = 0 in fp32: the reference of every speed-up
+    assert [r["speedup_vs_r0_fp32"] for r in rows] == [pytest.approx(r["images_per_second"] / base) for r in rows]
     assert all(r["images_per_second"] > 0 for r in rows)
     assert rows[0]["cosine_vs_fp32"] is None and rows[1]["cosine_vs_fp32"] > 0.99
     assert rows[2]["tokens"] == 1 + 16  # 64 patches at 32px / patch 4, a quarter visible
@@ -50,7 +51,8 @@ def test_bench_writes_its_files_with_fresh_process_memory_and_wire_bytes(cfg, tm
     d_in, h1, h2, d_out = ist["client_model_dims"]
     assert (d_in, d_out) == (192, 3) and h1 in (21, 22) and h2 in (21, 22)  # 64 neurons among K = 3
     assert fedavg["client_model_dims"] == [192, 64, 64, 3]
-    assert fedavg["bytes_down_vs_fedavg"] == 1.0
+    for way in ("down", "up"):
+        assert ist[f"bytes_{way}_vs_fedavg"] == pytest.approx(ist[f"bytes_{way}_per_client"] / fedavg[f"bytes_{way}_per_client"])
     assert ist["bytes_down_vs_fedavg"] <= 1 / 3 + 0.01  # at most FedAvg's divided by K
     assert ist["bytes_up_per_client"] < fedavg["bytes_up_per_client"] / 2
     assert ist["train_peak_rss"] > 50 * 2**20 and ist["train_peak_anon"] > 0

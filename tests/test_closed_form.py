@@ -135,11 +135,11 @@ class TestReplySpec:
 
 
 @pytest.fixture
-def cfg(tmp_path, make_image_tree):
-    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+def cfg(tmp_path, shared_image_tree, shared_feature_cache):
+    root = shared_image_tree({"train": 8, "test": 3}, classes=("a", "b", "c"))
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      strategy="fed3r", num_clients=6, clients_per_round=6, num_rounds=1, partitioner="shards",
-                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"))
+                     cache_dir=str(shared_feature_cache), out_dir=str(tmp_path / "run"))
 
 
 def run(cfg: RunConfig) -> tuple[RoundEngine, object]:

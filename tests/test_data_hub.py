@@ -2,9 +2,10 @@
 as class folders in the cache. Nothing here touches the network.
 
 The loader is exercised two ways: with ``load_hub_splits`` (the one function that talks to
-flwr-datasets) replaced by in-memory splits, always; and, where the ``hub`` extra is installed,
-through flwr-datasets itself on a local mirror of the hub data set (parquet files with the same
-``img``/``label`` columns as ``uoft-cs/cifar10``), named by ``FEDSPARSE_HUB_CIFAR10``.
+flwr-datasets) replaced by in-memory splits; and through flwr-datasets itself (in the ``test``
+extra, as in ``hub``) on a local mirror of the hub data set that the test writes (parquet files
+with the same ``img``/``label`` columns as ``uoft-cs/cifar10``), named by
+``FEDSPARSE_HUB_CIFAR10``, with every connection off this machine refused.
 """
 
 from __future__ import annotations
@@ -155,11 +156,49 @@ class TestHubErrors:
         assert len(err) == 1 and err[0].startswith("fedsparse: error: dataset cifar10 without data-dir")
 
 
+def refuse_remote_connections(monkeypatch) -> list:
+    """Make every connection to an address off this machine fail at once; returns the refused
+    addresses. Local sockets (loopback, Unix) still work."""
+    import ipaddress
+    import socket
+
+    refused = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def remote(sock, address) -> bool:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            return not ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:  # a host name: only localhost is local
+            return address[0] != "localhost"
+
+    def connect(sock, address):
+        if remote(sock, address):
+            refused.append(address)
+            raise ConnectionRefusedError(f"test: no network ({address})")
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        if remote(sock, address):
+            refused.append(address)
+            return 111  # ECONNREFUSED
+        return real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return refused
+
+
 def test_through_flwr_datasets_on_a_local_mirror(tmp_path, monkeypatch) -> None:
     """The real loader (FederatedDataset -> datasets.load_dataset) on parquet files laid out like
-    the hub repository uoft-cs/cifar10 (``plain_text/{train,test}-00000-of-00001.parquet``)."""
-    pytest.importorskip("flwr_datasets")
+    the hub repository uoft-cs/cifar10 (``plain_text/{train,test}-00000-of-00001.parquet``),
+    offline: flwr-datasets and datasets come with the ``test`` extra, nothing is downloaded."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # not ~/.cache/huggingface (read at import)
     import datasets
+    import flwr_datasets  # noqa: F401 - the test extra installs it: a missing one is an error, not a skip
+
+    refused = refuse_remote_connections(monkeypatch)
 
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
     mirror = tmp_path / "cifar10-mirror"
@@ -181,3 +220,4 @@ def test_through_flwr_datasets_on_a_local_mirror(tmp_path, monkeypatch) -> None:
     mirror.rename(tmp_path / "gone")  # the second call reads the cache only
     train2, test2 = load_splits.__wrapped__("cifar10", "", str(cache))
     assert train2.paths == train.paths and test2.fingerprint == test.fingerprint
+    assert refused == []  # nothing even tried the network

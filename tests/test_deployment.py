@@ -291,16 +291,15 @@ def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> Non
         for entry in metrics["rounds"]:
             down = entry["bytes_down_per_client"]
             assert 0 < down <= full / 2 * 1.01, (down, full)
-            # client-measured bytes-received (clients.mods.message_bytes_mod), where metrics.json has it
-            for key in (k for k in entry if "bytes_received" in k or "bytes-received" in k):
-                assert 0 < entry[key] <= full / 2 * 1.01, (key, entry[key], full)
-                assert abs(entry[key] - down) <= 0.05 * down, (key, entry[key], down)
+            # what the clients measured themselves (clients.mods.message_bytes_mod): the same slice
+            received = entry["client_bytes_received_mean"]
+            assert received is not None and 0 < received <= full / 2 * 1.01, (received, full)
+            assert abs(received - down) <= 0.05 * down, (received, down)
         # Flower's count agrees: all messages of the run together carry about half a model per
         # client and round each way (the full model to each client would be >= 1.0 x this budget)
         budget = len(metrics["rounds"]) * 2 * full
         for key in ("inbound-bytes", "outbound-bytes"):
-            if key in traffic:
-                assert 0 < traffic[key] <= 0.6 * budget, (key, traffic[key], budget)
+            assert 0 < traffic.get(key, 0) <= 0.6 * budget, (key, traffic, budget)
 
         print(f"\ndeployment test: {time.monotonic() - started:.1f}s before teardown; `flwr run` {t_run:.1f}s, "
               f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
@@ -475,7 +474,8 @@ def test_tls_and_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
         assert joins >= 3, joins  # the two registered SuperNodes and the refused one are in the log
         plain = deployment.start_supernode(1, 2, link_port, node_ports[3], name="supernode-plaintext")
         deployment.wait_for_log(plain, r"Connection attempt failed", count=3, timeout=90.0)
-        assert deployment.procs[plain].poll() is None or deployment.procs[plain].returncode != 0
+        # still trying (flower-supernode retries without limit by default), never let in
+        assert deployment.procs[plain].poll() is None, deployment.log(plain)[-2000:]
         assert len(re.findall(FLEET_JOIN, deployment.log("superlink"))) == joins
 
         # --- what the SuperLink knows: the two registered nodes, both online, no other ---

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def cfg(tmp_path, make_image_tree):
-    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+def cfg(tmp_path, shared_image_tree, shared_feature_cache):
+    root = shared_image_tree({"train": 8, "test": 3}, classes=("a", "b", "c"))
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      num_clients=6, clients_per_round=3, num_rounds=4, local_steps=3, batch_size=4,
-                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"))
+                     cache_dir=str(shared_feature_cache), out_dir=str(tmp_path / "run"))
 
 
 def plain(cfg: RunConfig) -> RoundEngine:
@@ -280,6 +280,7 @@ def test_sigkill_after_round_k_then_resume_equals_an_uninterrupted_run(cfg, engi
 
 
 # --- the same algorithm objects through all three drivers ------------------------------------
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
     from strategies.in_process import in_process_run
     from strategies.simulation import simulate
@@ -298,6 +299,7 @@ def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
     assert not same_state(initial, a.state)
 
 
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
 def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch):
     """The same config on the Simulation Engine twice, once in this process and once by the CLI

@@ -234,6 +234,7 @@ def test_training_converges_with_30_percent_failing_clients(colors_cfg, tmp_path
 
 # --- end to end, through Ray ------------------------------------------------------------------
 
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
 def test_simulation_with_30_percent_nan_clients_converges(tmp_path):
     from fedsparse.config import resolve

@@ -15,6 +15,8 @@ import pytest
 from fedsparse.engine.metrics import RunMetrics
 from test_run import RUN_TOKEN, processes_of_run, run_token
 
+# starts a Ray cluster the size of the machine: one at a time (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("ray")
 ROOT = Path(__file__).resolve().parents[1]
 
 

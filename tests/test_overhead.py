@@ -13,11 +13,11 @@ from fedsparse.engine.metrics import RunMetrics
 
 
 @pytest.fixture
-def cfg(tmp_path, make_image_tree):
-    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+def cfg(tmp_path, shared_image_tree, shared_feature_cache):
+    root = shared_image_tree({"train": 8, "test": 3}, classes=("a", "b", "c"))
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      num_clients=3, clients_per_round=2, local_steps=2, batch_size=8,
-                     cache_dir=str(tmp_path / "cache"))
+                     cache_dir=str(shared_feature_cache))
 
 
 def test_plain_and_in_process_rounds_are_timed_and_give_the_same_model(cfg, tmp_path):
@@ -29,7 +29,8 @@ def test_plain_and_in_process_rounds_are_timed_and_give_the_same_model(cfg, tmp_
     for r in rows:
         for engine in ("plain", "in-process"):
             assert r[f"{engine}_first_round_seconds"] > 0 and r[f"{engine}_later_round_seconds"] > 0
-        assert r["plain_vs_plain"] == 1.0 and r["in-process_vs_plain"] > 0
+        # one repeat: the ratio of the two drivers' later-round times, as measured
+        assert r["in-process_vs_plain"] == pytest.approx(r["in-process_later_round_seconds"] / r["plain_later_round_seconds"])
         assert r["plain_final_accuracy"] == r["in-process_final_accuracy"]
     saved = json.loads((out / "overhead.json").read_text())
     assert saved["rows"] == rows and saved["config"] == cfg.to_run_config()

@@ -60,6 +60,7 @@ def run_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("run-cache")
 
 
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
 def test_default_run_learns_and_writes_its_files(tmp_path, run_cache):
     proc = fedsparse("run", "--out", str(tmp_path / "out"), cache=run_cache)
@@ -95,6 +96,7 @@ def test_default_run_learns_and_writes_its_files(tmp_path, run_cache):
     assert "peak summed RSS" in proc.stdout
 
 
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
 def test_fedavg_baseline_runs_on_the_same_app(tmp_path, run_cache):
     # the default run's 20 clients: their features are in run_cache when the default run ran first
