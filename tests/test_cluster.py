@@ -20,7 +20,7 @@ from fedsparse.engine.rounds import RoundEngine
 from strategies.local_cluster import LocalCluster, pids_naming
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # starts Ray: one at a time (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -128,6 +128,7 @@ def test_patch_installs_and_restores_flowers_function(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 def test_a_simulation_without_the_patches_trains_the_plain_engines_model(tmp_path, make_image_tree, monkeypatch):
     """With every speed-up that leans on Flower's or Ray's internals off (Flower's own
     per-node message polling instead of ``patched_vce``, Ray's own pickling of Arrays instead
