@@ -55,7 +55,7 @@ def all_commands(*docs: Path) -> list[str]:
 
 def inline_fedsparse_commands(doc: Path) -> list[str]:
     """``fedsparse ...`` written in the prose as inline code, e.g. `fedsparse keys`."""
-    return re.findall(r"`(fedsparse [a-z][^`]*)`", doc.read_text())
+    return re.findall(r"`(fedsparse [a-z][a-z-]*(?: [^`]*)?)`", doc.read_text())  # not `fedsparse run: ...` output
 
 
 def argv_of(command: str) -> list[str]:
