@@ -157,3 +157,20 @@ def test_bad_arguments_are_one_line() -> None:
     for text in ("300", "a,b", "-1,0"):
         with pytest.raises(ValueError, match="--memory-limit-mib"):
             parse_limits(text, 2)
+
+
+def test_process_start_time_is_the_wall_clock_of_the_start() -> None:
+    """A ClientApp's first stamp (fedsparse.accounting.timeline): the process's start as read
+    from /proc, on the wall clock, within a clock tick (not /proc/stat's whole-second btime)."""
+    import time
+
+    from fedsparse.accounting.timeline import process_start_time
+
+    before = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    try:
+        started = process_start_time(proc.pid)
+    finally:
+        proc.wait()
+    assert started is not None and before - 0.02 <= started <= time.time()
+    assert started - before < 0.5

@@ -42,14 +42,17 @@ PARTS = {
 
 
 def process_start_time(pid: int | str = "self") -> float | None:
-    """When process ``pid`` started, wall clock (Linux ``/proc``: 10 ms resolution), or None."""
+    """When process ``pid`` started, wall clock (Linux ``/proc``: 10 ms resolution), or None.
+
+    ``/proc/<pid>/stat`` gives the start in clock ticks since boot; the boot's wall-clock time
+    is taken as now minus ``CLOCK_BOOTTIME``, not ``/proc/stat``'s ``btime``, which is rounded
+    to whole seconds (it put starts up to a second early)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         ticks = int(stat[stat.rfind(")") + 2:].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
         return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
