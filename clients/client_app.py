@@ -7,15 +7,19 @@ settings of the message, run the task on this node's data, encode the reply. The
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
+from fedsparse.accounting.timeline import process_start_time
 from fedsparse.data.partition import NodeData, check_partition_id, node_data
 from fedsparse.engine.client import run_task
 from fedsparse.profiles import PROFILE_RECORD, Profile, client_profile
-from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY,
-                                NUM_PARTITIONS_KEY, OWN_DATA_KEY, array_record, torch_state)
+from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, IMPORTS_DONE_KEY, METRICS_KEY,
+                                NUM_EXAMPLES_KEY, NUM_PARTITIONS_KEY, OWN_DATA_KEY, PROCESS_START_KEY, REPLY_BUILT_KEY,
+                                array_record, torch_state)
 
 app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
@@ -63,12 +67,20 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Run the task; the reply's metrics carry the client's side of the round's timeline
+    (``fedsparse.accounting.timeline``): process start, imports done (this handler runs),
+    features ready and training done (``run_task``), reply built."""
+    imports_done = time.time()
     cfg = run_config_of(context)
     node = node_of(context)
     arrays = torch_state(msg.content[ARRAYS_KEY])
     trained, num_examples, metrics = run_task(cfg, node.client_id, node.num_partitions, arrays,
                                               dict(msg.content[CONFIG_KEY]), data_dir=node.data_dir,
                                               profile=node_profile_of(context, node))
-    content = RecordDict({ARRAYS_KEY: array_record(trained),
-                          METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, **metrics})})
-    return Message(content=content, reply_to=msg)
+    stamps = {IMPORTS_DONE_KEY: imports_done}
+    started = process_start_time()
+    if started is not None and started <= imports_done:
+        stamps[PROCESS_START_KEY] = started
+    record = array_record(trained)
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **metrics, **stamps, REPLY_BUILT_KEY: time.time()})
+    return Message(content=RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics}), reply_to=msg)

@@ -47,7 +47,7 @@ class Profile:
     batch_size: int
     encoder_dtype: str  # fp32 | bf16
     threads: int
-    memory_mib: int  # the memory budget (peak RSS of the client process) this profile stands for
+    memory_mib: int  # the memory of the device it stands for: its whole SuperNode's peak (client_budget_mib)
     encoder_batch: int  # images per encoder forward
 
     def __post_init__(self) -> None:
@@ -88,30 +88,35 @@ class Profile:
         return cls(**{known[k].name: _coerce_field(known[k], v, str(values.get("name", "?"))) for k, v in values.items()})
 
 
-# The shipped profiles. Budgets are the peak RSS of the client process (``VmHWM``), which starts
-# at the library's own imports (torch, timm, Flower: 740 MiB measured on this machine,
-# ``fedsparse.accounting.budget.LIBRARY_BASELINE_BYTES``); the rest is the device's working
-# memory (BENCHMARKS.md, "Heterogeneous federation" has each profile's predicted and measured peak).
+# The shipped profiles. ``memory_mib`` is the device's memory, which its whole SuperNode must fit
+# (flower-supernode, flower-superexec and the ClientApp process; ``fedsparse devices`` runs each
+# device under that operating-system limit). The SuperNode's own two processes take
+# ``SUPERNODE_PROCESSES_MIB`` (284 MiB RSS measured here); the ClientApp gets the rest
+# (``client_budget_mib``), which starts at the library's imports (torch, fedsparse, Flower: 580
+# MiB with the default install, ``fedsparse.accounting.budget.LIBRARY_BASELINE_BYTES``; timm adds
+# 190 MiB where features are extracted). docs/benchmarks/deployment.md has the measured peaks.
+SUPERNODE_PROCESSES_MIB = 290
 #
 # Every profile encodes in fp32. bf16 (``profile-encoder-dtype=bf16``, for a device whose CPU
 # has bf16 arithmetic) gives features that differ from the fp32 ones the server evaluates on:
 # a federation whose tiny and small clients encoded in bf16 ended 2.4 points lower (0.422
 # against 0.446, 5 seeds, BENCHMARKS.md, "Heterogeneous federation"), and on CPUs without bf16 units it is slower too.
 PROFILES: dict[str, Profile] = {
-    # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 900 MiB
-    # for the client process, of which the library takes 740 (fedsparse.accounting.budget).
-    # Encodes a quarter of the patches, 32 images at a time, and trains a quarter of the hidden
-    # width for 10 steps of 32.
+    # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 1 GiB for
+    # the whole SuperNode, 734 MiB of it for the ClientApp on cached features (586 MiB measured);
+    # its one-off extraction (timm and the encoder: 816 MiB of RSS) is held to the whole 1 GiB
+    # (fit_profile). Encodes a quarter of the patches, 32 images at a time, and trains a quarter
+    # of the hidden width for 10 steps of 32.
     "tiny": Profile("tiny", mask_ratio=0.75, width=0.25, local_steps=10, batch_size=32, encoder_dtype="fp32",
-                    threads=1, memory_mib=900, encoder_batch=32),
-    # A mid-range phone or a Raspberry Pi 4 with 2 GiB (two cores): 1 GiB for the client. Half the
-    # patches, half the hidden width, the run's 20 steps of 64.
+                    threads=1, memory_mib=1024, encoder_batch=32),
+    # A mid-range phone or a Raspberry Pi 4 with 2 GiB (two cores): 1.5 GiB for the SuperNode,
+    # 1,246 MiB of it for the ClientApp. Half the patches, half the hidden width, 20 steps of 64.
     "small": Profile("small", mask_ratio=0.5, width=0.5, local_steps=20, batch_size=64, encoder_dtype="fp32",
-                     threads=2, memory_mib=1024, encoder_batch=64),
-    # A laptop or an edge server (4+ GiB, four cores): 2 GiB for the client. The run's defaults:
-    # half the patches in fp32, the full width, 20 steps of 64, the encoder's batch of 256.
+                     threads=2, memory_mib=1536, encoder_batch=64),
+    # A laptop or an edge server (4+ GiB, four cores): 2.5 GiB for the SuperNode. The run's
+    # defaults: half the patches in fp32, the full width, 20 steps of 64, the encoder's batch of 256.
     "large": Profile("large", mask_ratio=0.5, width=1.0, local_steps=20, batch_size=64, encoder_dtype="fp32",
-                     threads=4, memory_mib=2048, encoder_batch=256),
+                     threads=4, memory_mib=2560, encoder_batch=256),
 }
 
 
@@ -278,41 +283,58 @@ class ClientFit:
     encoder_batch: int
     predicted_peak_bytes: int
     encoder_macs: int  # per image, at the profile's mask ratio
+    budget_bytes: int = 0  # what the prediction was held to (fit_profile)
 
     def metrics(self) -> dict[str, float]:
-        return {PREDICTED_PEAK_KEY: self.predicted_peak_bytes, BUDGET_KEY: self.profile.memory_mib * 2**20,
+        return {PREDICTED_PEAK_KEY: self.predicted_peak_bytes, BUDGET_KEY: self.budget_bytes,
                 ENCODER_BATCH_KEY: self.encoder_batch, MASK_RATIO_KEY: self.profile.mask_ratio,
                 ENCODER_MACS_KEY: self.encoder_macs}
 
 
+def client_budget_mib(profile: Profile) -> int:
+    """The ClientApp process's share of a profile's memory: the device's ``memory-mib`` less
+    what the SuperNode's own processes take (``SUPERNODE_PROCESSES_MIB``)."""
+    return profile.memory_mib - SUPERNODE_PROCESSES_MIB
+
+
 def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[int], batch_size: int,
-                num_examples: int = 0, log: Any = None) -> ClientFit:
+                num_examples: int = 0, log: Any = None, cached: bool = False) -> ClientFit:
     """Before extracting or training: predict this client's peak memory
-    (``fedsparse.accounting.budget``) and shrink its encoder batch until it fits the profile's
-    ``memory-mib`` (saying so in one log line), or raise ``MemoryBudgetError`` (one line) when
-    not even one image per forward fits."""
+    (``fedsparse.accounting.budget``; ``cached``: the features are in the cache, so the task
+    only trains) and shrink its encoder batch until it fits (saying so in one log line), or
+    raise ``MemoryBudgetError`` (one line) when not even one image per forward fits.
+
+    A round on cached features is held to the ClientApp's share of the profile's
+    ``memory-mib`` (``client_budget_mib``). The one-off extraction of a cold cache is held to
+    the whole ``memory-mib``: its extra peak is mostly timm's and torch's library pages, which
+    a memory-limited device (or cgroup) reclaims from the processes that idle meanwhile;
+    measured, a tiny device's 816 MiB-RSS extraction charged its cgroup under 700 MiB."""
     import logging
 
     from fedsparse.accounting.budget import MIB, fit_encoder_batch, predict_peak_bytes
-    from fedsparse.accounting.costs import ViTShape, encoder_macs
-    from fedsparse.inputs.features import get_encoder
+    from fedsparse.accounting.costs import encoder_macs
+    from fedsparse.inputs.features import encoder_ref
 
     run = cfg.replace(mask_ratio=profile.mask_ratio, encoder_dtype=profile.encoder_dtype)
-    encoder = get_encoder(run.encoder, run.image_size)
-    shape = ViTShape.of(encoder.model, run.image_size)
-    params = sum(int(t.numel()) for t in encoder.model.parameters())
+    ref = encoder_ref(run.encoder, run.image_size)  # no encoder built (nor timm imported) to size it
+    shape, params = ref.shape, ref.params
 
     def predict(batch: int) -> int:
         return predict_peak_bytes(shape, params, profile.mask_ratio, batch, head_dims, batch_size, num_examples,
-                                  threads=profile.threads)
+                                  threads=profile.threads, extracting=not cached)
 
+    budget = max(0, client_budget_mib(profile) if cached else profile.memory_mib) * MIB
     try:
-        fit = fit_encoder_batch(profile.memory_mib * MIB, profile.encoder_batch, predict)
+        fit = fit_encoder_batch(budget, profile.encoder_batch, predict)
     except ValueError as err:
-        raise type(err)(f"profile {profile.name!r}: {err}") from None
+        raise type(err)(f"profile {profile.name!r}: {err}; " + (
+            f"the profile's memory-mib {profile.memory_mib} MiB less {SUPERNODE_PROCESSES_MIB} MiB for the "
+            "SuperNode's own processes" if cached else
+            f"the profile's memory-mib {profile.memory_mib} MiB cannot extract its features; fill its feature "
+            "cache ahead of time")) from None
     if fit.shrunk:
         (log or logging.getLogger("fedsparse")).info(
             "profile %s: encoder batch %d -> %d to stay within %d MiB (predicted peak %.0f MiB)", profile.name,
             profile.encoder_batch, fit.encoder_batch, profile.memory_mib, fit.predicted_peak_bytes / MIB)
     return ClientFit(profile, run, profile.threads, fit.encoder_batch, fit.predicted_peak_bytes,
-                     encoder_macs(shape, profile.mask_ratio))
+                     encoder_macs(shape, profile.mask_ratio), budget)

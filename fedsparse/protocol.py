@@ -30,6 +30,12 @@ CACHE_HIT_KEY = "feature-cache-hit"
 TRAIN_SECONDS_KEY = "train-seconds"
 RAY_NODE_KEY = "ray-node"  # a client in a Ray worker: its node (fedsparse.engine.nodes.node_key)
 WORKER_PID_KEY = "worker-pid"  # and its process
+# a reply's timeline (fedsparse.accounting.timeline): wall-clock stamps, seconds since the epoch
+PROCESS_START_KEY = "t-process-start"
+IMPORTS_DONE_KEY = "t-imports-done"
+FEATURES_READY_KEY = "t-features-ready"
+TRAINED_KEY = "t-trained"
+REPLY_BUILT_KEY = "t-reply-built"
 CLIENT_TASK_KEY = "client-task"  # what a client does with a task (fedsparse.algorithms.base)
 CLIENT_ID_KEY = "partition-id"  # a query reply: who the node is
 NUM_PARTITIONS_KEY = "num-partitions"

@@ -17,30 +17,35 @@ from fedsparse.config import RunConfig
 from fedsparse.data.datasets import (ImageSet, client_folders, default_cache_dir, folder_test_set, load_splits,
                                      own_images, parse_classes, with_classes)
 from fedsparse.data.partition import client_split, folder_client, partition_sizes
-from fedsparse.inputs.features import FeatureCache, Features, cached_features, extract, feature_key, get_encoder
+from fedsparse.inputs.features import FeatureCache, Features, cached_features, encoder_ref, extract, feature_key
 from fedsparse.seeds import derive_seed
 from fedsparse.model.head import MLPHead, batch_order, train_steps
 
 log = logging.getLogger("fedsparse")
 
 
-def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | None = None) -> Features:
+def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | None = None,
+             cache_only: bool = False) -> Features | None:
     """Masked CLS features of ``images`` with ``cfg``'s encoder, mask, preprocessing and dtype.
 
     Fixed masks (``per-image``, ``shared``) are served from the feature cache. With
     ``mask-mode = random`` and a ``server_round``, the masks are drawn anew for that round
     (seed derived from ``mask-seed`` and the round) and the features are extracted, uncached;
     without a round (the server's test set) random mode uses the fixed per-image masks.
+    ``cache_only``: None instead of extracting (a miss, or fresh random masks).
     """
-    encoder = get_encoder(cfg.encoder, cfg.image_size)
+    encoder = encoder_ref(cfg.encoder, cfg.image_size)  # built only when extracting (a cache miss)
     mode, seed = cfg.mask_mode, cfg.mask_seed
     if mode == "random":
         if server_round is None:
             mode = "per-image"
         else:
             seed = derive_seed("mask", cfg.mask_seed, server_round)
+            if cache_only:
+                return None
+            built = encoder.build()
             t0 = time.perf_counter()
-            x, y, skipped = extract(encoder, images, mask_ratio=cfg.mask_ratio, mask_seed=seed, mask_mode="per-image",
+            x, y, skipped = extract(built, images, mask_ratio=cfg.mask_ratio, mask_seed=seed, mask_mode="per-image",
                                     group=group, preprocessing=cfg.preprocessing, dtype=cfg.encoder_dtype)
             return Features(x, y, time.perf_counter() - t0, False, skipped)
     return cached_features(
@@ -53,6 +58,7 @@ def features(cfg: RunConfig, images: ImageSet, group: str, server_round: int | N
         group=group,
         preprocessing=cfg.preprocessing,
         dtype=cfg.encoder_dtype,
+        cache_only=cache_only,
     )
 
 
@@ -110,23 +116,25 @@ def partition_sizes_of(cfg: RunConfig) -> list[int]:
 
 
 def client_features(cfg: RunConfig, partition_id: int, num_partitions: int, server_round: int | None = None,
-                    data_dir: str = "") -> Features:
+                    data_dir: str = "", cache_only: bool = False) -> Features | None:
     """The masked CLS features of one client's partition (extracted once and cached, except
     with ``mask-mode = random``, where ``server_round`` seeds fresh masks). Where the whole
     training split's features are cached (``whole_split_features``), the client's rows are
     taken from them instead of extracting its images again.
 
     A client with its own images (a node's ``data_dir``, or ``partitioner = "folders"``) has
-    a cache entry keyed by those images and the run's class list, not by a partition id."""
+    a cache entry keyed by those images and the run's class list, not by a partition id.
+    ``cache_only``: None where the features would have to be extracted."""
     if data_dir or cfg.partitioner == "folders":
         mine = client_images(cfg, partition_id, num_partitions, data_dir)
-        return features(cfg, mine, group=f"own-{mine.fingerprint}", server_round=server_round)
+        return features(cfg, mine, group=f"own-{mine.fingerprint}", server_round=server_round, cache_only=cache_only)
     train = training_set(cfg)
     mine = client_split(train, partition_id, num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha)
     rows = rows_of_whole_split(cfg, train, mine)
     if rows is not None:
         return rows
-    return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}", server_round=server_round)
+    return features(cfg, mine, group=f"client-{partition_id}-of-{num_partitions}", server_round=server_round,
+                    cache_only=cache_only)
 
 
 def whole_split_features(cfg: RunConfig) -> Features:
@@ -156,7 +164,7 @@ def rows_of_whole_split(cfg: RunConfig, train: ImageSet, mine: ImageSet) -> Feat
     setting = (cfg.encoder, cfg.image_size, cfg.mask_ratio, cfg.mask_seed, cfg.preprocessing, cfg.encoder_dtype,
                train.fingerprint, len(train), str(cache.root))
     key = _WHOLE_KEYS.get_or_make(setting, lambda: feature_key(  # hashing 50,000 image ids costs ~2 ms
-        get_encoder(cfg.encoder, cfg.image_size), train, cfg.mask_ratio, cfg.mask_seed, "per-image", "train",
+        encoder_ref(cfg.encoder, cfg.image_size), train, cfg.mask_ratio, cfg.mask_seed, "per-image", "train",
         cfg.preprocessing, cfg.encoder_dtype))
     path = str(cache.path(key))
     whole = _WHOLE.get(path)
@@ -250,4 +258,16 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
         raise ValueError(
             f"hidden layers {cfg.hidden} are too narrow to split into {cfg.num_subnets} subnets per round"
         )
-    check_output(get_encoder(cfg.encoder, cfg.image_size))
+    ref = encoder_ref(cfg.encoder, cfg.image_size)  # the file, its weights (finite), its image size
+    if not test_features_cached(cfg, ref):  # cached: this encoder passed the check when they were extracted
+        check_output(ref.build())
+
+
+def test_features_cached(cfg: RunConfig, ref=None) -> bool:
+    """Whether the server's test features are in the cache (then the server never builds the
+    encoder: its preflight and its evaluation read them by the encoder's reference)."""
+    ref = ref if ref is not None else encoder_ref(cfg.encoder, cfg.image_size)
+    key = feature_key(ref, test_images(cfg), cfg.mask_ratio, cfg.mask_seed,
+                      "per-image" if cfg.mask_mode == "random" else cfg.mask_mode, "test", cfg.preprocessing,
+                      cfg.encoder_dtype)
+    return FeatureCache(default_cache_dir(cfg.cache_dir)).path(key).is_file()

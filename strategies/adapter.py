@@ -113,6 +113,8 @@ class AlgorithmStrategy(Strategy):
         self._tasks: list[ClientTask] = []
         self._early: dict[int, tuple[int, Reply | Failure]] = {}  # id(reply message) -> (bytes, outcome), see early()
         self._sent: list[int] = []
+        self._pushed_at: float | None = None  # the round's timeline (Exchange.pushed_at, received_at)
+        self._received_at: dict[int, float] = {}
         self._started = 0.0
         self._round = 0
 
@@ -215,7 +217,8 @@ class AlgorithmStrategy(Strategy):
                 outcome = decode_reply(reply, self.client_of[node])
             (failures if isinstance(outcome, Failure) else got).append(outcome)
         self._early.clear()
-        return Exchange(got, failures, list(self._sent), up, up_of)
+        received_at = {self.client_of[n]: t for n, t in self._received_at.items() if n in self.client_of}
+        return Exchange(got, failures, list(self._sent), up, up_of, self._pushed_at, received_at)
 
     def early(self, tasks: list[ClientTask]) -> Callable[[Message], None]:
         """What to do with a reply the moment it arrives, while the round's other clients still
@@ -224,6 +227,7 @@ class AlgorithmStrategy(Strategy):
         task_of = {self.node_of[t.client]: t for t in tasks}
 
         def handle(reply: Message) -> None:
+            self._received_at.setdefault(reply.metadata.src_node_id, time.time())
             task = task_of.pop(reply.metadata.src_node_id, None)
             if task is None:  # not sent a task, or a second reply: outcomes() deals with it
                 return
@@ -243,10 +247,16 @@ class AlgorithmStrategy(Strategy):
         self._round = server_round
         grid = self._waiting_grid(self._replies_arrived)
         self._early.clear()
+        self._pushed_at, self._received_at = None, {}
         if isinstance(grid, PollingGrid):  # sizes measured and replies handled while the clients train
             messages = self.messages(tasks, measure=False)
+
+            def pushed() -> None:
+                self._pushed_at = time.time()
+                self.measure_sent(messages)
+
             replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout, on_message=self.early(tasks),
-                                            after_push=lambda: self.measure_sent(messages))
+                                            after_push=pushed)
         else:
             replies = grid.send_and_receive(self.messages(tasks), timeout=self.cfg.round_timeout)
         return self.outcomes(tasks, replies)

@@ -76,14 +76,30 @@ def test_two_emulated_devices_train_and_leave_nothing_behind(tmp_path: Path) -> 
     assert set(rows) == {"tiny", "large"}
     for name, row in rows.items():
         assert row["status"] == "ok" and row["rounds_ok"] == 2, row
-        assert row["images"] == 10 and row["budget_mib"] == PROFILES[name].memory_mib
-        assert row["bytes_down"] > 0 and row["bytes_up"] > 0 and row["extract_seconds"] > 0
+        assert row["images"] == 10 and row["budget_mib"] == row["limit_mib"] == PROFILES[name].memory_mib
+        assert row["bytes_down"] > 0 and row["bytes_up"] > 0
         assert row["client_peak_rss_mib"] > 100 and row["node_peak_rss_mib"] >= row["client_peak_rss_mib"]
+        assert row["node_peak_rss_cached_mib"] >= row["client_peak_rss_cached_mib"] > 100
+        # each extracts in its first round, within its limit, and reads the cache after it
+        assert row["features"] == "on device" and row["extract_seconds"] > 0
+        assert row["client_peak_rss_first_mib"] > row["client_peak_rss_cached_mib"]  # timm and the encoder
     assert rows["tiny"]["bytes_down"] < rows["large"]["bytes_down"]  # a narrower slice for the weaker device
     md = (out / "devices.md").read_text()
     assert "| device-0 | tiny |" in md and "| device-1 | large |" in md
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert [len(r["per_client"]) for r in metrics["rounds"]] == [2, 2]
+    # the timeline: every client's stamps, in the order they happen, after the push; the
+    # round's overhead is its seconds beyond the slowest client's work
+    order = ["process_start", "imports_done", "features_ready", "trained", "reply_built", "received"]
+    for r in metrics["rounds"]:
+        work = max(c["extract_seconds"] + c["train_seconds"] for c in r["per_client"])
+        assert abs(r["work_seconds"] - work) < 1e-9 and abs(r["overhead_seconds"] - (r["seconds"] - work)) < 1e-9
+        for c in r["per_client"]:
+            stamps = [c["timeline"][k] for k in order]
+            assert 0 <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= r["seconds"], c["timeline"]
+    assert report["timeline"]["all"]["rounds"] == 2 and report["timeline"]["after_first"]["rounds"] == 1
+    assert report["timeline"]["all"]["overhead_seconds_median"] > 0
+    assert "**overhead**" in md and "| device-0 | tiny | on device |" in md
 
 
 def test_memory_limit_stops_a_process_that_exceeds_it(tmp_path: Path) -> None:
@@ -141,3 +157,20 @@ def test_bad_arguments_are_one_line() -> None:
     for text in ("300", "a,b", "-1,0"):
         with pytest.raises(ValueError, match="--memory-limit-mib"):
             parse_limits(text, 2)
+
+
+def test_process_start_time_is_the_wall_clock_of_the_start() -> None:
+    """A ClientApp's first stamp (fedsparse.accounting.timeline): the process's start as read
+    from /proc, on the wall clock, within a clock tick (not /proc/stat's whole-second btime)."""
+    import time
+
+    from fedsparse.accounting.timeline import process_start_time
+
+    before = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    try:
+        started = process_start_time(proc.pid)
+    finally:
+        proc.wait()
+    assert started is not None and before - 0.02 <= started <= time.time()
+    assert started - before < 0.5

@@ -220,3 +220,26 @@ class TestFeatureCache:
         assert key["data"]["fingerprint"] == train.fingerprint and key["data"]["n"] == 6
         sub = train.subset(np.arange(5))
         assert feature_key(builtin_encoder, sub, 0.5, 1234, "per-image", "g", "paper", "fp32") != key
+
+
+def test_encoder_ref_names_the_same_entries_as_the_built_encoder(tmp_path: Path) -> None:
+    """The reference read from a checkpoint file (no model built) has the built encoder's
+    identity, shape and size, so the cache entries it names are the ones extraction wrote;
+    a changed file is a new reference (its digest changes)."""
+    from fedsparse.accounting.costs import ViTShape
+    from fedsparse.inputs.encoder import build_builtin
+    from fedsparse.inputs.features import encoder_ref
+
+    ref, built = encoder_ref("builtin", 32), load_encoder("builtin", 32)
+    assert ref.identity == built.identity and ref.shape == ViTShape.of(built.model, 32)
+    assert ref.params == sum(p.numel() for p in built.model.parameters())
+    path = tmp_path / "enc.pth"
+    save_checkpoint(build_builtin(32), path, half=True)
+    assert encoder_ref(str(path), 32).identity == load_encoder(str(path), 32).identity
+    model = build_builtin(32)
+    with torch.no_grad():
+        model.cls_token.add_(1.0)
+    save_checkpoint(model, path, half=True)
+    assert encoder_ref(str(path), 32).identity == load_encoder(str(path), 32).identity != built.identity
+    with pytest.raises(ValueError, match="image-size is 64"):
+        encoder_ref(str(path), 64)

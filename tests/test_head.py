@@ -137,3 +137,24 @@ class TestTrainEvaluate:
     def test_evaluate_on_empty_set_raises(self) -> None:
         with pytest.raises(ValueError):
             evaluate(seeded_head(), torch.empty(0, 4), torch.empty(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("label_aware", [False, True])
+def test_fused_adam_steps_as_torch_fused_adam(label_aware: bool) -> None:
+    """``train_steps``' own optimizer (torch's fused Adam kernel without torch.optim, whose first
+    use imports torch._dynamo) gives bitwise the model and loss of ``torch.optim.Adam(fused=True)``."""
+    def run(optimizer_of):
+        torch.manual_seed(0)
+        model = MLPHead(24, [16, 8], 5)
+        x, y = torch.randn(60, 24), torch.randint(0, 5, (60,))
+        batches = batch_order(60, 12, 8, torch.Generator().manual_seed(1))
+        classes = torch.tensor([0, 2, 3, 4]) if label_aware else None
+        if classes is not None:
+            y = classes[y % 4]
+        loss = train_steps(model, x, y, batches, 3e-3, optimizer=optimizer_of(model), classes=classes)
+        return model.state_dict(), loss
+
+    ours, ours_loss = run(lambda m: None)
+    theirs, theirs_loss = run(lambda m: torch.optim.Adam(m.parameters(), lr=3e-3, fused=True))
+    assert ours_loss == theirs_loss
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from fedsparse.accounting.budget import MIB, MemoryBudgetError, fit_encoder_batch
+from fedsparse.accounting.budget import MIB, TIMM_BYTES, MemoryBudgetError, fit_encoder_batch
 from fedsparse.algorithms.ist import IST
 from fedsparse.config import RunConfig
 from fedsparse.model.head import MLPHead
@@ -27,6 +27,7 @@ from fedsparse.model.ist import (
 )
 from fedsparse.profiles import (
     PROFILES,
+    client_budget_mib,
     Profile,
     client_profile,
     fit_profile,
@@ -327,6 +328,19 @@ class TestBudget:
         lines = [r.getMessage() for r in caplog.records if "encoder batch" in r.getMessage()]
         assert len(lines) == 1 and "32 ->" in lines[0]
 
+    def test_cached_features_are_held_to_the_clientapp_share(self) -> None:
+        """A round on cached features: no timm, no encoder, no extraction in the prediction, held
+        to the profile's memory less the SuperNode's processes; a cold cache's extraction to the
+        whole memory."""
+        cfg, dims, tiny = RunConfig(encoder="builtin"), (192, 256, 256, 10), PROFILES["tiny"]
+        cached = fit_profile(cfg, tiny, dims, 32, cached=True)
+        cold = fit_profile(cfg, tiny, dims, 32)
+        assert cached.budget_bytes == client_budget_mib(tiny) * MIB < cold.budget_bytes == tiny.memory_mib * MIB
+        assert cached.predicted_peak_bytes <= cached.budget_bytes
+        assert cached.predicted_peak_bytes + TIMM_BYTES < cold.predicted_peak_bytes <= cold.budget_bytes
+        with pytest.raises(MemoryBudgetError, match="SuperNode's own processes"):
+            fit_profile(cfg, dataclasses.replace(tiny, memory_mib=600), dims, 32, cached=True)
+
     def test_fit_profile_refuses_a_budget_below_the_library(self) -> None:
         with warnings.catch_warnings(), pytest.raises(MemoryBudgetError) as err:
             warnings.simplefilter("ignore", UserWarning)
@@ -366,7 +380,8 @@ class TestHeterogeneousRun:
             assert rec.profile == profile_for(hetero_cfg, rec.client).name
             assert (rec.local_steps, rec.batch_size) == (prof.local_steps, prof.batch_size)
             assert rec.mask_ratio == prof.mask_ratio and rec.encoder_batch == prof.encoder_batch
-            assert rec.memory_budget_bytes == prof.memory_mib * MIB
+            # a round on cached features is held to the ClientApp's share; a first extraction to the device's memory
+            assert rec.memory_budget_bytes in (client_budget_mib(prof) * MIB, prof.memory_mib * MIB)
             assert rec.predicted_peak_bytes <= rec.memory_budget_bytes
             assert rec.bytes_up == rec.bytes_down + 3 * 4  # tensor bytes, plus the class counts (label-aware)
         for r in metrics.rounds:

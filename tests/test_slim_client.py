@@ -38,11 +38,15 @@ msg = Message(content=RecordDict({ARRAYS_KEY: ArrayRecord(state), CONFIG_KEY: co
               message_type=MessageType.TRAIN)
 ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
               run_config=cfg.to_run_config())
+query = client_app_module.app(Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.QUERY), ctx)
+assert not query.has_error(), query.error
+after_query = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(",")))
 reply = client_app_module.app(msg, ctx)
 assert not reply.has_error(), reply.error
 metrics = reply.content[METRICS_KEY]
 print(json.dumps({
     "at_import": imported,
+    "after_query": after_query,
     "after_round": sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(","))),
     "examples": metrics[NUM_EXAMPLES_KEY],
     "peak_rss": metrics[PEAK_RSS_KEY],
@@ -79,6 +83,31 @@ def test_client_app_trains_a_round_without_ray_or_matplotlib(tmp_path, make_imag
         if code == TRAIN_ONE_ROUND:
             assert report["at_import"] == [] and report["after_round"] == [], report
             assert report["peak_rss"] > 0
+
+
+LEAN = ("timm", "torchvision", "sympy")  # the encoder's stack, and what torch._dynamo imports
+
+
+def test_cached_round_and_identity_query_import_neither_timm_nor_torchvision(tmp_path, make_image_tree) -> None:
+    """Once a client's features are cached, an identity query and a training round import
+    neither timm nor torchvision (the encoder is named from its checkpoint, not built) nor
+    torch._dynamo (whose sympy torch.optim's Adam pulls in): with them made unimportable the
+    round still trains, and without that none shows in ``sys.modules``. The first round, which
+    extracts the features, does import timm (the check is not vacuous)."""
+    data = make_image_tree(tmp_path / "data", {"train": 4, "test": 1})
+    run_config = {"dataset": "imagefolder", "data-dir": str(data), "cache-dir": str(tmp_path / "cache"),
+                  "hidden": "16,16", "num-clients": 2, "clients-per-round": 2}
+    first = _python(TRAIN_ONE_ROUND, json.dumps(run_config), ",".join(LEAN))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "timm" in json.loads(first.stdout.strip().splitlines()[-1])["after_round"]  # it extracted
+    blocker = "import sys\nfor m in sys.argv[2].split(','):\n    sys.modules[m] = None  # import m raises\n"
+    for code in (blocker + TRAIN_ONE_ROUND, TRAIN_ONE_ROUND):
+        proc = _python(code, json.dumps(run_config), ",".join(LEAN))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["examples"] == 4, report
+        if code == TRAIN_ONE_ROUND:
+            assert report["at_import"] == report["after_query"] == report["after_round"] == [], report
 
 
 def test_simulation_without_ray_says_to_install_the_extra(tmp_path, make_image_tree) -> None:

@@ -9,8 +9,9 @@ server), instead of being killed by the operating system.
 
 The model of the peak (bytes)::
 
-    baseline                      the client process after its imports (measured, below)
-    + encoder                     2 x the encoder's parameter bytes + 16 MiB (building, then loading)
+    baseline                      the client process after its imports and a training step (measured, below)
+    + encoder                     timm's imports + 2 x the encoder's parameter bytes + 16 MiB (building,
+                                  then loading); none where the features are cached
     + threads                     32 MiB per math thread beyond the first (per-thread buffers)
     + max(extraction, training)   the two phases do not overlap:
         extraction = 2 x costs.extraction_tensor_bytes(shape, mask ratio, encoder batch, chunk)
@@ -24,11 +25,11 @@ prediction adds the 22 MiB of Flower's ClientApp imports the measuring process l
 =====================  ==========  ==========
 r, dtype, batch        measured    predicted
 =====================  ==========  ==========
-0.0, fp32, 256         1024 MiB    1041 MiB
-0.5, fp32, 256          902 MiB     926 MiB
-0.5, fp32, 32           802 MiB     834 MiB
-0.75, bf16, 32          785 MiB     827 MiB
-0.75, bf16, 1           782 MiB     821 MiB
+0.0, fp32, 256         1024 MiB    1071 MiB
+0.5, fp32, 256          902 MiB     956 MiB
+0.5, fp32, 32           802 MiB     864 MiB
+0.75, bf16, 32          785 MiB     857 MiB
+0.75, bf16, 1           782 MiB     851 MiB
 =====================  ==========  ==========
 
 (one thread; predicted for the full 192-1024-1024-10 head, batch 64; the measured runs extracted only,
@@ -42,10 +43,13 @@ from dataclasses import dataclass
 from fedsparse.accounting.costs import BYTES_PER_FP32, ViTShape, extraction_tensor_bytes, head_train_tensor_bytes
 
 MIB = 2**20
-# Peak RSS of a fresh client process after ``import fedsparse.engine.client`` (torch and the
-# library: 511 MiB), timm (192 MiB) and Flower's ClientApp (22 MiB): 725 MiB measured here
-# (Python 3, torch CPU wheels, VmHWM), rounded up to 740 MiB.
-LIBRARY_BASELINE_BYTES = 740 * MIB
+# Peak RSS of a fresh ClientApp process that trains on cached features: ``import
+# clients.client_app`` (torch, fedsparse, Flower: 540 MiB) and a training step's first use of
+# torch's kernels: 586 MiB measured here for a tiny task (Python 3.11, the default install's
+# torch, VmHWM), rounded down to 580 MiB. A task that extracts features imports timm (and
+# torchvision) too: TIMM_BYTES more (192 MiB measured).
+LIBRARY_BASELINE_BYTES = 580 * MIB
+TIMM_BYTES = 190 * MIB
 ENCODER_OVERHEAD_BYTES = 16 * MIB
 # A client's whole round (extraction at batch 256 and training) measured 816 MiB with 2 threads
 # and 956 MiB with 4 (small and large profiles, tools/bench_profiles.py): the extraction batch
@@ -65,12 +69,16 @@ def decode_chunk(encoder_batch: int, chunk: int = 512) -> int:
 
 def predict_peak_bytes(shape: ViTShape, encoder_params: int, mask_ratio: float, encoder_batch: int,
                        head_dims: tuple[int, ...] | list[int], batch_size: int, num_examples: int = 0,
-                       baseline: int = LIBRARY_BASELINE_BYTES, threads: int = 1) -> int:
-    """The predicted peak RSS of a client process (module docstring), in bytes."""
-    encoder = 2 * encoder_params * BYTES_PER_FP32 + ENCODER_OVERHEAD_BYTES + THREAD_BYTES * max(0, threads - 1)
-    extraction = WORK_FACTOR * extraction_tensor_bytes(shape, mask_ratio, encoder_batch, decode_chunk(encoder_batch))
+                       baseline: int = LIBRARY_BASELINE_BYTES, threads: int = 1, extracting: bool = True) -> int:
+    """The predicted peak RSS of a client process (module docstring), in bytes; ``extracting``
+    False: its features are cached, so no timm, no encoder and no extraction phase."""
+    threads_bytes = THREAD_BYTES * max(0, threads - 1)
     features = num_examples * shape.dim * BYTES_PER_FP32
     training = WORK_FACTOR * head_train_tensor_bytes(tuple(head_dims), batch_size) + features
+    if not extracting:
+        return int(baseline + threads_bytes + training)
+    encoder = TIMM_BYTES + 2 * encoder_params * BYTES_PER_FP32 + ENCODER_OVERHEAD_BYTES + threads_bytes
+    extraction = WORK_FACTOR * extraction_tensor_bytes(shape, mask_ratio, encoder_batch, decode_chunk(encoder_batch))
     return int(baseline + encoder + max(extraction, training))
 
 

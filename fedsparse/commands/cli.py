@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--limits", default="auto", choices=["auto", "cgroup", "rlimit"],
                      help="auto: cgroups where they can be made here, else RLIMIT_AS and CPU affinity")
     dev.add_argument("--memory-limit-mib", default="",
-                     help="per device, an OS memory limit replacing budget + SuperNode overhead, e.g. 300,0 "
+                     help="per device, an OS memory limit replacing the profile's memory (whole SuperNode), e.g. 300,0 "
                           "(0 = the profile's): a device with less memory than its profile says")
     dev.add_argument("--run-timeout", type=float, default=1200.0,
                      help="seconds for the whole flwr run (each round's limit is the key round-timeout)")

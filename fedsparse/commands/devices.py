@@ -10,15 +10,19 @@ process it started, also on Ctrl-C or an error, and checks that none is left.
 Limits (``Limits``), strongest available first:
 
 - **cgroup v1 or v2** (where this process may create child cgroups, e.g. as root): a memory
-  cgroup per device whose limit is the profile's ``memory_mib`` (the budget of the ClientApp
-  process) plus ``NODE_OVERHEAD_MIB`` for the SuperNode's two long-lived processes
-  (``flower-supernode`` and ``flower-superexec``); a device that exceeds it is stopped by the
-  kernel's OOM killer inside its cgroup (the round counts it as failed, the run goes on). The
-  CPU quota is ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``).
+  cgroup per device whose limit is the profile's ``memory_mib``: the memory of the device it
+  stands for, which its whole SuperNode (``flower-supernode``, ``flower-superexec`` and the
+  ClientApp process) must fit; a device that exceeds it is stopped by the kernel's OOM killer
+  inside its cgroup (the round counts it as failed, the run goes on). The CPU quota is
+  ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``).
 - **otherwise** ``RLIMIT_AS`` on the SuperNode (inherited by its children), set to the limit
   above plus ``AS_HEADROOM_MIB``: a Python process with torch maps about 3.6 GiB of address
   space for 0.7 GiB resident, so an address-space limit can only catch a gross overrun; and
   the CPU affinity is pinned to ``threads`` cores.
+
+Every process gets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL = SUPEREXEC_POLL_SECONDS`` (unless the
+environment sets it): the SuperExec then starts a ClientApp within 0.1 s of the message's arrival
+instead of within Flower's default 1 s (docs/deployment.md, "What a round costs").
 
 In both cases every SuperNode gets ``OMP_NUM_THREADS = threads``. What was enforced is written
 into the report (``limits``).
@@ -53,9 +57,15 @@ from fedsparse.config import RunConfig, run_config_arg, toml_text
 from fedsparse.errors import one_line
 
 HOST = "127.0.0.1"
+# The bin folder of another Python environment for the SuperNodes (e.g. a lean one: CPU-only torch,
+# no timm; docs/deployment.md): they then run its flower-supernode, flower-superexec and
+# flwr-clientapp, and every device's features are extracted here ahead of the run (such an
+# install cannot extract them).
+NODE_BIN_VAR = "FEDSPARSE_DEVICES_NODE_BIN"
 CONNECTION = "fedsparse-devices"
 TOKEN_VAR = "FEDSPARSE_DEVICES_TOKEN"  # in the environment of every process started here
-NODE_OVERHEAD_MIB = 384  # flower-supernode + flower-superexec (docs/deployment.md: 150 + 125 MiB RSS), with margin
+SUPEREXEC_POLL_VAR = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.42's SuperExec: seconds between task polls
+SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default is 1.0
 AS_HEADROOM_MIB = 4096  # RLIMIT_AS fallback: torch's address space is ~3.6 GiB for ~0.7 GiB resident
 TERM_GRACE = 10.0
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +85,9 @@ class Device:
     proc: subprocess.Popen | None = None
     name: str = ""
     sampled_peak_bytes: int = 0  # summed RSS of the SuperNode's process tree, sampled
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (wall clock, summed RSS), every sample
     refused: str = ""  # why the server did not use it (its identity query failed), from the server's log
+    features: str = "on device"  # or "prepared ahead": extracted here before the run (prepare_features)
 
     @property
     def label(self) -> str:
@@ -193,10 +205,10 @@ class Limits:
     def describe(self) -> str:
         if self.kind == "cgroup-v1":
             cpu = "cpu.cfs_quota_us = threads cores" if "cpu" in self.roots else "no CPU quota (cpu cgroup not writable)"
-            return f"cgroup v1: memory.limit_in_bytes = budget + {NODE_OVERHEAD_MIB} MiB; {cpu}; OMP_NUM_THREADS = threads"
+            return f"cgroup v1: memory.limit_in_bytes = the profile's memory (whole SuperNode); {cpu}; OMP_NUM_THREADS = threads"
         if self.kind == "cgroup-v2":
-            return f"cgroup v2: memory.max = budget + {NODE_OVERHEAD_MIB} MiB; cpu.max = threads cores; OMP_NUM_THREADS = threads"
-        return (f"RLIMIT_AS = budget + {NODE_OVERHEAD_MIB + AS_HEADROOM_MIB} MiB (address space, a loose bound); "
+            return "cgroup v2: memory.max = the profile's memory (whole SuperNode); cpu.max = threads cores; OMP_NUM_THREADS = threads"
+        return (f"RLIMIT_AS = the profile's memory + {AS_HEADROOM_MIB} MiB (address space, a loose bound); "
                 "CPU affinity to threads cores; OMP_NUM_THREADS = threads")
 
     def prepare(self, device: Device) -> None:
@@ -472,6 +484,7 @@ class MemorySampler(threading.Thread):
                 if d.proc is not None:
                     total = sum(rss_pss(p, pss=False)[0] for p in tree(d.proc.pid, table) if table[p][1] != "Z")
                     d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
+                    d.samples.append((time.time(), total))
             self.done.wait(self.interval)
 
 
@@ -497,7 +510,12 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     """Run ``cfg`` (its rounds, head, encoder) on one emulated SuperNode per profile; write
     ``out/devices.json`` and ``out/devices.md``; returns the report. ``memory_limits``: per
     device, an operating-system memory limit in MiB that replaces budget + overhead (0: keep it),
-    to emulate a device with less memory than its profile says."""
+    to emulate a device with less memory than its profile says.
+
+    The report has each device's peaks in the first round (features extracted) and in the
+    rounds after it (features cached), and the rounds' timeline (``timeline``: the median round,
+    the slowest client's work, the overhead, and each part from the push to the reply's arrival;
+    ``fedsparse.accounting.timeline``)."""
     from fedsparse.data.datasets import client_folders
 
     if not (REPO / "pyproject.toml").is_file():
@@ -526,10 +544,17 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     from fedsparse.task import client_images, preflight
 
     preflight(run_cfg, partitions=False)
+    node_bin = os.environ.get(NODE_BIN_VAR, "")
+    if node_bin and not (Path(node_bin) / "flower-supernode").is_file():
+        raise ValueError(f"${NODE_BIN_VAR} = {node_bin}: no flower-supernode there; name the bin folder of an "
+                         "environment with flwr installed")
     devices = []
     for i, (profile, folder) in enumerate(zip(profiles, folders)):
         d = Device(i, profile, folder, len(client_images(run_cfg, 0, 1, str(folder))))
-        d.limit_mib = (memory_limits or [0] * len(profiles))[i] or profile.memory_mib + NODE_OVERHEAD_MIB
+        d.limit_mib = (memory_limits or [0] * len(profiles))[i] or profile.memory_mib
+        if prepare_features(run_cfg, d, always=bool(node_bin)):
+            report(f"{d.label}: features extracted here ahead of the run ({'its install has no timm' if node_bin else f'its {d.profile.name} profile cannot extract them within its memory'}; "
+                   "a lean device's setup step, docs/deployment.md)")
         devices.append(d)
 
     lim = Limits(f"fedsparse-devices-{os.getpid()}", limits)
@@ -538,23 +563,25 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     report(f"limits: {lim.describe()}")
     started = time.monotonic()
     run_log = ""
+    poll = {SUPEREXEC_POLL_VAR: os.environ.get(SUPEREXEC_POLL_VAR, str(SUPEREXEC_POLL_SECONDS))}
     try:
         link_port, *node_ports = free_ports(1 + len(devices))
         procs.spawn("superlink", [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(link_port),
-                                  "--disable-runtime-dependency-installation"], out / "flwr-home" / "superlink")
+                                  "--disable-runtime-dependency-installation"], out / "flwr-home" / "superlink", poll)
         procs.wait_listening("superlink", link_port)
         for d, port in zip(devices, node_ports):
             lim.prepare(d)
             d.name = f"supernode-{d.index}-{d.profile.name}"
             node_config = run_config_arg({"data-dir": str(d.data_dir), "client-id": d.index, "profile": d.profile.name})
             threads = str(d.profile.threads)
+            node_env = {"PATH": f"{node_bin}{os.pathsep}{os.environ.get('PATH', '')}"} if node_bin else {}
             d.proc = procs.spawn(
-                d.name, [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
+                d.name, [str(Path(node_bin) / "flower-supernode") if node_bin else _exe("flower-supernode"),
+                         "--insecure", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
                          "--port", str(port), "--node-config", node_config],
-                out / "flwr-home" / d.name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                out / "flwr-home" / d.name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **poll, **node_env},
                 preexec=lim.preexec(d))
-            how = (f"{d.profile.memory_mib} MiB budget + {NODE_OVERHEAD_MIB} MiB SuperNode"
-                   if d.limit_mib == d.profile.memory_mib + NODE_OVERHEAD_MIB else "--memory-limit-mib")
+            how = "the profile's memory" if d.limit_mib == d.profile.memory_mib else "--memory-limit-mib"
             report(f"{d.label}: profile {d.profile.name}, {d.images} images in {d.data_dir}, "
                    f"memory limit {d.limit_mib} MiB ({how}), {d.profile.threads} threads")
         cli_home = out / "flwr-home" / "cli"
@@ -600,20 +627,69 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     return result
 
 
+def prepare_features(cfg: RunConfig, device: Device, always: bool = False) -> bool:
+    """Fill ``device``'s feature cache here, before the run, when its profile predicts that
+    extracting them on the device would not fit its memory (``fit_profile``: timm and the
+    encoder on top of the ClientApp); a device that can, extracts in its first round. Returns
+    whether it did (``device.features`` says so in the report). ``always``: whatever the
+    prediction (the devices run an install without timm)."""
+    from fedsparse.accounting.budget import MemoryBudgetError
+    from fedsparse.inputs.features import encoder_batch, encoder_ref
+    from fedsparse.profiles import fit_profile
+    from fedsparse.task import client_features, run_classes
+
+    profile = device.profile
+    run = cfg.replace(mask_ratio=profile.mask_ratio, encoder_dtype=profile.encoder_dtype)
+    if client_features(run, 0, 1, 1, data_dir=str(device.data_dir), cache_only=True) is not None:
+        return False
+    dims = (encoder_ref(cfg.encoder, cfg.image_size).dim,
+            *[max(1, round(h * profile.width)) for h in cfg.hidden_sizes], len(run_classes(cfg)))
+    try:
+        fit_profile(cfg, profile, dims, profile.batch_size, cached=False)
+        if not always:
+            return False
+    except MemoryBudgetError:
+        pass
+    with encoder_batch(profile.encoder_batch):
+        client_features(run, 0, 1, 1, data_dir=str(device.data_dir))
+    device.features = "prepared ahead"
+    return True
+
+
 def summarize(metrics: dict[str, Any], devices: list[Device], peaks: dict[int, int | None],
               ooms: dict[int, int | None], lim: Limits, seconds: float) -> dict[str, Any]:
-    """Per device, over the run's rounds: what its replies reported and what was measured here."""
+    """Per device, over the run's rounds: what its replies reported and what was measured here
+    (peaks overall, in the first round and in the rounds after it); and the rounds' timeline."""
+    from fedsparse.accounting.timeline import summarize_rounds
+
+    rounds = metrics.get("rounds", [])
+    # the first round ends when the second is pushed: samples before it are the first round's
+    split = rounds[1].get("pushed_at") if len(rounds) > 1 else None
     rows = []
     for d in devices:
-        recs = [c for r in metrics.get("rounds", []) for c in r.get("per_client", []) if c.get("client") == d.index]
+        recs = [c for r in rounds for c in r.get("per_client", []) if c.get("client") == d.index]
         ok = [c for c in recs if c.get("status") == "ok"]
         failed = [c for c in recs if c.get("status") != "ok"]
         client_peak = max((c["peak_rss_bytes"] for c in recs if c.get("peak_rss_bytes")), default=None)
+        first = [c for c in (rounds[0].get("per_client", []) if rounds else []) if c.get("client") == d.index]
+        later = [c for r in rounds[1:] for c in r.get("per_client", []) if c.get("client") == d.index]
+
+        def peak_mib(cs: list[dict[str, Any]]) -> float | None:
+            top = max((c["peak_rss_bytes"] for c in cs if c.get("peak_rss_bytes")), default=None)
+            return top / 2**20 if top else None
+
+        def node_mib(before: bool) -> float | None:
+            if split is None:
+                return None
+            top = max((b for t, b in d.samples if (t < split) == before), default=0)
+            return top / 2**20 if top else None
         rows.append({
-            "device": d.label, "profile": d.profile.name, "images": d.images,
+            "device": d.label, "profile": d.profile.name, "images": d.images, "features": d.features,
             "budget_mib": d.profile.memory_mib, "limit_mib": d.limit_mib, "threads": d.profile.threads,
             "client_peak_rss_mib": client_peak / 2**20 if client_peak else None,
             "node_peak_rss_mib": d.sampled_peak_bytes / 2**20 if d.sampled_peak_bytes else None,
+            "client_peak_rss_first_mib": peak_mib(first), "client_peak_rss_cached_mib": peak_mib(later),
+            "node_peak_rss_first_mib": node_mib(True), "node_peak_rss_cached_mib": node_mib(False),
             "cgroup_peak_mib": peaks[d.index] / 2**20 if peaks.get(d.index) else None,
             "oom_kills": ooms.get(d.index),
             "extract_seconds": sum(c.get("extract_seconds", 0.0) for c in ok),
@@ -626,10 +702,12 @@ def summarize(metrics: dict[str, Any], devices: list[Device], peaks: dict[int, i
                        f"failed {len(failed)}/{len(recs)}: {failed[-1].get('status')}"),
             "reasons": sorted({c.get("reason", "") for c in failed} | ({f"identity query: {d.refused}"} if d.refused else set())),
         })
-    finals = [r["accuracy"] for r in metrics.get("rounds", []) if r.get("accuracy") is not None]
-    return {"limits": lim.kind, "limits_detail": lim.describe(), "rounds": len(metrics.get("rounds", [])),
+    finals = [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
+    return {"limits": lim.kind, "limits_detail": lim.describe(), "rounds": len(rounds),
             "finished": metrics.get("finished"), "final_accuracy": finals[-1] if finals else None,
-            "seconds": seconds, "devices": rows}
+            "seconds": seconds, "devices": rows, "timeline": summarize_rounds(rounds),
+            "round_seconds": [{"round": r["round"], "seconds": r["seconds"], "work_seconds": r.get("work_seconds"),
+                               "overhead_seconds": r.get("overhead_seconds")} for r in rounds]}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -651,7 +729,40 @@ def markdown(result: dict[str, Any]) -> str:
             f"{mib(r['client_peak_rss_mib'])} | {mib(r['node_peak_rss_mib'])} | {mib(r['cgroup_peak_mib'])} | "
             f"{r['extract_seconds']:.1f} | {r['train_seconds']:.2f} | {r['bytes_down']:,} | {r['bytes_up']:,} | "
             f"{r['status']}{' (OOM-killed ' + str(r['oom_kills']) + 'x)' if r.get('oom_kills') else ''} |")
+    lines += ["", "Memory, first round (features extracted) / rounds after it (features cached), MiB:", "",
+              "| device | profile | features | limit | ClientApp first | ClientApp cached | SuperNode first | SuperNode cached |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["devices"]:
+        lines.append(f"| {r['device']} | {r['profile']} | {r.get('features', '-')} | {r['limit_mib']:,} | "
+                     f"{mib(r.get('client_peak_rss_first_mib'))} | "
+                     f"{mib(r.get('client_peak_rss_cached_mib'))} | {mib(r.get('node_peak_rss_first_mib'))} | "
+                     f"{mib(r.get('node_peak_rss_cached_mib'))} |")
+    lines += timeline_lines(result.get("timeline", {}))
     for r in result["devices"]:
         for reason in r["reasons"]:
             lines.append(f"\n{r['device']}: {reason}")
     return "\n".join(lines) + "\n"
+
+
+def timeline_lines(timeline: dict[str, Any]) -> list[str]:
+    """The timeline table of the report: medians over all rounds and over the rounds after the first."""
+    from fedsparse.accounting.timeline import PARTS
+
+    if not timeline:
+        return []
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    cols = [("all", "all rounds"), ("after_first", "rounds after the first")]
+    lines = ["", "Round timeline, medians in seconds (overhead = round - slowest client's work; parts: from the "
+             "push to each reply's arrival, over every client):", "",
+             "| | " + " | ".join(name for _, name in cols) + " |", "|---|" + "---:|" * len(cols)]
+    rows = [("rounds", lambda t: str(t["rounds"])), ("round", lambda t: sec(t["round_seconds_median"])),
+            ("slowest client's work", lambda t: sec(t["work_seconds_median"])),
+            ("**overhead**", lambda t: sec(t["overhead_seconds_median"]))]
+    rows += [(f"{part} ({a} -> {b})", lambda t, part=part: sec(t["parts_median"].get(part)))
+             for part, (a, b) in PARTS.items()]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(get(timeline[k]) for k, _ in cols) + " |")
+    return lines

@@ -77,11 +77,10 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
     settings = p.RoundSettings.from_config(config)
     server_round, steps, lr, batch_size = settings.server_round, settings.local_steps, settings.lr, settings.batch_size
     label_aware = bool(int(config.get(LABEL_AWARE_KEY, 0)))
-    fit = fit_profile(cfg, profile, state_dims(arrays), int(batch_size)) if profile is not None else None
-    if fit is not None:
-        cfg = fit.cfg
-    with encoder_batch(fit.encoder_batch if fit is not None else None), naming_the_node():
-        feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
+    with naming_the_node():
+        cfg, fit, feats = fitted_features(cfg, profile, state_dims(arrays), int(batch_size), partition_id, num_partitions,
+                                          server_round, data_dir)
+    features_ready = time.time()
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)):
         trained, loss = train_slice(cfg, arrays, feats, server_round, batch_seed_id(cfg, partition_id, data_dir),
@@ -97,10 +96,30 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
         p.CACHE_HIT_KEY: int(feats.cache_hit),
         p.PEAK_RSS_KEY: peak_rss_bytes(),
         p.TENSOR_BYTES_KEY: head_train_tensor_bytes(state_dims(arrays), int(batch_size)),
+        p.FEATURES_READY_KEY: features_ready, p.TRAINED_KEY: time.time(),
         **(fit.metrics() if fit is not None else {}),
         **worker_identity(),  # the Ray node and process it ran in, if any
     }
     return trained, len(feats.y), metrics
+
+
+def fitted_features(cfg: RunConfig, profile: Profile | None, head_dims: tuple[int, ...], batch_size: int,
+                    partition_id: int | None, num_partitions: int, server_round: int,
+                    data_dir: str) -> tuple[RunConfig, Any, Any]:
+    """(config, profile fit, features) of a task: the features from the cache where they are
+    there (no encoder built, no timm imported), else extracted at the encoder batch that fits
+    the profile's budget. The budget is predicted for what the task does (``fit_profile``:
+    training only when the features are cached)."""
+    run = cfg if profile is None else cfg.replace(mask_ratio=profile.mask_ratio, encoder_dtype=profile.encoder_dtype)
+    feats = client_features(run, partition_id or 0, num_partitions, server_round, data_dir=data_dir, cache_only=True)
+    fit = (fit_profile(cfg, profile, head_dims, batch_size, cached=feats is not None)
+           if profile is not None else None)
+    if fit is not None:
+        cfg = fit.cfg
+    if feats is None:
+        with encoder_batch(fit.encoder_batch if fit is not None else None):
+            feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
+    return cfg, fit, feats
 
 
 def batch_seed_id(cfg: RunConfig, partition_id: int | None, data_dir: str) -> int | str:
@@ -121,11 +140,10 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
     MLP trunk (hidden layers only), of the trunk's last hidden activations."""
     server_round = p.RoundSettings.from_config(config).server_round
     kind, num_classes = str(round_setting(config, STATS_KEY)), int(round_setting(config, NUM_CLASSES_KEY))
-    fit = fit_profile(cfg, profile, state_dims(arrays) if arrays else (), 1) if profile is not None else None
-    if fit is not None:
-        cfg = fit.cfg
-    with encoder_batch(fit.encoder_batch if fit is not None else None), naming_the_node():
-        feats = client_features(cfg, partition_id or 0, num_partitions, server_round, data_dir=data_dir)
+    with naming_the_node():
+        cfg, fit, feats = fitted_features(cfg, profile, state_dims(arrays) if arrays else (), 1, partition_id,
+                                          num_partitions, server_round, data_dir)
+    features_ready = time.time()
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)), torch.no_grad():
         x = feats.x
@@ -137,6 +155,7 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
         p.EXTRACT_SECONDS_KEY: feats.seconds,
         p.CACHE_HIT_KEY: int(feats.cache_hit),
         p.PEAK_RSS_KEY: peak_rss_bytes(),
+        p.FEATURES_READY_KEY: features_ready, p.TRAINED_KEY: time.time(),
         **(fit.metrics() if fit is not None else {}),
         **worker_identity(),
     }

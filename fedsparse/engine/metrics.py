@@ -63,6 +63,11 @@ class RoundMetrics:
     rejected: dict[str, int] = field(default_factory=dict)  # invalid replies by reason
     update_ratio_max: float | None = None  # the largest accepted ||reply - sent|| / ||sent|| (update-bound)
     head_kept: bool = False  # the aggregate was not finite; the previous head was kept
+    # the slowest used client's own work (extract + train seconds), and the round's seconds
+    # beyond it: what the round costs besides the work (fedsparse.accounting.timeline)
+    work_seconds: float | None = None
+    overhead_seconds: float | None = None
+    pushed_at: float | None = None  # wall clock: when the round's messages were pushed (Flower's Grid)
     # one record per sampled client (client_record), in task order; empty for rounds of more
     # than PER_CLIENT_MAX clients (metrics.json is rewritten every round)
     per_client: list["ClientRecord"] = field(default_factory=list)
@@ -169,6 +174,8 @@ class ClientRecord:
     train_tensor_bytes: float | None = None
     ray_node: float | None = None  # a client in a Ray worker (fedsparse.engine.nodes)
     worker_pid: float | None = None
+    # the client's stamps as seconds after the round's push (fedsparse.accounting.timeline)
+    timeline: dict[str, float] | None = None
     # rounds with device profiles (RoundEngine._add_profile_fields)
     profile: str | None = None
     capacity: float | None = None

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
+from fedsparse.accounting.timeline import client_timeline
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
 from fedsparse import errors
@@ -38,7 +39,7 @@ from fedsparse.engine.nodes import NodeTable
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
-from fedsparse.protocol import CLIENT_TASK_KEY, RoundSettings
+from fedsparse.protocol import CLIENT_TASK_KEY, EXTRACT_SECONDS_KEY, TRAIN_SECONDS_KEY, RoundSettings
 from fedsparse.seeds import derive_seed
 from fedsparse.task import initial_head, partition_sizes_of, test_features
 
@@ -83,6 +84,10 @@ class Exchange:
     bytes_down: list[int]  # per message sent
     bytes_up: list[int]  # per reply received
     bytes_up_of: dict[int, int] = field(default_factory=dict)  # client -> bytes of its reply (per-client records)
+    # wall-clock stamps where the transport has them (Flower's Grid): when the round's messages
+    # were pushed, and when each client's reply arrived (fedsparse.accounting.timeline)
+    pushed_at: float | None = None
+    received_at: dict[int, float] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -404,6 +409,7 @@ class RoundEngine:
             server_cpu_seconds=time.process_time() - self._cpu_mark,
         )
         self._add_profile_fields(entry.per_client, tasks, exchange, self.state)
+        add_timeline(entry, tasks, exchange, [u.metrics for u in updates])
         self.metrics.rounds.append(entry)
         self.done = server_round
         if self.save_due():
@@ -493,6 +499,26 @@ class RoundEngine:
             metrics.write(out, text)
 
         self._writer.submit(write)
+
+
+def add_timeline(entry: RoundMetrics, tasks: Sequence[ClientTask], exchange: Exchange,
+                 used: Sequence[dict[str, float]]) -> None:
+    """The round's overhead (its seconds minus the slowest used client's extract + train seconds)
+    and, in each per-client record, that client's timeline: its stamps as seconds after the push
+    (``fedsparse.accounting.timeline``), where the reply or the transport carried them."""
+    work = [m.get(EXTRACT_SECONDS_KEY, 0.0) + m.get(TRAIN_SECONDS_KEY, 0.0) for m in used
+            if EXTRACT_SECONDS_KEY in m or TRAIN_SECONDS_KEY in m]
+    if work:
+        entry.work_seconds = max(work)
+        entry.overhead_seconds = entry.seconds - max(work)
+    entry.pushed_at = exchange.pushed_at
+    if len(entry.per_client) != len(tasks):
+        return
+    replied = {r.client: r.metrics for r in exchange.replies}
+    for rec, task in zip(entry.per_client, tasks):
+        line = client_timeline(replied.get(task.client, {}), exchange.pushed_at, exchange.received_at.get(task.client))
+        if line:
+            rec.timeline = line
 
 
 def clone_tensors(obj: Any) -> Any:

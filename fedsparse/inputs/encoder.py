@@ -204,6 +204,58 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     return model
 
 
+def checkpoint_of(spec: str) -> Path | None:
+    """The checkpoint file an encoder spec loads its weights from (``builtin``: the bundled one;
+    a path: that file), or None for a spec that timm builds (a hub name, ``name@file``,
+    ``@random``, ``builtin-random``). Mirrors ``load_encoder``'s order of cases."""
+    spec = spec.strip()
+    if spec == "builtin":
+        from fedsparse.resources import asset_path
+
+        return asset_path(BUILTIN_WEIGHTS)
+    if spec == "builtin-random" or spec.endswith(RANDOM_SUFFIX) or "@" in spec:
+        return None
+    if spec.endswith(CHECKPOINT_SUFFIXES) or "/" in spec or spec.startswith("~") or Path(spec).exists():
+        return Path(spec).expanduser()
+    return None
+
+
+def checkpoint_identity(spec: str, image_size: int) -> tuple[dict[str, Any], dict[str, Any], int] | None:
+    """(identity, arch, parameter count) of the encoder ``spec`` names, read from its checkpoint
+    file without building the model (no timm), or None when timm builds it (``checkpoint_of``).
+
+    The identity is the one ``load_encoder(spec, image_size).identity`` gives (the digest is
+    ``weights_digest`` over the same tensors, cast as loading casts them), so feature-cache
+    entries keep their names; the file's errors (missing, unreadable, NaN weights, not a ViT,
+    another image size) are the same one-line errors as ``load_encoder``'s."""
+    path = checkpoint_of(spec)
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ValueError(f"encoder {path} is a folder; give a checkpoint file (.pth, .pt, .bin, .safetensors)")
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
+    state, arch = _read_checkpoint(path)
+    check_finite(state, f"encoder checkpoint {path}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not k.startswith(DROPPED_KEYS)}
+    arch = arch or infer_vit_arch(state)
+    if "cls_token" not in state:
+        raise ValueError(f"encoder {spec.strip()!r} has no CLS token; fedsparse needs a ViT with class token")
+    if spec.strip() == "builtin" and image_size != 32:
+        raise ValueError(f"encoder 'builtin' is pretrained at 32x32, not {image_size}; "
+                         "use image-size = 32, or 'builtin-random' for other sizes")
+    if int(arch["img_size"]) != image_size:
+        raise ValueError(f"encoder {spec.strip()!r} takes {arch['img_size']}x{arch['img_size']} images but image-size is {image_size}")
+    h = hashlib.sha256()
+    for key, t in sorted(state.items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    identity = {"spec": spec.strip(), "weights": h.hexdigest()[:16], "image_size": image_size,
+                "dim": int(arch["embed_dim"])}
+    return identity, dict(arch), sum(int(t.numel()) for t in state.values())
+
+
 def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
     """A one-line ``ValueError`` naming ``what`` and its first tensors that hold NaN or Inf."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

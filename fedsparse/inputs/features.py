@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from filelock import FileLock
 
+from fedsparse.accounting.costs import ViTShape
 from fedsparse.data.datasets import ImageSet
 from fedsparse.inputs.encoder import Encoder, encode, load_encoder, load_image, normalize
 from fedsparse.inputs.masking import masks_for
@@ -83,8 +84,64 @@ def get_encoder(spec: str, image_size: int) -> Encoder:
     return load_encoder(spec, image_size)
 
 
+@dataclass(frozen=True)
+class EncoderRef:
+    """What names an encoder's features and sizes its work, without the encoder: its
+    ``identity`` (the feature-cache key's part), its shape and parameter count (the memory
+    budget's). ``build()`` loads the encoder itself, for a cache miss only.
+
+    For a checkpoint file (``builtin`` and paths) the reference is read from the file's tensors
+    without timm (``checkpoint_identity``): a client or server whose features are cached never
+    imports timm or builds the model. A timm spec (hub name, ``name@file``, ``@random``,
+    ``builtin-random``) has no file to read it from, and is built."""
+
+    spec: str
+    image_size: int
+    identity: dict
+    shape: ViTShape
+    params: int
+
+    @property
+    def dim(self) -> int:
+        return self.shape.dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.shape.num_patches
+
+    def build(self) -> Encoder:
+        return get_encoder(self.spec, self.image_size)
+
+
+def encoder_ref(spec: str, image_size: int) -> EncoderRef:
+    """The ``EncoderRef`` of ``spec`` (see there); once per process and checkpoint file version."""
+    from fedsparse.inputs.encoder import checkpoint_of
+
+    try:
+        path = checkpoint_of(spec)
+        stamp = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path is not None else None
+    except OSError:  # missing: checkpoint_identity says so in one line
+        stamp = None
+    return _encoder_ref(spec, image_size, stamp)
+
+
+@lru_cache(maxsize=4)
+def _encoder_ref(spec: str, image_size: int, stamp: tuple | None) -> EncoderRef:
+    from fedsparse.inputs.encoder import checkpoint_identity
+
+    found = checkpoint_identity(spec, image_size)
+    if found is not None:
+        identity, arch, params = found
+        shape = ViTShape(image_size=image_size, patch_size=int(arch["patch_size"]), dim=int(arch["embed_dim"]),
+                         depth=int(arch["depth"]), mlp_ratio=float(arch.get("mlp_ratio", 4.0)))
+        return EncoderRef(spec, image_size, identity, shape, params)
+    encoder = get_encoder(spec, image_size)
+    return EncoderRef(spec, image_size, encoder.identity, ViTShape.of(encoder.model, image_size),
+                      sum(int(t.numel()) for t in encoder.model.parameters()))
+
+
 def feature_key(
-    encoder: Encoder,
+    encoder: Encoder | EncoderRef,
     images: ImageSet,
     mask_ratio: float,
     mask_seed: int,
@@ -207,7 +264,7 @@ def extract(
 
 
 def cached_features(
-    encoder: Encoder,
+    encoder: Encoder | EncoderRef,
     images: ImageSet,
     cache: FeatureCache,
     *,
@@ -218,18 +275,25 @@ def cached_features(
     preprocessing: str = "paper",
     dtype: str = "fp32",
     progress: Callable[[int, int], None] | None = None,
-) -> Features:
-    """Features of ``images`` from ``cache``, extracting and storing them on a miss.
+    cache_only: bool = False,
+) -> Features | None:
+    """Features of ``images`` from ``cache``, extracting and storing them on a miss
+    (``cache_only``: None on a miss instead).
 
+    ``encoder`` may be an ``EncoderRef``: it is built only on a miss.
     A miss is extracted under ``cache.lock(key)``: a second process (e.g. the other IST worker
     with ``partitioner = "full"``) that misses the same entry meanwhile waits and reads it.
     """
     key = feature_key(encoder, images, mask_ratio, mask_seed, mask_mode, group, preprocessing, dtype)
     hit = cache.load(key)
+    if hit is None and cache_only:
+        return None
     if hit is None:
         with cache.lock(key):
             hit = cache.load(key)  # stored while we waited?
             if hit is None:
+                if isinstance(encoder, EncoderRef):
+                    encoder = encoder.build()
                 t0 = time.perf_counter()
                 x, y, skipped = extract(
                     encoder, images, mask_ratio=mask_ratio, mask_seed=mask_seed, mask_mode=mask_mode, group=group,
