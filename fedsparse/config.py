@@ -63,6 +63,7 @@ class RunConfig:
     server_momentum: float = 0.7  # sgd's momentum, adam's beta1; 0.9 overshot with 4 clients per round (README)
     group_rule: str = "mean"  # how replies for one subnet (fedavg: all replies) combine: mean, trimmed-mean, median
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
+    clip_factor: float = 2.0  # ist, fedavg, fedopt: clip each update to this x the round's median update RMS; 0 = off
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
@@ -75,7 +76,8 @@ class RunConfig:
     client_cpus: float = 1.0  # Ray resources per simulated client (sets concurrency)
     # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
     fault_rate: float = 0.0  # probability that a client fails in a round, drawn from (seed, round, partition)
-    fault_mode: str = "raise"  # raise, nan, hang or mix
+    fault_mode: str = "raise"  # raise, nan, hang or mix; an attack (fedsparse/attacks.py: fault-rate of clients hostile) or drop
+    attack_strength: float = 0.0  # the attack's strength (sign-flip/scale factor, ipm epsilon, alie z, noise); 0 = its default
     # --- head and local training ------------------------------------------------------
     hidden: str = "1024,1024"
     local_steps: int = 20  # the paper repartitions every 20 iterations

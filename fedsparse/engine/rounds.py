@@ -204,6 +204,9 @@ class RoundEngine:
         # faster with two, and no client trains while it runs.
         self.round_threads = 0
         self.eval_threads = torch.get_num_threads()
+        from fedsparse.engine.adversary import make_adversary
+
+        self.adversary = make_adversary(cfg)  # hostile clients (fault-mode an attack), else None
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
@@ -228,6 +231,8 @@ class RoundEngine:
         # drivers whose clients are the partitions 0..num-clients-1 of the server's own data set
         self._exact_sizes = transport.name in ("plain", "in-process", "simulation")
         self._transport = transport
+        if self.adversary is not None:
+            self.adversary.check_transport(transport.name)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             ckpt = Checkpoint.load(self.out)
@@ -322,6 +327,8 @@ class RoundEngine:
                      started: float) -> RoundMetrics:
         """Check the replies, aggregate, evaluate when due, write the round's files."""
         assert self.metrics is not None, "finish_round before start"
+        if self.adversary is not None:  # hostile clients' replies replaced before any check
+            exchange = self.adversary.apply(server_round, tasks, exchange)
         task_of = {t.client: t for t in tasks}
         failures = list(exchange.failures)
         accepted: dict[int, ClientUpdate] = {}
