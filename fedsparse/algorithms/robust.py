@@ -18,10 +18,16 @@ CLIP_SCALE_KEY = "clip-scale"  # server side: the factor an accepted update was 
 def clip_updates(tasks: Sequence[ClientTask], updates: Sequence[ClientUpdate], factor: float) -> list[ClientUpdate]:
     """``updates`` with their updates (reply - what their task sent) clipped to ``factor`` x the
     round's median update RMS; ``factor`` <= 0 or fewer than 3 updates: unchanged (a median of
-    one or two replies is no reference)."""
+    one or two replies is no reference). The metrics of a clipped update (the engine's own
+    record of the reply) gain ``clip-scale``, so that the round's per-client records show it."""
     if factor <= 0 or len(updates) < 3:
         return list(updates)
     task_of = {t.client: t for t in tasks}
     clipped, scales = clip_to_median([task_of[u.client].arrays for u in updates], [u.arrays for u in updates], factor)
-    return [replace(u, arrays=a, metrics={**u.metrics, CLIP_SCALE_KEY: s}) if s != 1.0 else u
-            for u, a, s in zip(updates, clipped, scales)]
+    out = []
+    for u, a, s in zip(updates, clipped, scales):
+        if s != 1.0:
+            u.metrics[CLIP_SCALE_KEY] = s
+            u = replace(u, arrays=a)
+        out.append(u)
+    return out

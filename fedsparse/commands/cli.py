@@ -7,6 +7,7 @@
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
     fedsparse overhead [CONFIG] [--clients-per-round 10,100,1000] [--rounds 3] [--out DIR]
     fedsparse check [CONFIG] [--run-config "k=v ..." | --run-config FILE.toml] [--resume DIR]
+    fedsparse hostile [CONFIG] [--rates 0.2] [--attacks all] [--defences none,default] [--out DIR]
     fedsparse devices [CONFIG] [--profiles tiny,small,large] [--rounds 3] [--data-dir DIR] [--out DIR]
     fedsparse keys
 
@@ -280,6 +281,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hostile(args: argparse.Namespace) -> int:
+    from fedsparse.commands.hostile import hostile, parse_attacks, parse_defences, parse_rates
+
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
+    rates, attacks = parse_rates(_names(args.rates)), parse_attacks(_names(args.attacks))
+    defences = parse_defences(_names(args.defences))
+    out = _writable_out(args.out)
+    print(f"fedsparse hostile: {args.config or 'defaults'}, {len(attacks)} attacks at {args.rates} hostile, "
+          f"defences {args.defences} -> {out}", flush=True)
+    rows = hostile(cfg, out, rates, attacks, defences, engine=args.engine, report=lambda s: print(s, flush=True))
+    print(f"{len(rows)} runs in the table; results: {out}/hostile.csv, hostile.md")
+    return 0
+
+
 def cmd_overhead(args: argparse.Namespace) -> int:
     from fedsparse.commands.overhead import overhead
 
@@ -412,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=10\"")
     swp.add_argument("--out", default="runs/sweep", help="folder for sweep.csv, sweep.md, sweep.png and the runs")
     swp.set_defaults(func=cmd_sweep)
+    hst = sub.add_parser("hostile", help="run the attack catalogue (hostile clients inside the reply checks) "
+                                         "with and without the defence; one table")
+    hst.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    hst.add_argument("--rates", default="0.2", help="fractions of the clients that are hostile, comma-separated")
+    hst.add_argument("--attacks", default="all", help="all, or any of " + ", ".join(_attack_names()))
+    hst.add_argument("--defences", default="none,default",
+                     help="none (clip-factor 0, group-rule mean) and/or default (the config as it is)")
+    hst.add_argument("--engine", default="plain", choices=ENGINES, help="driver of the runs (same model on each)")
+    hst.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=10\"")
+    hst.add_argument("--out", default="runs/hostile", help="folder for hostile.csv, hostile.md and the runs")
+    hst.set_defaults(func=cmd_hostile)
     ovh = sub.add_parser("overhead", help="time the same IST rounds as a plain loop, in-process Flower, and the Simulation Engine")
     ovh.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
     ovh.add_argument("--clients-per-round", default="10,100,1000", help="comma-separated K values")
@@ -457,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help=f"list the {len(config_keys())} run-config keys and their defaults")
     keys.set_defaults(func=cmd_keys)
     return parser
+
+
+def _attack_names() -> tuple[str, ...]:
+    from fedsparse.attacks import ATTACKS
+
+    return ATTACKS
 
 
 def one_line(err: BaseException) -> str:

@@ -109,6 +109,8 @@ PER_CLIENT_FIELDS = {
     "predicted-peak-bytes": "predicted_peak_bytes", "memory-budget-bytes": "memory_budget_bytes",
     "encoder-batch": "encoder_batch", "mask-ratio": "mask_ratio", "encoder-macs-per-image": "encoder_macs_per_image",
     "train-tensor-bytes": "train_tensor_bytes",
+    # server side: the factor the defence multiplied an accepted update by (fedsparse.algorithms.robust)
+    "clip-scale": "clip_scale",
 }
 
 
