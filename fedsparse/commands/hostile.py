@@ -69,12 +69,13 @@ def run_config(cfg: RunConfig, out: Path, defence: str, rate: float, attack: str
 
 
 def cells(defences: Sequence[str], rates: Sequence[float], attacks: Sequence[str]) -> list[tuple[str, float, str]]:
-    """Every (defence, rate, attack) to run, the references first."""
+    """Every (defence, rate, attack) to run: per rate the reference first, then the run without
+    attackers (last: calls for other rates on the same folder find it done)."""
     out: list[tuple[str, float, str]] = []
     for d in defences:
-        out.append((d, 0.0, HONEST))
         for r in rates:
             out += [(d, r, DROP)] + [(d, r, a) for a in attacks]
+        out.append((d, 0.0, HONEST))
     return out
 
 

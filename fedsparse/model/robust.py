@@ -32,18 +32,19 @@ def update_keys(sent: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor
     return keys if keys else list(got)
 
 
-def _delta(sent: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    g = torch.as_tensor(got[key]).to(torch.float64)
+def _sq_norm(sent: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], key: str) -> float:
+    """``|got - sent|^2`` of one array (float32 arithmetic, float64 sum: a threshold, not a result)."""
+    g = torch.as_tensor(got[key])
     s = sent.get(key)
-    if s is None or tuple(s.shape) != tuple(g.shape):
-        return g
-    return g - torch.as_tensor(s).to(torch.float64)
+    d = g.float() if s is None or tuple(s.shape) != tuple(g.shape) else g.float() - torch.as_tensor(s).float()
+    d = d.reshape(-1)
+    return float(torch.dot(d, d))
 
 
 def update_rms(sent: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> float:
     """The RMS of ``got - sent`` over ``update_keys`` (0 for an empty update)."""
     keys = update_keys(sent, got)
-    total = sum(float(_delta(sent, got, k).pow(2).sum()) for k in keys)
+    total = sum(_sq_norm(sent, got, k) for k in keys)
     count = sum(torch.as_tensor(got[k]).numel() for k in keys)
     return math.sqrt(total / count) if count else 0.0
 
