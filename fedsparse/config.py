@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsparse.data.partition import PARTITIONERS
-from fedsparse.faults import FAULT_MODES
+from fedsparse.faults import ALL_FAULT_MODES
 from fedsparse.model.head import parse_hidden
 from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHEMES
 from fedsparse.model.server_opt import SERVER_OPTIMIZERS
@@ -95,7 +95,7 @@ class RunConfig:
         _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
         _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
-        _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
+        _check_choice("fault-mode", self.fault_mode, ALL_FAULT_MODES)
         _check_choice("ist-scaling", self.ist_scaling, SCALINGS)
         _check_choice("ist-variant", self.ist_variant, IST_VARIANTS)
         _check_choice("ist-subnets", self.ist_subnets, SUBNET_SCHEMES)

@@ -27,7 +27,8 @@ import torch
 
 from fedsparse.attacks import ATTACK_MODES
 
-FAULT_MODES = ("raise", "nan", "hang", "mix") + ATTACK_MODES
+FAULT_MODES = ("raise", "nan", "hang", "mix")  # clients that fail
+ALL_FAULT_MODES = FAULT_MODES + ATTACK_MODES  # what fault-mode accepts
 BASIC_MODES = ("raise", "nan", "hang")
 HANG_MARGIN_SECONDS = 2.0
 
@@ -39,8 +40,8 @@ def _rng(seed: int, server_round: int, partition_id: int) -> random.Random:
 
 def draw_fault(seed: int, server_round: int, partition_id: int, rate: float, mode: str) -> str | None:
     """The fault of client ``partition_id`` in ``server_round`` ("raise", "nan", "hang"), or None."""
-    if mode not in FAULT_MODES:
-        raise ValueError(f"Unknown fault-mode {mode!r}; valid choices: {', '.join(FAULT_MODES)}")
+    if mode not in ALL_FAULT_MODES:
+        raise ValueError(f"Unknown fault-mode {mode!r}; valid choices: {', '.join(ALL_FAULT_MODES)}")
     if rate <= 0 or mode in ATTACK_MODES:
         return None
     rng = _rng(seed, server_round, partition_id)
