@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsparse.data.partition import PARTITIONERS
-from fedsparse.faults import FAULT_MODES
+from fedsparse.faults import ALL_FAULT_MODES
 from fedsparse.model.head import parse_hidden
 from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHEMES
 from fedsparse.model.server_opt import SERVER_OPTIMIZERS
@@ -63,6 +63,7 @@ class RunConfig:
     server_momentum: float = 0.7  # sgd's momentum, adam's beta1; 0.9 overshot with 4 clients per round (README)
     group_rule: str = "mean"  # how replies for one subnet (fedavg: all replies) combine: mean, trimmed-mean, median
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
+    clip_factor: float = 2.0  # ist, fedavg, fedopt: clip each update to this x the round's median update RMS; 0 = off
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
@@ -78,7 +79,8 @@ class RunConfig:
     ray_address: str = ""
     # --- fault injection (studies and tests; see fedsparse/faults.py) --------------------
     fault_rate: float = 0.0  # probability that a client fails in a round, drawn from (seed, round, partition)
-    fault_mode: str = "raise"  # raise, nan, hang or mix
+    fault_mode: str = "raise"  # raise, nan, hang or mix; an attack (fedsparse/attacks.py: fault-rate of clients hostile) or drop
+    attack_strength: float = 0.0  # the attack's strength (sign-flip/scale factor, ipm epsilon, alie z, noise); 0 = its default
     # --- head and local training ------------------------------------------------------
     hidden: str = "1024,1024"
     local_steps: int = 20  # the paper repartitions every 20 iterations
@@ -96,7 +98,7 @@ class RunConfig:
         _check_choice("preprocessing", self.preprocessing, PREPROCESSING)
         _check_choice("encoder-dtype", self.encoder_dtype, ENCODER_DTYPES)
         _check_choice("mask-mode", self.mask_mode, MASK_MODES)
-        _check_choice("fault-mode", self.fault_mode, FAULT_MODES)
+        _check_choice("fault-mode", self.fault_mode, ALL_FAULT_MODES)
         _check_choice("ist-scaling", self.ist_scaling, SCALINGS)
         _check_choice("ist-variant", self.ist_variant, IST_VARIANTS)
         _check_choice("ist-subnets", self.ist_subnets, SUBNET_SCHEMES)

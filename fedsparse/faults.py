@@ -12,6 +12,10 @@ simulation and in deployment alike. Modes:
   one of the few Ray actors, and an endless sleep would stall every later round and the
   end of the run (Flower's simulation runtime waits for running clients when it stops);
 - ``mix``: each failing client picks one of the three, by a second seeded draw.
+
+The attack modes (``fedsparse.attacks.ATTACK_MODES``: a hostile client that replies inside
+the bounds, or ``drop``) are not drawn here: ``draw_fault`` returns None for them and the round
+engine applies them (``fedsparse.engine.adversary``) to a fixed set of hostile clients.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Mapping
 
 import torch
 
-FAULT_MODES = ("raise", "nan", "hang", "mix")
+from fedsparse.attacks import ATTACK_MODES
+
+FAULT_MODES = ("raise", "nan", "hang", "mix")  # clients that fail
+ALL_FAULT_MODES = FAULT_MODES + ATTACK_MODES  # what fault-mode accepts
 BASIC_MODES = ("raise", "nan", "hang")
 HANG_MARGIN_SECONDS = 2.0
 
@@ -33,9 +40,9 @@ def _rng(seed: int, server_round: int, partition_id: int) -> random.Random:
 
 def draw_fault(seed: int, server_round: int, partition_id: int, rate: float, mode: str) -> str | None:
     """The fault of client ``partition_id`` in ``server_round`` ("raise", "nan", "hang"), or None."""
-    if mode not in FAULT_MODES:
-        raise ValueError(f"Unknown fault-mode {mode!r}; valid choices: {', '.join(FAULT_MODES)}")
-    if rate <= 0:
+    if mode not in ALL_FAULT_MODES:
+        raise ValueError(f"Unknown fault-mode {mode!r}; valid choices: {', '.join(ALL_FAULT_MODES)}")
+    if rate <= 0 or mode in ATTACK_MODES:
         return None
     rng = _rng(seed, server_round, partition_id)
     if rng.random() >= rate:

@@ -33,7 +33,8 @@ def head_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def config(**kw) -> RunConfig:
-    base = dict(hidden=HIDDEN, num_clients=8, clients_per_round=6, subnets_per_round=3)
+    # the merge rules alone: the default defence (clip-factor) is tested in tests/test_attacks.py
+    base = dict(hidden=HIDDEN, num_clients=8, clients_per_round=6, subnets_per_round=3, clip_factor=0.0)
     base.update(kw)
     return RunConfig(**base)
 

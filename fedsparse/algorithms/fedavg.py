@@ -1,7 +1,8 @@
 """FedAvg on the full head: every client gets the whole head; the example-weighted mean
 of the replies is the next head (a round in which nobody replied keeps the head).
 
-``group-rule`` replaces the mean by a coordinate-wise trimmed mean or median over the
+Before merging, every update is clipped to ``clip-factor`` x the round's median update
+(``fedsparse.algorithms.robust``). ``group-rule`` replaces the mean by a coordinate-wise trimmed mean or median over the
 replies (robust to a few bad clients). ``fedopt`` is FedAvg with a server optimizer step on
 the result (``server-opt``: FedAvgM with ``sgd``, FedAdam with ``adam``).
 """
@@ -14,6 +15,7 @@ import torch
 
 from fedsparse.algorithms import register
 from fedsparse.algorithms.base import Algorithm, ClientTask, ClientUpdate, State
+from fedsparse.algorithms.robust import clip_updates
 from fedsparse.model.ist import robust_mean, weighted_mean
 from fedsparse.model.server_opt import ServerOptimizer
 
@@ -48,7 +50,7 @@ class FedAvg(Algorithm):
                   updates: Sequence[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
-        return self.merge(updates)
+        return self.merge(clip_updates(tasks, updates, self.cfg.clip_factor))
 
     def describe(self) -> str:
         text = f"FedAvg: the full head to {self.cfg.clients_per_round} clients per round"
@@ -71,7 +73,7 @@ class FedOpt(FedAvg):
                   updates: Sequence[ClientUpdate]) -> State:
         if not updates:
             return dict(state)
-        return self.server.step(state, self.merge(updates))
+        return self.server.step(state, self.merge(clip_updates(tasks, updates, self.cfg.clip_factor)))
 
     def state_dict(self) -> dict[str, Any]:
         return {f"server.{k}": v for k, v in self.server.state_dict().items()}

@@ -63,6 +63,7 @@ from fedsparse.algorithms.base import (
     ClientUpdate,
     State,
 )
+from fedsparse.algorithms.robust import clip_updates
 from fedsparse.model.head import num_layers
 from fedsparse.model.ist import (
     SliceUpdate,
@@ -214,6 +215,7 @@ class IST(Algorithm):
                   updates: Sequence[ClientUpdate]) -> State:
         opts = self.options
         task_of = {t.client: t for t in tasks}
+        updates = clip_updates(tasks, updates, self.cfg.clip_factor)
         slices = []
         for u in updates:
             arrays, counts = split_class_counts(u.arrays)

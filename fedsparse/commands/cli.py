@@ -7,6 +7,7 @@
     fedsparse bench [CONFIG] [--mask-ratios 0,0.5,0.75,0.9] [--encoder-dtypes fp32,bf16] [--out DIR]
     fedsparse sweep [CONFIG] [--mask-ratios 0,0.1,...,0.9] [--strategies ist,fedavg,centralized] [--out DIR]
     fedsparse overhead [CONFIG] [--clients-per-round-list 10,100,1000] [--num-rounds 3] [--out DIR]
+    fedsparse hostile [CONFIG] [--rates 0.2] [--attacks all] [--defences none,default] [--out DIR]
     fedsparse devices [CONFIG] [--profiles tiny,small,large] [--num-rounds 3] [--device-data-dir DIR] [--out DIR]
     fedsparse keys
     fedsparse --version
@@ -308,6 +309,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hostile(args: argparse.Namespace) -> int:
+    from fedsparse.commands.hostile import hostile, parse_attacks, parse_defences, parse_rates
+
+    cfg = resolve(args.config or _default_config(), overrides_of(args.run_config))
+    rates, attacks = parse_rates(_names(args.rates)), parse_attacks(_names(args.attacks))
+    defences = parse_defences(_names(args.defences))
+    out = _writable_out(args.out)
+    print(f"fedsparse hostile: {args.config or 'defaults'}, {len(attacks)} attacks at {args.rates} hostile, "
+          f"defences {args.defences} -> {out}", flush=True)
+    rows = hostile(cfg, out, rates, attacks, defences, engine=args.engine, report=lambda s: print(s, flush=True))
+    print(f"{len(rows)} runs in the table; results: {out}/hostile.csv, hostile.md")
+    return 0
+
+
 def cmd_overhead(args: argparse.Namespace) -> int:
     from fedsparse.commands.overhead import overhead
 
@@ -534,6 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
     _run_config(swp, "num-rounds=10")
     swp.add_argument("--out", default="runs/sweep", help="folder for sweep.csv, sweep.md, sweep.png and the runs")
     swp.set_defaults(func=cmd_sweep)
+    hst = command("hostile", "run the attack catalogue (hostile clients inside the reply checks) "
+                             "with and without the defence: one table")
+    hst.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
+    hst.add_argument("--rates", default="0.2", help="fractions of the clients that are hostile, comma-separated")
+    hst.add_argument("--attacks", default="all", help="all, or any of " + ", ".join(_attack_names()))
+    hst.add_argument("--defences", default="none,default",
+                     help="none (clip-factor 0, group-rule mean) and/or default (the config as it is)")
+    hst.add_argument("--engine", default="plain", choices=DRIVERS, help="driver of the runs (same model on each)")
+    _run_config(hst, "num-rounds=10")
+    hst.add_argument("--out", default="runs/hostile", help="folder for hostile.csv, hostile.md and the runs")
+    hst.set_defaults(func=cmd_hostile)
     ovh = command("overhead", "time the same rounds on the plain loop, in-process Flower, the Simulation Engine "
                               "and a bare-PyTorch reference")
     ovh.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
@@ -588,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_keys)
     _add_renamed(pre, "pretrain")
     return parser
+
+
+def _attack_names() -> tuple[str, ...]:
+    from fedsparse.attacks import ATTACKS
+
+    return ATTACKS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
+from fedsparse.engine.exchange import Exchange, Failure, RejectedReply, Reply
 from fedsparse.engine.nodes import NodeTable
 from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
 from fedsparse.model.ist import all_finite, state_bytes
@@ -49,45 +50,6 @@ UPDATE_RATIO_KEY = "update-ratio"  # set by check_reply on accepted updates (ser
 
 # The process's stop request: engines watch it unless given their own event.
 STOP = threading.Event()
-
-
-@dataclass
-class Reply:
-    """What came back from one client, decoded but not yet checked."""
-
-    client: int
-    arrays: dict[str, torch.Tensor]
-    num_examples: object  # checked by check_reply: an int, at least 1
-    metrics: dict[str, float] = field(default_factory=dict)
-    # (task, RoundEngine.check's result) where a driver checked the reply as it arrived, while
-    # the round's other clients were still training; finish_round then uses it for that task
-    checked: tuple[ClientTask, "ClientUpdate | RejectedReply"] | None = field(default=None, repr=False, compare=False)
-
-
-@dataclass
-class Failure:
-    """A client that answered with an error (``error``), a malformed reply (``invalid``)
-    or not at all within the round's time (``lost``)."""
-
-    client: int
-    kind: str
-    reason: str
-    code: str = ""  # for invalid replies: what was wrong (RejectedReply.code)
-
-
-@dataclass
-class Exchange:
-    """A round as the driver carried it out."""
-
-    replies: list[Reply]
-    failures: list[Failure]
-    bytes_down: list[int]  # per message sent
-    bytes_up: list[int]  # per reply received
-    bytes_up_of: dict[int, int] = field(default_factory=dict)  # client -> bytes of its reply (per-client records)
-    # wall-clock stamps where the transport has them (Flower's Grid): when the round's messages
-    # were pushed, and when each client's reply arrived (fedsparse.accounting.timeline)
-    pushed_at: float | None = None
-    received_at: dict[int, float] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -124,14 +86,6 @@ def sample_clients(seed: int, server_round: int, available: Sequence[int], k: in
     """``k`` of the ``available`` client ids (all of them when fewer), drawn from (seed, round)."""
     pool = sorted(set(available))
     return random.Random(derive_seed("sampling", seed, server_round)).sample(pool, min(k, len(pool)))
-
-
-class RejectedReply(ValueError):
-    """A reply the server does not use; ``code`` names the kind (counted in metrics.json)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def update_ratio(sent: torch.Tensor, got: torch.Tensor) -> float:
@@ -232,6 +186,9 @@ class RoundEngine:
         # faster with two, and no client trains while it runs.
         self.round_threads = 0
         self.eval_threads = torch.get_num_threads()
+        from fedsparse.engine.adversary import make_adversary
+
+        self.adversary = make_adversary(cfg)  # hostile clients (fault-mode an attack), else None
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
@@ -255,6 +212,8 @@ class RoundEngine:
         self._t_start = time.perf_counter()
         self._exact_sizes = transport.clients_are_partitions
         self._transport = transport
+        if self.adversary is not None:
+            self.adversary.check_transport(transport.clients_are_partitions, transport.name)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             ckpt = Checkpoint.load(self.out)
@@ -353,6 +312,8 @@ class RoundEngine:
                      started: float) -> RoundMetrics:
         """Check the replies, aggregate, evaluate when due, write the round's files."""
         assert self.metrics is not None, "finish_round before start"
+        if self.adversary is not None:  # hostile clients' replies replaced before any check
+            exchange = self.adversary.apply(server_round, tasks, exchange)
         task_of = {t.client: t for t in tasks}
         failures = list(exchange.failures)
         accepted: dict[int, ClientUpdate] = {}
