@@ -20,6 +20,9 @@ from fedsparse.data.partition import PARTITIONERS
 from fedsparse.faults import FAULT_MODES
 from fedsparse.model.head import parse_hidden
 from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHEMES
+
+IST_STARTS = ("random", "closed-form")
+RESIDUAL_SKIPS = ("fixed", "trained")
 from fedsparse.model.server_opt import SERVER_OPTIMIZERS
 from fedsparse.inputs.masking import MASK_MODES, check_mask_ratio
 
@@ -64,6 +67,11 @@ class RunConfig:
     group_rule: str = "mean"  # how replies for one subnet (fedavg: all replies) combine: mean, trimmed-mean, median
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
+    # IST from the closed form (docs/algorithms.md): logits = ridge head (skip) + a residual MLP
+    ist_start: str = "random"  # skew IST: random (the MLP alone) or closed-form (ridge statistics first, then a residual MLP)
+    residual_temperature: float = 1.0  # closed-form: the ridge head's logits are divided by this
+    residual_normalize: bool = False  # closed-form: each class's ridge row scaled to unit norm (Fed3R's normalised head)
+    residual_skip: str = "fixed"  # closed-form: fixed (clients do not train the ridge head) or trained (merged like the output layer)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     # --- what the server accepts (see fedsparse/engine/rounds.py check_reply) -------------
@@ -105,7 +113,9 @@ class RunConfig:
             raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         if not 0.0 <= self.group_trim < 0.5:
             raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
-        for name in ("server_lr", "ridge_lambda"):
+        _check_choice("ist-start", self.ist_start, IST_STARTS)
+        _check_choice("residual-skip", self.residual_skip, RESIDUAL_SKIPS)
+        for name in ("server_lr", "ridge_lambda", "residual_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
         check_mask_ratio(self.mask_ratio)

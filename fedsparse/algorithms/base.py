@@ -37,6 +37,8 @@ LABEL_AWARE_KEY = "label-aware"  # 1: train only the output rows of the classes 
 NUM_CLASSES_KEY = "num-classes"  # the head's output width (a client's shapes for class counts, statistics)
 STATS_KEY = "stats"  # which statistics a STATS task sends: "ridge", "ncm"
 CLASS_COUNTS = "class-counts"  # reply array of label-aware training: examples per class, float32 [C]
+WITH_STATS_KEY = "with-stats"  # a TRAIN task that also replies these statistics ("ridge"), as stats.<name>
+FROZEN_KEY = "frozen"  # a TRAIN task: arrays whose names start with this are not trained nor sent back
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 

@@ -65,7 +65,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fed3r": {"strategy": "fed3r"},
     "fedncm": {"strategy": "fedncm"},
     "centralized": {"strategy": "ist"},
+    # the centralized ceilings (fedsparse.commands.ceilings): early-stopped MLP, ridge, ridge + residual MLP
+    "ceiling-mlp": {"strategy": "ist"},
+    "ceiling-ridge": {"strategy": "ist"},
+    "ceiling-residual": {"strategy": "ist"},
 }
+CENTRAL = ("centralized", "ceiling-mlp", "ceiling-ridge", "ceiling-residual")  # one process, all the data, no bytes
 MODES = ("per-image", "shared", "random")
 COLUMNS = (
     "dataset", "mask_ratio", "mask_mode", "partition", "strategy", "train_images", "masked_images_bytes", "cls_bytes",
@@ -236,7 +241,7 @@ def mb_to_reach(metrics: RunMetrics, target: float) -> float | None:
 
 def row_for(cfg: RunConfig, strategy: str, metrics: RunMetrics, shape: ViTShape, n_train: int) -> dict[str, Any]:
     rounds = metrics.rounds
-    fed = strategy.partition("(")[0] != "centralized"
+    fed = strategy.partition("(")[0] not in CENTRAL
     # Encoder work of one client: once per partition with fixed masks, every round with random ones.
     per_client = n_train / distinct_partitions(cfg)
     extractions = cfg.num_rounds if cfg.mask_mode == "random" else 1
@@ -278,7 +283,7 @@ def with_targets(rows: list[dict[str, Any]], runs: list[RunMetrics]) -> None:
     for row, metrics in zip(rows, runs):
         fedavg = sorted((r for r in rows if _name(r) == "fedavg" and _same_data(r) == _same_data(row)),
                         key=lambda r: r["strategy"] != "fedavg")  # plain fedavg first, then fedavg(...)
-        if _name(row) != "centralized" and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
+        if _name(row) not in CENTRAL and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
             row["mb_to_90pct_fedavg"] = mb_to_reach(metrics, 0.9 * fedavg[0]["final_accuracy"])
 
 
@@ -328,14 +333,19 @@ def sweep(
         if own:
             c = RunConfig.from_run_config({**c.to_run_config(), **own})
         label = partition_label(c)
-        if name == "centralized" and tag:  # all training data whatever the split: one run per (mode, ratio)
+        if name in CENTRAL and tag:  # all training data whatever the split: one run per (mode, ratio)
             c = c.replace(partitioner=cfg.partitioner, dirichlet_alpha=cfg.dirichlet_alpha,
                           out_dir=str(run_dir(out, mode, r, _dir_name(strategy))))
         report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {label}, {strategy} "
                f"({time.perf_counter() - t0:.0f}s so far)")
         if len(parts) > 1 and mode != "random":  # every partitioning reads its clients' rows from one extraction
             whole_split_features(c.replace(mask_mode=mode))
-        metrics = centralized(c) if name == "centralized" else federated(c, engine)
+        if name.startswith("ceiling-"):
+            from fedsparse.commands.ceilings import ceiling
+
+            metrics = ceiling(c, name[len("ceiling-"):])
+        else:
+            metrics = centralized(c) if name == "centralized" else federated(c, engine)
         row = {**row_for(c, strategy, metrics, shape, len(train)), "partition": label}
         rows.append(row)
         runs.append(metrics)
@@ -429,8 +439,9 @@ def plot_bytes(rows: list[dict[str, Any]], runs: list[RunMetrics], path: Path) -
         for row, metrics in zip(rows, runs):
             if _same_data(row) != key:
                 continue
-            if _name(row) == "centralized":
-                ax.axhline(row["final_accuracy"], ls=":", color="grey", label="centralized (final)")
+            if _name(row) in CENTRAL:
+                ax.axhline(row["final_accuracy"], ls=":", color=CEILING_COLORS.get(_name(row), "grey"),
+                           label=f"{row['strategy']} (final)")
                 continue
             pts = [(mb, acc) for mb, acc in cumulative_mb(metrics) if mb > 0]
             if pts:
@@ -447,6 +458,10 @@ def plot_bytes(rows: list[dict[str, Any]], runs: list[RunMetrics], path: Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+CEILING_COLORS = {"centralized": "grey", "ceiling-mlp": "black", "ceiling-ridge": "tab:brown",
+                  "ceiling-residual": "tab:purple"}
 
 
 def _partition_order(tag: str) -> tuple[int, float]:

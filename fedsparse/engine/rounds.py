@@ -32,7 +32,8 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
-from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
+from fedsparse.model.head import count_params, evaluate, state_dims
+from fedsparse.model.residual import build_head
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
 from fedsparse.protocol import CLIENT_TASK_KEY
@@ -352,7 +353,7 @@ class RoundEngine:
         accuracy = loss = None
         if due:
             with torch_threads(self.eval_threads):
-                accuracy, loss = evaluate(MLPHead.from_state_dict(self.state), self.test.x, self.test.y)
+                accuracy, loss = evaluate(build_head(self.state), self.test.x, self.test.y)
         rejected: dict[str, int] = {}
         for f in failures:
             if f.kind == "invalid":
