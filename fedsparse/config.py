@@ -68,10 +68,10 @@ class RunConfig:
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
     # IST from the closed form (docs/algorithms.md): logits = ridge head (skip) + a residual MLP
-    ist_start: str = "random"  # skew IST: random (the MLP alone) or closed-form (ridge statistics first, then a residual MLP)
-    residual_temperature: float = 1.0  # closed-form: the ridge head's logits are divided by this
-    residual_normalize: bool = False  # closed-form: each class's ridge row scaled to unit norm (Fed3R's normalised head)
-    residual_skip: str = "fixed"  # closed-form: fixed (clients do not train the ridge head) or trained (merged like the output layer)
+    ist_start: str = "closed-form"  # skew IST: closed-form (ridge statistics, then a residual MLP) or random (the MLP alone)
+    residual_temperature: float = 0.1  # closed-form: the ridge head's logits / this; 1 let the MLP swamp them (docs/algorithms.md)
+    residual_normalize: bool = False  # closed-form: each class's ridge row scaled to unit norm (Fed3R's); lost 2-4 points
+    residual_skip: str = "trained"  # closed-form: trained (merged like the output layer) or fixed (clients leave the ridge head)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     # --- what the server accepts (see fedsparse/engine/rounds.py check_reply) -------------

@@ -191,9 +191,11 @@ class TestResidualIST:
             seen_h1 += idx1.tolist()
             # naive slicing: rows of layer 0 by idx1, layer 1 rows by idx2 and columns by idx1, layer 2 columns by idx2
             assert torch.equal(t.arrays["layers.0.weight"], torch.stack([mlp["layers.0.weight"][i] for i in idx1]))
-            block = torch.tensor([[float(mlp["layers.1.weight"][i, j]) for j in idx1] for i in idx2])
-            assert torch.equal(t.arrays["layers.1.weight"], block)
-            assert torch.equal(t.arrays["layers.2.weight"], mlp["layers.2.weight"][:, idx2])
+            # width scaling, always: weights that read a sliced layer go out times full / slice width
+            s1, s2 = 6 / len(idx1), 4 / len(idx2)
+            block = torch.tensor([[float(mlp["layers.1.weight"][i, j]) * s1 for j in idx1] for i in idx2])
+            assert torch.allclose(t.arrays["layers.1.weight"], block)
+            assert torch.allclose(t.arrays["layers.2.weight"], mlp["layers.2.weight"][:, idx2] * s2)
             assert torch.equal(t.arrays["skip.weight"], skip["skip.weight"])  # whole, to every client
             assert t.config[FROZEN_KEY] == "skip."
             spec = t.reply_spec()
@@ -213,16 +215,17 @@ class TestResidualIST:
                      "xty": torch.zeros(6, 3, dtype=torch.float64)}
         out = alg.aggregate(2, state, tasks, updates)
         expected = {k: v.clone() for k, v in mlp.items()}
-        for t in tasks:  # naive stitching: every trained weight back at its index
+        for t in tasks:  # naive stitching: every trained weight back at its index, the width scale undone
             idx1, idx2 = t.meta
+            s1, s2 = 6 / len(idx1), 4 / len(idx2)
             for a, i in enumerate(idx1):
                 expected["layers.0.weight"][i] = mlp["layers.0.weight"][i] + 1
                 expected["layers.0.bias"][i] = mlp["layers.0.bias"][i] + 1
                 for b, j in enumerate(idx2):
-                    expected["layers.1.weight"][j, i] = mlp["layers.1.weight"][j, i] + 1
+                    expected["layers.1.weight"][j, i] = mlp["layers.1.weight"][j, i] + 1 / s1
             for b, j in enumerate(idx2):
                 expected["layers.1.bias"][j] = mlp["layers.1.bias"][j] + 1
-                expected["layers.2.weight"][:, j] = mlp["layers.2.weight"][:, j] + 1
+                expected["layers.2.weight"][:, j] = mlp["layers.2.weight"][:, j] + 1 / s2
         expected["layers.2.bias"] = mlp["layers.2.bias"] + 1  # every client trains the whole output bias
         for k in expected:
             assert torch.allclose(out[k], expected[k], atol=1e-6), k
