@@ -299,3 +299,52 @@ class TestCeilings:
         with torch.no_grad():
             acc = float((model(x[150:]).argmax(1) == y[150:]).float().mean())
         assert acc == pytest.approx(best["val_accuracy"])
+
+
+def test_the_new_keys_show_in_fedsparse_keys_with_their_defaults(capsys) -> None:
+    from fedsparse.commands.cli import main
+
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    for line in ("ist-start = 'closed-form'", "residual-temperature = 0.1", "residual-normalize = False",
+                 "residual-skip = 'trained'"):
+        assert line in out
+    with pytest.raises(ValueError, match="ist-start"):
+        RunConfig(ist_start="ridge")
+    with pytest.raises(ValueError, match="residual-temperature"):
+        RunConfig(residual_temperature=0.0)
+
+
+class TestImplausibleStatistics:
+    def test_honest_statistics_pass_and_scaled_negated_or_inflated_ones_do_not(self) -> None:
+        from fedsparse.model.closed_form import check_ridge_stats
+
+        gen = torch.Generator().manual_seed(0)
+        for n in (1, 7, 50):
+            x, y = torch.randn(n, 5, generator=gen) * 3, torch.randint(0, 3, (n,), generator=gen)
+            stats = stats_for("ridge", x, y, 3)
+            check_ridge_stats(stats, n, 5)  # every honest reply
+            for bad, claimed in (({k: 100 * v for k, v in stats.items()}, n),  # weights x 100
+                                 ({k: -v for k, v in stats.items()}, n),  # negated
+                                 (stats, n + 1),  # claims more examples than it counted
+                                 ({**stats, "xty": stats["xty"] * 2}, n)):  # X^T Y inflated
+                with pytest.raises(ValueError, match="ridge statistics"):
+                    check_ridge_stats(bad, claimed, 5)
+
+    def test_the_engine_refuses_them_as_implausible(self, cfg) -> None:
+        from fedsparse.engine.rounds import RejectedReply, Reply, check_reply
+
+        alg = make_algorithm(cfg)
+        in_dim = int(client_features(cfg, 0, 6).x.shape[1])
+        state = MLPHead(in_dim, [24, 24], 3).state_dict()
+        task = alg.plan(1, state, [0])[0]
+        assert task.config[CLIENT_TASK_KEY] == STATS
+        feats = client_features(cfg, 0, 6)
+        honest = stats_for("ridge", feats.x, feats.y, 3)
+        assert check_reply(task, Reply(0, honest, len(feats.y))).num_examples == len(feats.y)
+        with pytest.raises(RejectedReply) as err:
+            check_reply(task, Reply(0, {k: 100 * v for k, v in honest.items()}, len(feats.y)))
+        assert err.value.code == "implausible"
+        fed3r = make_algorithm(cfg.replace(strategy="fed3r")).plan(1, state, [0])[0]
+        with pytest.raises(RejectedReply):
+            check_reply(fed3r, Reply(0, {k: -v for k, v in honest.items()}, len(feats.y)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -59,6 +59,9 @@ class ClientTask:
         reply: the arrays the client must send back (name -> (shape, dtype)) when they
             differ from ``arrays`` (statistics, class counts); None = exactly ``arrays``.
             The engine rejects any other reply (``reply_spec``).
+        check: server-side only: ``check(arrays, num_examples)`` raises ``ValueError`` (one
+            line) for a reply that passed the generic checks but cannot be honest (statistics
+            that no data gives); the engine then rejects it as ``implausible``.
     """
 
     client: int
@@ -67,6 +70,7 @@ class ClientTask:
     group: int | None = None
     meta: Any = None
     reply: Spec | None = None
+    check: Callable[[Mapping[str, torch.Tensor], int], None] | None = None
 
     def reply_spec(self) -> Spec:
         """Name -> (shape, dtype) of every array the reply must hold, and nothing else."""

@@ -58,7 +58,7 @@ from fedsparse.algorithms.base import (
 )
 from fedsparse.algorithms.closed_form import head_io
 from fedsparse.algorithms.ist import IST, ISTOptions
-from fedsparse.model.closed_form import add_stats, ridge_head, stats_spec
+from fedsparse.model.closed_form import add_stats, check_ridge_stats, ridge_head, stats_spec
 from fedsparse.model.residual import SKIP, is_residual, merge_skip, skip_from_linear, split_residual, zero_last_layer
 from fedsparse.protocol import CLIENT_TASK_KEY
 
@@ -74,6 +74,15 @@ def split_reply(arrays: Mapping[str, torch.Tensor]) -> tuple[State, State, State
     rest = {k: v for k, v in arrays.items() if not k.startswith(STATS_PREFIX)}
     mlp, skip = split_residual(rest)
     return mlp, skip, stats
+
+
+def stats_check(in_dim: int, prefix: str):
+    """The check of a reply's ridge statistics (``check_ridge_stats``) under ``prefix``."""
+
+    def check(arrays: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        check_ridge_stats({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, num_examples, in_dim)
+
+    return check
 
 
 class ResidualIST(IST):
@@ -95,7 +104,9 @@ class ResidualIST(IST):
         spec = stats_spec("ridge", in_dim, num_classes)
         if not is_residual(state):  # nothing solved yet: a statistics round
             config = {CLIENT_TASK_KEY: STATS, STATS_KEY: "ridge", NUM_CLASSES_KEY: num_classes}
-            return [ClientTask(c, {}, dict(config), group=0, meta="stats", reply=dict(spec)) for c in clients]
+            check = stats_check(in_dim, "")
+            return [ClientTask(c, {}, dict(config), group=0, meta="stats", reply=dict(spec), check=check)
+                    for c in clients]
         mlp, skip = split_residual(state)
         tasks = super().plan(server_round, mlp, clients, capacities=capacities)
         fixed = self.cfg.residual_skip == "fixed"
@@ -109,6 +120,7 @@ class ResidualIST(IST):
             if task.client not in self.counted:
                 task.config.update({WITH_STATS_KEY: "ridge", NUM_CLASSES_KEY: num_classes})
                 reply.update({STATS_PREFIX + k: v for k, v in spec.items()})
+                task.check = stats_check(in_dim, STATS_PREFIX)
             task.reply = reply
         return tasks
 

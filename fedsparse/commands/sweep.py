@@ -26,6 +26,11 @@ whole training split is extracted once (``fedsparse.task.whole_split_features``)
 partitioning reads its clients' rows from it. A strategy may carry settings of its own:
 ``fedavg(local-steps=5)`` runs FedAvg with 5 local steps beside IST's 20.
 
+The ceilings (``fedsparse.commands.ceilings``) run as strategies too, once per (mode, ratio)
+like ``centralized``: ``ceiling-mlp`` (the MLP head trained to convergence, early-stopped on a
+validation split), ``ceiling-ridge`` (the ridge head of all training features) and
+``ceiling-residual`` (ridge + residual MLP, early-stopped).
+
 Outputs in the sweep folder: ``sweep.csv`` (one row per run), ``sweep.md`` (the table),
 ``sweep.png`` (best and final accuracy, and storage, against the mask ratio), and
 ``sweep-bytes.png`` (accuracy against the cumulative megabytes the clients received and sent,

@@ -154,6 +154,11 @@ def check_reply(task: ClientTask, reply: Reply, *, update_bound: float = 0.0,
         raise RejectedReply("num-examples", f"invalid num-examples {n!r}")
     if max_examples is not None and n > max_examples:
         raise RejectedReply("num-examples", f"claims {n} examples; at most {max_examples} are possible")
+    if task.check is not None:  # the algorithm's own plausibility check (e.g. statistics)
+        try:
+            task.check(reply.arrays, n)
+        except ValueError as err:
+            raise RejectedReply("implausible", str(err)) from None
     # arrays that come back as sent (a spec may add others: class counts): bound how far they moved
     ratio = max((update_ratio(task.arrays[k], reply.arrays[k]) for k in task.arrays if k in spec), default=0.0)
     if update_bound > 0 and ratio > update_bound:
