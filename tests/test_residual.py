@@ -156,6 +156,7 @@ class TestResidualIST:
         assert entry.accuracy == pytest.approx(float((ridge_pred == test.y).float().mean()))
 
     def test_statistics_add_up_once_per_client_over_rounds_and_resume_exactly(self, cfg, tmp_path) -> None:
+        cfg = cfg.replace(residual_skip="fixed")
         engine, metrics = run(cfg.replace(num_rounds=4))
         alg = engine.algorithm
         x, y = union(cfg, alg.counted)
@@ -179,7 +180,7 @@ class TestResidualIST:
         assert resumed.algorithm.counted == alg.counted
 
     def test_slices_are_the_mlp_slices_plus_the_whole_skip_and_merge_back_by_index(self, cfg) -> None:
-        alg = make_algorithm(cfg.replace(label_aware=False, server_opt="none"))
+        alg = make_algorithm(cfg.replace(label_aware=False, server_opt="none", residual_skip="fixed"))
         state = zero_last_layer(residual_state(d=5, hidden=(6, 4), c=3, seed=1))
         state["layers.2.weight"] = torch.randn(3, 4)
         alg.counted = {0}
