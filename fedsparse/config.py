@@ -20,6 +20,9 @@ from fedsparse.data.partition import PARTITIONERS
 from fedsparse.faults import ALL_FAULT_MODES
 from fedsparse.model.head import parse_hidden
 from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHEMES
+
+IST_STARTS = ("random", "closed-form")
+RESIDUAL_SKIPS = ("fixed", "trained")
 from fedsparse.model.server_opt import SERVER_OPTIMIZERS
 from fedsparse.inputs.masking import MASK_MODES, check_mask_ratio
 
@@ -65,6 +68,11 @@ class RunConfig:
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
     clip_factor: float = 2.0  # ist, fedavg, fedopt: clip each update to this x the round's median update RMS; 0 = off
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
+    # IST from the closed form (docs/algorithms.md): logits = ridge head (skip) + a residual MLP
+    ist_start: str = "closed-form"  # skew IST: closed-form (ridge statistics, then a residual MLP) or random (the MLP alone)
+    residual_temperature: float = 0.1  # closed-form: the ridge head's logits / this; 1 let the MLP swamp them (docs/algorithms.md)
+    residual_normalize: bool = False  # closed-form: each class's ridge row scaled to unit norm (Fed3R's); lost 2-4 points
+    residual_skip: str = "trained"  # closed-form: trained (merged like the output layer) or fixed (clients leave the ridge head)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     # --- what the server accepts (see fedsparse/engine/rounds.py check_reply) -------------
@@ -110,7 +118,9 @@ class RunConfig:
             raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         if not 0.0 <= self.group_trim < 0.5:
             raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
-        for name in ("server_lr", "ridge_lambda"):
+        _check_choice("ist-start", self.ist_start, IST_STARTS)
+        _check_choice("residual-skip", self.residual_skip, RESIDUAL_SKIPS)
+        for name in ("server_lr", "ridge_lambda", "residual_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
         check_mask_ratio(self.mask_ratio)
@@ -336,3 +346,10 @@ def run_config_arg(values: Mapping[str, Any]) -> str:
         if isinstance(value, str) and '"' in value:
             raise ValueError(f"run-config value {key}={value!r} holds a double quote, which flwr cannot carry")
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def same_run(saved: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a saved run config (a ``metrics.json``'s ``config``) is ``cfg``, ``resume`` aside:
+    a resumed run is the same run. Commands that reuse finished runs ask this."""
+    current = cfg.to_run_config()
+    return {k: v for k, v in saved.items() if k != "resume"} == {k: v for k, v in current.items() if k != "resume"}

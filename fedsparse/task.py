@@ -200,18 +200,30 @@ def train_slice(
     batch_size: int | None = None,
     lr: float | None = None,
     label_aware: bool = False,
+    frozen: str = "",
 ) -> tuple[dict[str, torch.Tensor], float]:
     """A client's local training: Adam on ``feats`` for ``steps`` steps of the (sub-)head in
     ``state``, on batches seeded by (seed, round, partition). Returns (trained state, mean loss).
-    ``label_aware``: the softmax covers only the classes this client holds (``train_steps``)."""
-    model = MLPHead.from_state_dict(state)
+    ``label_aware``: the softmax covers only the classes this client holds (``train_steps``).
+    ``frozen``: parameters whose names start with it are not trained and not returned (a
+    residual head's fixed ``skip.``). A state with ``skip.*`` is a ``ResidualHead``."""
+    from fedsparse.model.residual import build_head
+
+    model = build_head(state)
+    if frozen:
+        for name, param in model.named_parameters():
+            if name.startswith(frozen):
+                param.requires_grad_(False)
     steps = cfg.local_steps if steps is None else steps
     batch_size = cfg.batch_size if batch_size is None else batch_size
     gen = torch.Generator().manual_seed(derive_seed("batches", cfg.seed, server_round, partition_id))
     classes = torch.unique(feats.y) if label_aware else None
     loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen),
                        cfg.lr if lr is None else lr, classes=classes)
-    return model.state_dict(), loss
+    trained = model.state_dict()
+    if frozen:
+        trained = {k: v for k, v in trained.items() if not k.startswith(frozen)}
+    return trained, loss
 
 
 def initial_head(cfg: RunConfig, in_dim: int, n_classes: int) -> MLPHead:

@@ -185,12 +185,18 @@ class AlgorithmStrategy(Strategy):
         sizes are kept as the round's bytes down (``measure=False``: the caller measures them,
         ``measure_sent``, once they are on their way)."""
         contents: dict[object, RecordDict] = {}
+        arrays: dict[object, object] = {}
         out = []
         for task in tasks:
             key = ("group", task.group) if task.group is not None else ("client", task.client)
-            if key not in contents:
-                contents[key] = RecordDict({ARRAYS_KEY: array_record(task.arrays), CONFIG_KEY: ConfigRecord(task.config)})
-            out.append(Message(content=contents[key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
+            # members of a group share the arrays; a member whose config differs (e.g. one that
+            # also sends its statistics, the first time it is sampled) gets its own RecordDict
+            content_key = (key, repr(sorted(task.config.items())))
+            if content_key not in contents:
+                if key not in arrays:
+                    arrays[key] = array_record(task.arrays)
+                contents[content_key] = RecordDict({ARRAYS_KEY: arrays[key], CONFIG_KEY: ConfigRecord(task.config)})
+            out.append(Message(content=contents[content_key], message_type=MessageType.TRAIN, dst_node_id=self.node_of[task.client]))
         if measure:
             self.measure_sent(out)
         return out

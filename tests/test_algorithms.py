@@ -17,12 +17,14 @@ from fedsparse.algorithms import ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY
 from fedsparse.algorithms.fedavg import FedAvg
 from fedsparse.algorithms.ist import IST, ISTOptions
+from fedsparse.algorithms.residual_ist import ResidualIST
 from fedsparse.config import RunConfig
 from fedsparse.engine.client import run_task
 from fedsparse.engine.plain import PlainTransport
 from fedsparse.engine.rounds import Reply, RoundEngine, check_reply
 from fedsparse.model.head import MLPHead, train_steps
 from fedsparse.model.ist import SliceUpdate, merge_by_subnet, stitch
+from fedsparse.model.residual import build_head
 
 IN_DIM, HIDDEN, CLASSES = 5, "12,10", 4
 
@@ -33,8 +35,10 @@ def head_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def config(**kw) -> RunConfig:
-    # the merge rules alone: the default defence (clip-factor) is tested in tests/test_attacks.py
-    base = dict(hidden=HIDDEN, num_clients=8, clients_per_round=6, subnets_per_round=3, clip_factor=0.0)
+    # the merge rules alone, on the MLP's own IST (ist-start = random): the default defence
+    # (clip-factor) is tested in tests/test_attacks.py, the closed-form start in tests/test_residual.py
+    base = dict(hidden=HIDDEN, num_clients=8, clients_per_round=6, subnets_per_round=3, clip_factor=0.0,
+                ist_start="random")
     base.update(kw)
     return RunConfig(**base)
 
@@ -317,7 +321,7 @@ def test_on_two_classes_per_client_the_default_ist_learns_and_the_authors_ist_do
         metrics = engine.run(PlainTransport(cfg))
         accuracy[variant] = sum(r.accuracy for r in metrics.rounds) / len(metrics.rounds)
         with torch.no_grad():
-            classes[variant] = len(MLPHead.from_state_dict(engine.state)(engine.test.x).argmax(1).unique())
+            classes[variant] = len(build_head(engine.state)(engine.test.x).argmax(1).unique())
     default = base.ist_variant
     # over the run the default beats the authors' IST by a wide margin (seeds 0-3 here: by 0.08 to
     # 0.10 on average over the 8 rounds), and its head tells more classes apart (5-7 against 1-3)
@@ -330,7 +334,7 @@ def test_label_aware_client_reports_its_class_counts(tmp_path, make_image_tree) 
     cfg = RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", partitioner="shards",
                     num_clients=2, clients_per_round=2, hidden="8,8", local_steps=2, batch_size=4,
                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), ist_variant="skew",
-                    label_aware=True)
+                    label_aware=True, ist_start="random")
     alg = make_algorithm(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -352,8 +356,9 @@ def test_label_aware_client_reports_its_class_counts(tmp_path, make_image_tree) 
 @pytest.mark.parametrize("extra", [
     {"strategy": "fed3r"},  # nothing goes down, statistics come back; a late round asks nobody
     {"strategy": "fedncm"},
-    {"ist_variant": "skew", "label_aware": True, "server_opt": "sgd", "ist_overlap": 1.5},  # class counts come back
-], ids=["fed3r", "fedncm", "ist-skew"])
+    {"ist_variant": "skew", "label_aware": True, "server_opt": "sgd", "ist_overlap": 1.5, "ist_start": "random"},  # class counts come back
+    {"ist_variant": "skew", "ist_start": "closed-form"},  # statistics, then a residual MLP with statistics in replies
+], ids=["fed3r", "fedncm", "ist-skew", "ist-closed-form"])
 def test_flower_in_process_equals_the_plain_driver(tmp_path, make_image_tree, extra) -> None:
     from strategies.in_process import in_process_run
 
@@ -415,5 +420,6 @@ def test_a_resumed_run_continues_the_server_moments_exactly(tmp_path, make_image
         RoundEngine(first, report=lambda s: None).run(PlainTransport(first))
         resumed = RoundEngine(cfg.replace(out_dir=str(tmp_path / "b"), resume=True), report=lambda s: None)
         resumed.run(PlainTransport(resumed.cfg))
-    assert resumed.algorithm.server.steps == straight.algorithm.server.steps == 4
+    steps = 3 if isinstance(straight.algorithm, ResidualIST) else 4  # from the closed form, round 1 is statistics
+    assert resumed.algorithm.server.steps == straight.algorithm.server.steps == steps
     assert all(torch.equal(straight.state[k], resumed.state[k]) for k in straight.state)

@@ -201,13 +201,15 @@ def test_clip_updates_marks_the_clipped_update():
 # --- the engine applies them: every driver, every reply checked --------------------------------
 @pytest.fixture(scope="module")
 def small_cfg(tmp_path_factory) -> RunConfig:
-    """Five colour classes, 20 clients (4 hostile at 20%), 10 a round in 2 IST groups."""
+    """Five colour classes, 20 clients (4 hostile at 20%), 10 a round in 2 IST groups; the MLP's
+    own IST (``ist-start = random``), whose replies are slices: the default's closed-form start
+    is attacked in ``test_the_closed_form_start_refuses_attacked_statistics``."""
     root = tmp_path_factory.mktemp("attack-data")
     _color_images(root, per_class=40, colors={"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200),
                                               "gray": (128, 128, 128), "yellow": (200, 200, 40)})
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="32,32",
                      num_clients=20, clients_per_round=10, subnets_per_round=2, num_rounds=6, local_steps=5,
-                     batch_size=8, lr=0.01, partitioner="dirichlet", save_seconds=60.0, seed=0,
+                     batch_size=8, lr=0.01, partitioner="dirichlet", save_seconds=60.0, seed=0, ist_start="random",
                      cache_dir=str(tmp_path_factory.mktemp("attack-cache")))
 
 
@@ -292,15 +294,27 @@ def test_a_replaced_reply_is_checked_again():
         check_reply(tasks[0], bad[0], update_bound=10.0)
 
 
-def test_fed3r_statistics_can_be_poisoned(small_cfg, tmp_path_factory):
-    """A reply of statistics is attacked too: the closed-form head moves far from the honest one
-    (the colour classes are so easy that its accuracy need not drop)."""
-    _, honest = cached_run(small_cfg, tmp_path_factory, strategy="fed3r", num_rounds=1)
+def test_fed3r_statistics_attacked_by_sign_flip_are_refused(small_cfg, tmp_path_factory):
+    """A reply of statistics is attacked too; sign-flipped sums of squares are negative, which
+    the statistics' plausibility check refuses: the hostile clients count as invalid replies,
+    and the head is the one the honest clients' statistics give."""
     m, poisoned = cached_run(small_cfg, tmp_path_factory, strategy="fed3r", num_rounds=1, fault_mode="sign-flip",
                              fault_rate=0.2)
-    assert all(r.failures == 0 for r in m.rounds)
-    diff = sum(float((poisoned.state[k] - honest.state[k]).norm()) for k in honest.state)
-    assert diff > 0.5 * sum(float(v.norm()) for v in honest.state.values())
+    (r,) = m.rounds
+    assert r.rejected.get("implausible", 0) >= 1 and r.failures == r.rejected["implausible"], r.rejected
+    assert r.clients + r.failures == r.sampled
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "gaussian", "scale"])
+def test_the_closed_form_start_refuses_attacked_statistics(small_cfg, tmp_path, attack):
+    """With the default start (``ist-start = closed-form``) the first round collects statistics;
+    the hostile clients' attacked statistics fail the plausibility check and are not counted."""
+    cfg = small_cfg.replace(ist_start="closed-form", fault_mode=attack, fault_rate=0.2, num_rounds=1,
+                            out_dir=str(tmp_path / "run"))
+    m, _ = plain_run(cfg)
+    (r,) = m.rounds
+    hostile = [c for c in r.per_client if c.status == "invalid"]
+    assert r.rejected.get("implausible", 0) == len(hostile) >= 1, r.rejected
 
 
 def test_the_hostile_command_writes_one_table(small_cfg, tmp_path):

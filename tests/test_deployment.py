@@ -210,6 +210,7 @@ def tiny_run_config(tmp_path: Path) -> dict[str, object]:
         "out-dir": str(tmp_path / "out"),  # resolved by the ServerApp process (the SuperLink's cwd if relative)
         "cache-dir": str(tmp_path / "cache"),
         "round-timeout": 120.0,
+        "ist-start": "random",  # every round trains slices of the MLP (from the closed form, round 1 sends statistics)
     }
 
 

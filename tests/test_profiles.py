@@ -356,7 +356,7 @@ def hetero_cfg(tmp_path, make_image_tree):
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      num_clients=6, clients_per_round=3, num_rounds=2, local_steps=2, batch_size=4,
                      device_profiles="tiny:0.5,large:0.5", cache_dir=str(tmp_path / "cache"),
-                     out_dir=str(tmp_path / "run"))
+                     out_dir=str(tmp_path / "run"), ist_start="random")  # slices in every round, round 1 included
 
 
 def run_plain(cfg: RunConfig):

@@ -6,7 +6,7 @@ imported before ``make_algorithm`` is called (the built-ins are imported here).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from fedsparse.algorithms.base import Algorithm, ClientTask, ClientUpdate, State
 
@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from fedsparse.config import RunConfig
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+# name -> functions that may pick another class for a config (e.g. ``ist`` from the closed form)
+SELECTORS: dict[str, list[Callable[["RunConfig"], type[Algorithm] | None]]] = {}
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -22,6 +24,17 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
         raise ValueError(f"{cls.__name__} has no name")
     ALGORITHMS[cls.name] = cls
     return cls
+
+
+def register_selector(name: str) -> Callable:
+    """Decorator: ``fn(cfg)`` returns the class that runs ``strategy = name`` for ``cfg``, or None
+    to leave it to the registered class (a variant living in its own module)."""
+
+    def add(fn: Callable[["RunConfig"], type[Algorithm] | None]) -> Callable:
+        SELECTORS.setdefault(name, []).append(fn)
+        return fn
+
+    return add
 
 
 def algorithm_names() -> tuple[str, ...]:
@@ -34,10 +47,12 @@ def make_algorithm(cfg: "RunConfig") -> Algorithm:
         cls = ALGORITHMS[cfg.strategy]
     except KeyError:
         raise ValueError(f"Unknown strategy {cfg.strategy!r}; valid choices: {', '.join(ALGORITHMS)}") from None
+    for select in SELECTORS.get(cfg.strategy, []):
+        cls = select(cfg) or cls
     return cls(cfg)
 
 
-from fedsparse.algorithms import closed_form, fedavg, ist  # noqa: E402,F401  (register the built-ins)
+from fedsparse.algorithms import closed_form, fedavg, ist, residual_ist  # noqa: E402,F401  (register the built-ins)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientTask", "ClientUpdate", "State", "algorithm_names", "make_algorithm",
-           "register"]
+           "register", "register_selector"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -37,6 +37,8 @@ LABEL_AWARE_KEY = "label-aware"  # 1: train only the output rows of the classes 
 NUM_CLASSES_KEY = "num-classes"  # the head's output width (a client's shapes for class counts, statistics)
 STATS_KEY = "stats"  # which statistics a STATS task sends: "ridge", "ncm"
 CLASS_COUNTS = "class-counts"  # reply array of label-aware training: examples per class, float32 [C]
+WITH_STATS_KEY = "with-stats"  # a TRAIN task that also replies these statistics ("ridge"), as stats.<name>
+FROZEN_KEY = "frozen"  # a TRAIN task: arrays whose names start with this are not trained nor sent back
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -57,6 +59,9 @@ class ClientTask:
         reply: the arrays the client must send back (name -> (shape, dtype)) when they
             differ from ``arrays`` (statistics, class counts); None = exactly ``arrays``.
             The engine rejects any other reply (``reply_spec``).
+        check: server-side only: ``check(arrays, num_examples)`` raises ``ValueError`` (one
+            line) for a reply that passed the generic checks but cannot be honest (statistics
+            that no data gives); the engine then rejects it as ``implausible``.
     """
 
     client: int
@@ -65,6 +70,7 @@ class ClientTask:
     group: int | None = None
     meta: Any = None
     reply: Spec | None = None
+    check: Callable[[Mapping[str, torch.Tensor], int], None] | None = None
 
     def reply_spec(self) -> Spec:
         """Name -> (shape, dtype) of every array the reply must hold, and nothing else."""

@@ -17,7 +17,7 @@ import torch
 
 from fedsparse.algorithms import register
 from fedsparse.algorithms.base import NUM_CLASSES_KEY, STATS, STATS_KEY, Algorithm, ClientTask, ClientUpdate, State
-from fedsparse.model.closed_form import add_stats, ncm_head, ridge_head, stats_spec
+from fedsparse.model.closed_form import add_stats, check_ridge_stats, ncm_head, ridge_head, stats_spec
 from fedsparse.model.head import num_layers
 
 if TYPE_CHECKING:
@@ -47,7 +47,12 @@ class ClosedForm(Algorithm):
         in_dim, num_classes = head_io(state)
         spec = stats_spec(self.stats, in_dim, num_classes)
         config = {STATS_KEY: self.stats, NUM_CLASSES_KEY: num_classes}
-        return [ClientTask(c, {}, dict(config), group=0, reply=spec) for c in clients if c not in self.counted]
+        check = None
+        if self.stats == "ridge":
+            def check(arrays: Mapping[str, torch.Tensor], n: int) -> None:
+                check_ridge_stats(arrays, n, in_dim)
+        return [ClientTask(c, {}, dict(config), group=0, reply=spec, check=check) for c in clients
+                if c not in self.counted]
 
     def aggregate(self, server_round: int, state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
                   updates: Sequence[ClientUpdate]) -> State:

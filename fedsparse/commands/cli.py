@@ -539,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("config", nargs="?", help="TOML run config (default: quickstart)")
     swp.add_argument("--mask-ratios", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated")
     swp.add_argument("--strategies", default="ist",
-                     help="any of ist, ist-authors, fedavg, fedopt, fed3r, fedncm, centralized (comma-separated)")
+                     help="any of ist, ist-authors, fedavg, fedopt, fed3r, fedncm, centralized, ceiling-mlp, "
+                          "ceiling-ridge, ceiling-residual (comma-separated)")
     swp.add_argument("--partitions", default="",
                      help="heterogeneity axis: iid and Dirichlet concentrations, e.g. 0.1,0.5,1,iid (default: the config's)")
     swp.add_argument("--engine", default="simulation", choices=DRIVERS,

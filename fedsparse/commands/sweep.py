@@ -26,6 +26,11 @@ whole training split is extracted once (``fedsparse.task.whole_split_features``)
 partitioning reads its clients' rows from it. A strategy may carry settings of its own:
 ``fedavg(local-steps=5)`` runs FedAvg with 5 local steps beside IST's 20.
 
+The ceilings (``fedsparse.commands.ceilings``) run as strategies too, once per (mode, ratio)
+like ``centralized``: ``ceiling-mlp`` (the MLP head trained to convergence, early-stopped on a
+validation split), ``ceiling-ridge`` (the ridge head of all training features) and
+``ceiling-residual`` (ridge + residual MLP, early-stopped).
+
 Outputs in the sweep folder: ``sweep.csv`` (one row per run), ``sweep.md`` (the table),
 ``sweep.png`` (best and final accuracy, and storage, against the mask ratio), and
 ``sweep-bytes.png`` (accuracy against the cumulative megabytes the clients received and sent,
@@ -50,7 +55,7 @@ from fedsparse.accounting.costs import (
     encoder_macs,
     masked_images_bytes,
 )
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, same_run
 from fedsparse.data.datasets import load_splits
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
 from fedsparse.inputs.features import get_encoder
@@ -65,7 +70,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fed3r": {"strategy": "fed3r"},
     "fedncm": {"strategy": "fedncm"},
     "centralized": {"strategy": "ist"},
+    # the centralized ceilings (fedsparse.commands.ceilings): early-stopped MLP, ridge, ridge + residual MLP
+    "ceiling-mlp": {"strategy": "ist"},
+    "ceiling-ridge": {"strategy": "ist"},
+    "ceiling-residual": {"strategy": "ist"},
 }
+CENTRAL = ("centralized", "ceiling-mlp", "ceiling-ridge", "ceiling-residual")  # one process, all the data, no bytes
 MODES = ("per-image", "shared", "random")
 COLUMNS = (
     "dataset", "mask_ratio", "mask_mode", "partition", "strategy", "train_images", "masked_images_bytes", "cls_bytes",
@@ -123,19 +133,13 @@ def partition_label(cfg: RunConfig) -> str:
     return f"dir{cfg.dirichlet_alpha:g}" if cfg.partitioner == "dirichlet" else cfg.partitioner
 
 
-def _same_run(saved: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether a saved run config is ``cfg`` (``resume`` aside: a resumed run is the same run)."""
-    current = cfg.to_run_config()
-    return {k: v for k, v in saved.items() if k != "resume"} == {k: v for k, v in current.items() if k != "resume"}
-
-
 def _finished(path: Path, cfg: RunConfig) -> RunMetrics | None:
     """The metrics of a finished earlier run of exactly ``cfg`` in ``path``, else None."""
     try:
         m = RunMetrics.load(path)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # absent, unreadable or of another schema
         return None
-    if not m.finished or not _same_run(m.config, cfg) or len(m.rounds) < cfg.num_rounds:
+    if not m.finished or not same_run(m.config, cfg) or len(m.rounds) < cfg.num_rounds:
         return None
     return m
 
@@ -235,7 +239,7 @@ def mb_to_reach(metrics: RunMetrics, target: float) -> float | None:
 
 def row_for(cfg: RunConfig, strategy: str, metrics: RunMetrics, shape: ViTShape, n_train: int) -> dict[str, Any]:
     rounds = metrics.rounds
-    fed = strategy.partition("(")[0] != "centralized"
+    fed = strategy.partition("(")[0] not in CENTRAL
     # Encoder work of one client: once per partition with fixed masks, every round with random ones.
     per_client = n_train / distinct_partitions(cfg)
     extractions = cfg.num_rounds if cfg.mask_mode == "random" else 1
@@ -277,7 +281,7 @@ def with_targets(rows: list[dict[str, Any]], runs: list[RunMetrics]) -> None:
     for row, metrics in zip(rows, runs):
         fedavg = sorted((r for r in rows if _name(r) == "fedavg" and _same_data(r) == _same_data(row)),
                         key=lambda r: r["strategy"] != "fedavg")  # plain fedavg first, then fedavg(...)
-        if _name(row) != "centralized" and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
+        if _name(row) not in CENTRAL and fedavg and fedavg[0]["final_accuracy"] == fedavg[0]["final_accuracy"]:
             row["mb_to_90pct_fedavg"] = mb_to_reach(metrics, 0.9 * fedavg[0]["final_accuracy"])
 
 
@@ -326,14 +330,19 @@ def sweep(
         if own:
             c = RunConfig.from_run_config({**c.to_run_config(), **own})
         label = partition_label(c)
-        if name == "centralized" and tag:  # all training data whatever the split: one run per (mode, ratio)
+        if name in CENTRAL and tag:  # all training data whatever the split: one run per (mode, ratio)
             c = c.replace(partitioner=cfg.partitioner, dirichlet_alpha=cfg.dirichlet_alpha,
                           out_dir=str(run_dir(out, mode, r, _dir_name(strategy))))
         report(f"[{i}/{len(plan)}] {mode} masks, r={r:g}, {label}, {strategy} "
                f"({time.perf_counter() - t0:.0f}s so far)")
         if len(parts) > 1 and mode != "random":  # every partitioning reads its clients' rows from one extraction
             whole_split_features(c.replace(mask_mode=mode))
-        metrics = centralized(c) if name == "centralized" else federated(c, engine)
+        if name.startswith("ceiling-"):
+            from fedsparse.commands.ceilings import ceiling
+
+            metrics = ceiling(c, name[len("ceiling-"):])
+        else:
+            metrics = centralized(c) if name == "centralized" else federated(c, engine)
         row = {**row_for(c, strategy, metrics, shape, len(train)), "partition": label}
         rows.append(row)
         runs.append(metrics)
@@ -427,8 +436,9 @@ def plot_bytes(rows: list[dict[str, Any]], runs: list[RunMetrics], path: Path) -
         for row, metrics in zip(rows, runs):
             if _same_data(row) != key:
                 continue
-            if _name(row) == "centralized":
-                ax.axhline(row["final_accuracy"], ls=":", color="grey", label="centralized (final)")
+            if _name(row) in CENTRAL:
+                ax.axhline(row["final_accuracy"], ls=":", color=CEILING_COLORS.get(_name(row), "grey"),
+                           label=f"{row['strategy']} (final)")
                 continue
             pts = [(mb, acc) for mb, acc in cumulative_mb(metrics) if mb > 0]
             if pts:
@@ -445,6 +455,10 @@ def plot_bytes(rows: list[dict[str, Any]], runs: list[RunMetrics], path: Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+CEILING_COLORS = {"centralized": "grey", "ceiling-mlp": "black", "ceiling-ridge": "tab:brown",
+                  "ceiling-residual": "tab:purple"}
 
 
 def _partition_order(tag: str) -> tuple[int, float]:

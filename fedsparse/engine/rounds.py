@@ -37,7 +37,8 @@ from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, ato
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.engine.exchange import Exchange, Failure, RejectedReply, Reply
 from fedsparse.engine.nodes import NodeTable
-from fedsparse.model.head import MLPHead, count_params, evaluate, state_dims
+from fedsparse.model.head import count_params, evaluate, state_dims
+from fedsparse.model.residual import build_head
 from fedsparse.model.ist import all_finite, state_bytes
 from fedsparse.profiles import Profile, profile_for
 from fedsparse.protocol import CLIENT_TASK_KEY, EXTRACT_SECONDS_KEY, TRAIN_SECONDS_KEY, RoundSettings
@@ -130,6 +131,11 @@ def check_reply(task: ClientTask, reply: Reply, *, update_bound: float = 0.0,
         raise RejectedReply("num-examples", f"invalid num-examples {n!r}")
     if max_examples is not None and n > max_examples:
         raise RejectedReply("num-examples", f"claims {n} examples; at most {max_examples} are possible")
+    if task.check is not None:  # the algorithm's own plausibility check (e.g. statistics)
+        try:
+            task.check(reply.arrays, n)
+        except ValueError as err:
+            raise RejectedReply("implausible", str(err)) from None
     # arrays that come back as sent (a spec may add others: class counts): bound how far they moved
     ratio = max((update_ratio(task.arrays[k], reply.arrays[k]) for k in task.arrays if k in spec), default=0.0)
     if update_bound > 0 and ratio > update_bound:
@@ -344,7 +350,7 @@ class RoundEngine:
         accuracy = loss = None
         if due:
             with torch_threads(self.eval_threads):
-                accuracy, loss = evaluate(MLPHead.from_state_dict(self.state), self.test.x, self.test.y)
+                accuracy, loss = evaluate(build_head(self.state), self.test.x, self.test.y)
         rejected: dict[str, int] = {}
         for f in failures:
             if f.kind == "invalid":

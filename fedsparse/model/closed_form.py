@@ -146,3 +146,29 @@ def ncm_head(stats: Mapping[str, torch.Tensor], metric: str = "euclidean") -> St
     weight = torch.where(seen.unsqueeze(1), weight, torch.zeros_like(weight))
     bias = torch.where(seen, bias, torch.full_like(bias, -1e9))
     return {"layers.0.weight": weight.to(torch.float32).contiguous(), "layers.0.bias": bias.to(torch.float32).contiguous()}
+
+
+def check_ridge_stats(stats: Mapping[str, torch.Tensor], num_examples: int, in_dim: int) -> None:
+    """Raise ``ValueError`` (one line) unless ``stats`` (``GRAM``, ``XTY``) could be the ridge
+    statistics of ``num_examples`` real examples: statistics go up with nothing sent to compare
+    them with, so the server checks what every honest reply satisfies. The constant feature's
+    diagonal entry of ``[x 1]^T [x 1]`` is the example count, its row of ``[x 1]^T Y`` the
+    examples per class (non-negative, summing to it), every diagonal entry is >= 0, and
+    ``|([x 1]^T Y)_jc| <= sqrt(G_jj * n_c)`` (Cauchy-Schwarz). A plausible lie of at most
+    ``num_examples`` examples still passes; a scaled, negated or inflated one does not."""
+    d = in_dim + 1
+    gram = unpack_triu(torch.as_tensor(stats[GRAM]).to(torch.float64), d)
+    xty = torch.as_tensor(stats[XTY]).to(torch.float64)
+    n = float(num_examples)
+    tol = 1e-3 * max(1.0, n)
+    if abs(float(gram[-1, -1]) - n) > tol:
+        raise ValueError(f"ridge statistics count {float(gram[-1, -1]):g} examples, the reply claims {num_examples}")
+    counts = xty[-1]
+    if bool((counts < -tol).any()) or abs(float(counts.sum()) - n) > tol:
+        raise ValueError("ridge statistics: the examples per class are negative or do not add up to the reply's count")
+    diag = gram.diagonal()
+    if bool((diag < 0).any()):
+        raise ValueError("ridge statistics: a negative sum of squares")
+    bound = (diag.clamp(min=0).unsqueeze(1) * counts.clamp(min=0).unsqueeze(0)).sqrt()
+    if bool((xty.abs() > bound * (1 + 1e-3) + 1e-3).any()):
+        raise ValueError("ridge statistics: X^T Y exceeds what the sums of squares allow")

@@ -1,0 +1,351 @@
+"""IST from the closed form: fedsparse/model/residual.py, fedsparse/algorithms/residual_ist.py and
+the ceilings (fedsparse/commands/ceilings.py).
+
+The residual head must be ``skip(x) + mlp(x)``; the statistics round must start the head
+exactly at the ridge head of the clients counted (divided by the temperature); slices must be
+the MLP's IST slices plus the whole skip, and the merge must put every trained weight back
+where a naive loop over the hidden neurons puts it; statistics must add up to those of the
+union of the clients' data, each client counted once, through the round engine."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fedsparse.algorithms import ClientUpdate, make_algorithm
+from fedsparse.algorithms.base import FROZEN_KEY, STATS, WITH_STATS_KEY
+from fedsparse.algorithms.residual_ist import ResidualIST, STATS_PREFIX
+from fedsparse.commands.ceilings import train_early_stopped, validation_split
+from fedsparse.config import RunConfig
+from fedsparse.engine.plain import PlainTransport
+from fedsparse.engine.rounds import RoundEngine
+from fedsparse.inputs.features import Features
+from fedsparse.model.closed_form import add_stats, ridge_head, stats_for
+from fedsparse.model.head import MLPHead
+from fedsparse.model.residual import (
+    ResidualHead,
+    build_head,
+    merge_skip,
+    skip_from_linear,
+    split_residual,
+    zero_last_layer,
+)
+from fedsparse.protocol import CLIENT_TASK_KEY
+from fedsparse.task import client_features, train_slice
+from fedsparse.task import test_features as server_test_features
+
+
+def central_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge head of all the data at once, by the normal equations in float64: (weight, bias)."""
+    x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    onehot = torch.nn.functional.one_hot(y.long(), num_classes).double()
+    beta = torch.linalg.solve(x1.T @ x1 + lam * torch.eye(x1.shape[1], dtype=torch.float64), x1.T @ onehot)
+    return beta[:-1].T, beta[-1]
+
+
+def residual_state(d: int = 5, hidden=(6, 4), c: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return ResidualHead(d, hidden, c).state_dict()
+
+
+class TestResidualHead:
+    def test_forward_is_skip_plus_mlp(self) -> None:
+        state = residual_state()
+        head = build_head(state)
+        assert isinstance(head, ResidualHead)
+        x = torch.randn(7, 5)
+        mlp = MLPHead.from_state_dict(split_residual(state)[0])
+        expected = []
+        for row in x:  # naive: one example at a time, the skip by hand
+            logits = [float(state["skip.bias"][c] + sum(state["skip.weight"][c, j] * row[j] for j in range(5)))
+                      for c in range(3)]
+            expected.append(torch.tensor(logits) + mlp(row.unsqueeze(0))[0].detach())
+        with torch.no_grad():
+            assert torch.allclose(head(x), torch.stack(expected), atol=1e-5)
+        assert type(build_head(split_residual(state)[0])) is MLPHead  # no skip: the plain MLP
+
+    def test_zero_last_layer_starts_exactly_at_the_skip(self) -> None:
+        state = zero_last_layer(residual_state())
+        x = torch.randn(9, 5)
+        with torch.no_grad():
+            got = build_head(state)(x)
+        assert torch.equal(got, x @ state["skip.weight"].T + state["skip.bias"])
+
+    def test_bad_skip_is_one_line(self) -> None:
+        state = residual_state()
+        state["skip.weight"] = torch.zeros(3, 4)
+        with pytest.raises(ValueError, match="skip.weight must be 3x5"):
+            build_head(state)
+
+    def test_skip_from_linear_normalises_rows_then_divides_by_the_temperature(self) -> None:
+        w, b = torch.randn(3, 5), torch.randn(3)
+        out = skip_from_linear({"layers.0.weight": w, "layers.0.bias": b}, temperature=0.1, normalize=True)
+        for c in range(3):
+            norm = float(sum(float(v) ** 2 for v in w[c]) ** 0.5)
+            assert torch.allclose(out["skip.weight"][c], w[c] / norm / 0.1, atol=1e-5)
+            assert float(out["skip.bias"][c]) == pytest.approx(float(b[c]) / norm / 0.1, rel=1e-5)
+        plain = skip_from_linear({"layers.0.weight": w, "layers.0.bias": b}, temperature=2.0)
+        assert torch.allclose(plain["skip.weight"], w / 2) and torch.allclose(plain["skip.bias"], b / 2)
+        with pytest.raises(ValueError, match="temperature"):
+            skip_from_linear({"layers.0.weight": w, "layers.0.bias": b}, temperature=0.0)
+
+    def test_merge_skip_weighs_each_row_by_the_class_counts(self) -> None:
+        skip = {"skip.weight": torch.zeros(3, 2), "skip.bias": torch.full((3,), 7.0)}
+        a = {"skip.weight": torch.ones(3, 2), "skip.bias": torch.ones(3)}
+        b = {"skip.weight": 3 * torch.ones(3, 2), "skip.bias": 3 * torch.ones(3)}
+        ca, cb = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3.0, 2.0, 0.0])
+        out = merge_skip(skip, [(a, 1.0, ca), (b, 5.0, cb)])
+        for c in range(3):  # naive: row by row
+            den = float(ca[c] + cb[c])
+            want = 7.0 if den == 0 else (float(ca[c]) * 1 + float(cb[c]) * 3) / den
+            assert float(out["skip.bias"][c]) == pytest.approx(want)
+            if den:
+                assert torch.allclose(out["skip.weight"][c], torch.full((2,), want))
+        assert torch.equal(out["skip.weight"][2], skip["skip.weight"][2])  # nobody holds class 2: kept
+        out = merge_skip(skip, [(a, 1.0, None), (b, 3.0, None)])  # without counts: by examples
+        assert torch.allclose(out["skip.bias"], torch.full((3,), (1 * 1 + 3 * 3) / 4))
+
+
+@pytest.fixture
+def cfg(tmp_path, make_image_tree):
+    root = make_image_tree(tmp_path / "data", {"train": 8, "test": 3}, classes=("a", "b", "c"))
+    return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
+                     strategy="ist", ist_start="closed-form", num_clients=6, clients_per_round=3, num_rounds=4,
+                     partitioner="shards", cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"),
+                     residual_temperature=0.5, local_steps=3, batch_size=4)
+
+
+def run(cfg: RunConfig) -> tuple[RoundEngine, object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        engine = RoundEngine(cfg, report=lambda s: None)
+        return engine, engine.run(PlainTransport(cfg))
+
+
+def union(cfg: RunConfig, clients) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = [client_features(cfg, c, cfg.num_clients) for c in sorted(clients)]
+    return torch.cat([f.x for f in feats]), torch.cat([f.y for f in feats])
+
+
+class TestResidualIST:
+    def test_selected_by_ist_start_and_never_for_the_authors(self, cfg) -> None:
+        assert type(make_algorithm(cfg)) is ResidualIST
+        assert type(make_algorithm(cfg.replace(ist_start="random"))) is not ResidualIST
+        assert type(make_algorithm(cfg.replace(ist_variant="authors"))) is not ResidualIST
+
+    def test_the_first_round_is_statistics_and_starts_exactly_at_the_ridge_head(self, cfg) -> None:
+        engine, metrics = run(cfg.replace(num_rounds=1))
+        alg = engine.algorithm
+        x, y = union(cfg, alg.counted)
+        assert len(alg.counted) == 3
+        weight, bias = central_ridge(x, y, 3, cfg.ridge_lambda)
+        state = engine.state
+        assert torch.allclose(state["skip.weight"].double(), weight / 0.5, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(state["skip.bias"].double(), bias / 0.5, rtol=1e-4, atol=1e-5)
+        assert not state["layers.2.weight"].any() and not state["layers.2.bias"].any()
+        test, _ = server_test_features(cfg)
+        with torch.no_grad():
+            ridge_pred = (test.x.double() @ weight.T + bias).argmax(1)
+            head_pred = build_head(state)(test.x).argmax(1)
+        assert torch.equal(head_pred, ridge_pred)
+        entry = metrics.rounds[0]
+        d = x.shape[1] + 1
+        assert entry.bytes_down_total == 0 and entry.bytes_up_per_client == (d * (d + 1) // 2 + d * 3) * 4
+        assert entry.accuracy == pytest.approx(float((ridge_pred == test.y).float().mean()))
+
+    def test_statistics_add_up_once_per_client_over_rounds_and_resume_exactly(self, cfg, tmp_path) -> None:
+        cfg = cfg.replace(residual_skip="fixed")
+        engine, metrics = run(cfg.replace(num_rounds=4))
+        alg = engine.algorithm
+        x, y = union(cfg, alg.counted)
+        assert len(alg.counted) > 3  # later rounds brought new clients' statistics with their training
+        total = None
+        for c in sorted(alg.counted):  # naive: each counted client's statistics once
+            f = client_features(cfg, c, cfg.num_clients)
+            total = add_stats(total, stats_for("ridge", f.x, f.y, 3))
+        for k in total:
+            assert torch.allclose(alg.total[k], total[k], rtol=1e-6, atol=1e-6)
+        weight, _ = central_ridge(x, y, 3, cfg.ridge_lambda)
+        assert torch.allclose(alg.ridge_skip["skip.weight"].double(), weight / 0.5, rtol=1e-4, atol=1e-5)
+        # a fixed skip is the ridge head of every client counted so far
+        assert torch.allclose(engine.state["skip.weight"].double(), weight / 0.5, rtol=1e-4, atol=1e-5)
+        # bytes: statistics go up only the first time a client is sampled
+        up = [r.bytes_up_total for r in metrics.rounds]
+        assert all(u > 0 for u in up)
+        short, _ = run(cfg.replace(num_rounds=2, out_dir=str(tmp_path / "resumed")))
+        resumed, _ = run(cfg.replace(out_dir=str(tmp_path / "resumed"), resume=True))
+        assert all(torch.equal(resumed.state[k], engine.state[k]) for k in engine.state)
+        assert resumed.algorithm.counted == alg.counted
+
+    def test_slices_are_the_mlp_slices_plus_the_whole_skip_and_merge_back_by_index(self, cfg) -> None:
+        alg = make_algorithm(cfg.replace(label_aware=False, server_opt="none", residual_skip="fixed"))
+        state = zero_last_layer(residual_state(d=5, hidden=(6, 4), c=3, seed=1))
+        state["layers.2.weight"] = torch.randn(3, 4)
+        alg.counted = {0}
+        tasks = alg.plan(2, state, [0, 1, 2])
+        mlp, skip = split_residual(state)
+        seen_h1 = []
+        for t in tasks:
+            idx1, idx2 = t.meta
+            seen_h1 += idx1.tolist()
+            # naive slicing: rows of layer 0 by idx1, layer 1 rows by idx2 and columns by idx1, layer 2 columns by idx2
+            assert torch.equal(t.arrays["layers.0.weight"], torch.stack([mlp["layers.0.weight"][i] for i in idx1]))
+            # width scaling, always: weights that read a sliced layer go out times full / slice width
+            s1, s2 = 6 / len(idx1), 4 / len(idx2)
+            block = torch.tensor([[float(mlp["layers.1.weight"][i, j]) * s1 for j in idx1] for i in idx2])
+            assert torch.allclose(t.arrays["layers.1.weight"], block)
+            assert torch.allclose(t.arrays["layers.2.weight"], mlp["layers.2.weight"][:, idx2] * s2)
+            assert torch.equal(t.arrays["skip.weight"], skip["skip.weight"])  # whole, to every client
+            assert t.config[FROZEN_KEY] == "skip."
+            spec = t.reply_spec()
+            assert "skip.weight" not in spec  # fixed: not sent back
+            assert (STATS_PREFIX + "xty" in spec) == (t.client not in alg.counted)
+            assert (WITH_STATS_KEY in t.config) == (t.client not in alg.counted)
+        assert sorted(seen_h1) == list(range(6))  # the subnets cover the hidden layer
+        # replies: every slice + 1, statistics from the new clients
+        updates = []
+        for t in tasks:
+            arrays = {k: v + 1 for k, v in t.arrays.items() if not k.startswith("skip.")}
+            if t.client not in alg.counted:
+                arrays.update({STATS_PREFIX + "gram-triu": torch.ones(21), STATS_PREFIX + "xty": torch.ones(6, 3)})
+            updates.append(ClientUpdate(t.client, arrays, 10))
+        alg.ridge_skip = dict(skip)
+        alg.total = {"gram-triu": torch.eye(6)[torch.triu_indices(6, 6)[0], torch.triu_indices(6, 6)[1]].double() * 5,
+                     "xty": torch.zeros(6, 3, dtype=torch.float64)}
+        out = alg.aggregate(2, state, tasks, updates)
+        expected = {k: v.clone() for k, v in mlp.items()}
+        for t in tasks:  # naive stitching: every trained weight back at its index, the width scale undone
+            idx1, idx2 = t.meta
+            s1, s2 = 6 / len(idx1), 4 / len(idx2)
+            for a, i in enumerate(idx1):
+                expected["layers.0.weight"][i] = mlp["layers.0.weight"][i] + 1
+                expected["layers.0.bias"][i] = mlp["layers.0.bias"][i] + 1
+                for b, j in enumerate(idx2):
+                    expected["layers.1.weight"][j, i] = mlp["layers.1.weight"][j, i] + 1 / s1
+            for b, j in enumerate(idx2):
+                expected["layers.1.bias"][j] = mlp["layers.1.bias"][j] + 1
+                expected["layers.2.weight"][:, j] = mlp["layers.2.weight"][:, j] + 1 / s2
+        expected["layers.2.bias"] = mlp["layers.2.bias"] + 1  # every client trains the whole output bias
+        for k in expected:
+            assert torch.allclose(out[k], expected[k], atol=1e-6), k
+        assert alg.counted == {0, 1, 2}
+        total_xty = 2 * torch.ones(6, 3, dtype=torch.float64)  # two new clients
+        assert torch.equal(alg.total["xty"], total_xty)
+        ridge = skip_from_linear(ridge_head(alg.total, cfg.ridge_lambda, 5), 0.5)
+        assert torch.allclose(out["skip.weight"], ridge["skip.weight"], atol=1e-6)  # fixed skip = new ridge
+
+    def test_a_trained_skip_keeps_its_training_when_the_ridge_moves(self, cfg) -> None:
+        alg = make_algorithm(cfg.replace(residual_skip="trained", label_aware=False, server_opt="none"))
+        state = zero_last_layer(residual_state(seed=2))
+        alg.counted = {0, 1}
+        tasks = alg.plan(2, state, [0, 1, 2])
+        assert all(FROZEN_KEY not in t.config and "skip.weight" in t.reply_spec() for t in tasks)
+        old_ridge = {k: v.clone() for k, v in split_residual(state)[1].items()}
+        alg.ridge_skip = old_ridge
+        alg.total = None
+        updates = []
+        for t in tasks:
+            arrays = {k: v for k, v in t.arrays.items()}
+            arrays["skip.bias"] = arrays["skip.bias"] + 2.0  # every client moved the bias by 2
+            if t.client == 2:
+                x, y = torch.randn(8, 5), torch.arange(8) % 3
+                arrays.update({STATS_PREFIX + k: v for k, v in stats_for("ridge", x, y, 3).items()})
+            updates.append(ClientUpdate(t.client, arrays, 4))
+        out = alg.aggregate(2, state, tasks, updates)
+        new_ridge = skip_from_linear(ridge_head(alg.total, cfg.ridge_lambda, 5), 0.5)
+        want = state["skip.bias"] + 2.0 + (new_ridge["skip.bias"] - old_ridge["skip.bias"])
+        assert torch.allclose(out["skip.bias"], want, atol=1e-5)
+
+    def test_a_client_trains_around_a_frozen_skip_and_sends_its_statistics(self, cfg) -> None:
+        from fedsparse.engine.client import run_task
+
+        state = zero_last_layer(residual_state(d=int(client_features(cfg, 0, 6).x.shape[1]), hidden=(8, 8), c=3))
+        config = {"server-round": 2, "local-steps": 3, "lr": 0.01, "batch-size": 4, CLIENT_TASK_KEY: "train",
+                  FROZEN_KEY: "skip.", WITH_STATS_KEY: "ridge", "num-classes": 3}
+        arrays, n, _ = run_task(cfg, 0, 6, state, config)
+        feats = client_features(cfg, 0, 6)
+        assert "skip.weight" not in arrays and n == len(feats.y)
+        assert arrays["layers.2.weight"].abs().sum() > 0  # the residual MLP trained
+        stats = stats_for("ridge", feats.x, feats.y, 3)
+        assert all(torch.equal(arrays[STATS_PREFIX + k], v) for k, v in stats.items())
+        # the same training with the skip passed in but frozen gives the same MLP as training by hand
+        trained, _ = train_slice(cfg, state, Features(feats.x, feats.y, 0.0, True, 0), 2, 0, steps=3, batch_size=4,
+                                 lr=0.01, frozen="skip.")
+        assert all(torch.equal(trained[k], arrays[k]) for k in trained)
+
+
+class TestCeilings:
+    def test_validation_split_is_disjoint_seeded_and_covers_everything(self) -> None:
+        tr, val = validation_split(100, 0.1, seed=3)
+        assert len(val) == 10 and len(tr) == 90
+        assert sorted(tr.tolist() + val.tolist()) == list(range(100))
+        assert torch.equal(validation_split(100, 0.1, seed=3)[1], val)
+        assert not torch.equal(validation_split(100, 0.1, seed=4)[1], val)
+
+    def test_early_stopping_keeps_the_best_validation_checkpoint(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(200, 4, generator=gen)
+        y = (x[:, 0] > 0).long()
+        cfg = RunConfig(batch_size=16, lr=0.05)
+        model = MLPHead(4, [8], 2)
+        fit = train_early_stopped(model, (x[:150], y[:150]), (x[150:], y[150:]), (x[150:], y[150:]), cfg,
+                                  eval_steps=5, patience=3, max_epochs=20)
+        curve = fit["curve"]
+        best = curve[fit["best_at"]]
+        assert best["val_accuracy"] == max(c["val_accuracy"] for c in curve)
+        # stopped after `patience` evaluations without a better one, or at the step cap
+        assert len(curve) - 1 - fit["best_at"] <= 3
+        with torch.no_grad():
+            acc = float((model(x[150:]).argmax(1) == y[150:]).float().mean())
+        assert acc == pytest.approx(best["val_accuracy"])
+
+
+def test_the_new_keys_show_in_fedsparse_keys_with_their_defaults(capsys) -> None:
+    from fedsparse.commands.cli import main
+
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    for line in ("ist-start = 'closed-form'", "residual-temperature = 0.1", "residual-normalize = False",
+                 "residual-skip = 'trained'"):
+        assert line in out
+    with pytest.raises(ValueError, match="ist-start"):
+        RunConfig(ist_start="ridge")
+    with pytest.raises(ValueError, match="residual-temperature"):
+        RunConfig(residual_temperature=0.0)
+
+
+class TestImplausibleStatistics:
+    def test_honest_statistics_pass_and_scaled_negated_or_inflated_ones_do_not(self) -> None:
+        from fedsparse.model.closed_form import check_ridge_stats
+
+        gen = torch.Generator().manual_seed(0)
+        for n in (1, 7, 50):
+            x, y = torch.randn(n, 5, generator=gen) * 3, torch.randint(0, 3, (n,), generator=gen)
+            stats = stats_for("ridge", x, y, 3)
+            check_ridge_stats(stats, n, 5)  # every honest reply
+            for bad, claimed in (({k: 100 * v for k, v in stats.items()}, n),  # weights x 100
+                                 ({k: -v for k, v in stats.items()}, n),  # negated
+                                 (stats, n + 1),  # claims more examples than it counted
+                                 ({**stats, "xty": stats["xty"] * 2}, n)):  # X^T Y inflated
+                with pytest.raises(ValueError, match="ridge statistics"):
+                    check_ridge_stats(bad, claimed, 5)
+
+    def test_the_engine_refuses_them_as_implausible(self, cfg) -> None:
+        from fedsparse.engine.rounds import RejectedReply, Reply, check_reply
+
+        alg = make_algorithm(cfg)
+        in_dim = int(client_features(cfg, 0, 6).x.shape[1])
+        state = MLPHead(in_dim, [24, 24], 3).state_dict()
+        task = alg.plan(1, state, [0])[0]
+        assert task.config[CLIENT_TASK_KEY] == STATS
+        feats = client_features(cfg, 0, 6)
+        honest = stats_for("ridge", feats.x, feats.y, 3)
+        assert check_reply(task, Reply(0, honest, len(feats.y))).num_examples == len(feats.y)
+        with pytest.raises(RejectedReply) as err:
+            check_reply(task, Reply(0, {k: 100 * v for k, v in honest.items()}, len(feats.y)))
+        assert err.value.code == "implausible"
+        fed3r = make_algorithm(cfg.replace(strategy="fed3r")).plan(1, state, [0])[0]
+        with pytest.raises(RejectedReply):
+            check_reply(fed3r, Reply(0, {k: -v for k, v in honest.items()}, len(feats.y)))
