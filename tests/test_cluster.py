@@ -154,7 +154,7 @@ def test_an_unwritable_cache_on_a_worker_node_fails_its_clients_in_one_line_nami
         cluster.stop_node(cluster.procs[-1])  # this test's node only
     rnd = metrics.rounds[0]
     assert rnd.failed_error >= 1 and rnd.clients >= 1 and rnd.clients + rnd.failures == 6
-    reasons = [c["reason"] for c in rnd.per_client if c["status"] == "error"]
+    reasons = [c.reason for c in rnd.per_client if c.status == "error"]
     assert reasons and all("on node" in r and "Ray node" in r and "\n" not in r for r in reasons)
 
 

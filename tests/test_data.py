@@ -404,4 +404,5 @@ class TestFoldersPartitioner:
         for r in metrics.rounds:  # one record per sampled client, with what its reply reported
             assert [c.status for c in r.per_client] == ["ok", "ok"]
             for c in r.per_client:
-                assert c.examples == sizes[c.client] and c.bytes_down > 0 and c.train_seconds >= 0
+                assert c.examples == sizes[c.client] and c.train_seconds >= 0
+                assert c.bytes_down > 0 or r.round == 1  # round 1 of the default IST: statistics only, nothing down

@@ -21,23 +21,22 @@ section_paper() {
 }
 
 section_skew() {
-    # the lead fills this section
-    fedsparse sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/baselines"
     fedsparse sweep configs/scale.toml --mask-ratios 0.5 --partitions 0.1,0.5,1,iid --engine plain \
-        --strategies "ist,ist-authors,fedavg,fedavg(local-steps=5),fed3r,fedncm,centralized(local-steps=100)" \
+        --strategies "ist,ist-authors,fedavg,fedavg(local-steps=5),fed3r,fedncm,ceiling-ridge,ceiling-residual,ceiling-mlp" \
         --run-config "$RC" --out "$OUT/heterogeneity"
+    fedsparse sweep configs/cifar10-offline.toml --mask-ratios 0.5 --strategies ist,fedavg,centralized --out "$OUT/baselines"
 }
 
 section_robustness() {
-    # the lead fills this section
+    fedsparse hostile configs/scale.toml --rates 0.2 --defences none,default --run-config "$RC" \
+        --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0" --out "$OUT/robustness"
+    fedsparse hostile configs/scale.toml --rates 0.3,0.1 --defences default --run-config "$RC" \
+        --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0" --out "$OUT/robustness"
     python tools/hostile_table.py > "$OUT/hostile.md"
 }
 
 section_devices() {
-    # the lead fills this section
-    fedsparse devices --profiles tiny,small,large --num-rounds 3 --images-per-device 300 --test-images 500 --out "$OUT/devices"
-    fedsparse devices --profiles tiny,small,large --num-rounds 3 --images-per-device 300 --test-images 500 \
-        --memory-limit-mib 600,0,0 --run-config "round-timeout=180.0" --out "$OUT/devices-oom"
+    fedsparse devices --profiles tiny,small --num-rounds 10 --out "$OUT/devices"
 }
 
 section_profiles() {
@@ -49,9 +48,9 @@ section_overhead() {
 }
 
 section_scaling() {
-    # the lead fills this section
-    fedsparse run configs/scale.toml --run-config "$RC" --out "$OUT/scale"
-    fedsparse overhead configs/scale.toml --clients-per-round-list 10,100,1000 --num-rounds 3 --run-config "$RC" --out "$OUT/overhead-scale"
+    python tools/scaling_bench.py configs/scale.toml --ks 10,100,1000 --num-clients 1000 --rounds 3 \
+        --run-config "$RC" --out "$OUT/scaling"
+    python tools/flower_nodes_cost.py --nodes 1000,10000,100000
 }
 
 wanted=()

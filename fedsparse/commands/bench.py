@@ -231,7 +231,9 @@ def strategy_rows(cfg: RunConfig, report: Callable[[str], None] = print) -> list
             client_features(cfg, pid, cfg.num_clients)
     rows = []
     for strategy in ("ist", "fedavg"):
-        c = cfg.replace(strategy=strategy)
+        # IST's slice round: with the default closed-form start round 1 only collects statistics,
+        # and later rounds send the slice plus the ridge head (in x classes floats) both ways
+        c = cfg.replace(strategy=strategy, ist_start="random")
         trip = one_round(c)
         fresh = _worker("train", {"config": c.to_run_config()})
         sliced = trip.sent[0].content[ARRAYS_KEY].to_torch_state_dict()
