@@ -35,14 +35,7 @@ from fedsparse.model.residual import (
 from fedsparse.protocol import CLIENT_TASK_KEY
 from fedsparse.task import client_features, train_slice
 from fedsparse.task import test_features as server_test_features
-
-
-def central_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ridge head of all the data at once, by the normal equations in float64: (weight, bias)."""
-    x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    onehot = torch.nn.functional.one_hot(y.long(), num_classes).double()
-    beta = torch.linalg.solve(x1.T @ x1 + lam * torch.eye(x1.shape[1], dtype=torch.float64), x1.T @ onehot)
-    return beta[:-1].T, beta[-1]
+from tests.test_closed_form import central_ridge
 
 
 def residual_state(d: int = 5, hidden=(6, 4), c: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ section_profiles() {
 }
 
 section_overhead() {
-    fedsparse overhead configs/cifar10-offline.toml --clients-per-round-list 2 --num-rounds 60 --engines plain,in-process,simulation,reference --repeats 8 --run-config "eval-every=1000" --out "$OUT/overhead"
+    fedsparse overhead configs/cifar10-offline.toml --clients-per-round-list 2 --num-rounds 60 --engines plain,in-process,simulation,reference --repeats 4 --run-config "eval-every=1000" --out "$OUT/overhead"
 }
 
 section_scaling() {

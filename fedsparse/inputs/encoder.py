@@ -176,9 +176,10 @@ ENCODER_KEY_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "no
 DROPPED_KEYS = ("decoder", "mask_token", "head.", "fc_norm.")
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """A ViT encoder from a checkpoint; missing or mis-shaped encoder keys are an error."""
-    p = Path(path).expanduser()
+def _encoder_state(p: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint file's encoder tensors (``module.`` prefixes and the decoder dropped, every
+    weight finite) and its architecture (given, or inferred from the shapes); a missing file or
+    a folder is a one-line error."""
     if p.is_dir():
         raise ValueError(f"encoder {p} is a folder; give a checkpoint file (.pth, .pt, .bin, .safetensors)")
     if not p.is_file():
@@ -187,7 +188,13 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     check_finite(state, f"encoder checkpoint {p}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(DROPPED_KEYS)}
-    arch = arch or infer_vit_arch(state)
+    return state, arch or infer_vit_arch(state)
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """A ViT encoder from a checkpoint; missing or mis-shaped encoder keys are an error."""
+    p = Path(path).expanduser()
+    state, arch = _encoder_state(p)
     model = _vit(**arch)
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state)
@@ -231,15 +238,8 @@ def checkpoint_identity(spec: str, image_size: int) -> tuple[dict[str, Any], dic
     path = checkpoint_of(spec)
     if path is None:
         return None
-    if path.is_dir():
-        raise ValueError(f"encoder {path} is a folder; give a checkpoint file (.pth, .pt, .bin, .safetensors)")
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
-    state, arch = _read_checkpoint(path)
-    check_finite(state, f"encoder checkpoint {path}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if not k.startswith(DROPPED_KEYS)}
-    arch = arch or infer_vit_arch(state)
+    state, arch = _encoder_state(path)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     if "cls_token" not in state:
         raise ValueError(f"encoder {spec.strip()!r} has no CLS token; fedsparse needs a ViT with class token")
     if spec.strip() == "builtin" and image_size != 32:
