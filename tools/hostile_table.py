@@ -19,8 +19,12 @@ import test_hostile as h  # noqa: E402  (the catalogue and its harness)
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="fedsparse-hostile-") as tmp:  # its runs are not kept
+        table(Path(tmp))
+
+
+def table(tmp: Path) -> None:
     before = json.loads((ROOT / "docs" / "benchmarks" / "hostile-before.json").read_text())
-    tmp = Path(tempfile.mkdtemp(prefix="fedsparse-hostile-"))
     data = tmp / "data"
     h._color_images(data, per_class=24, colors={"red": (200, 40, 40), "green": (40, 200, 40),
                                                "blue": (40, 40, 200), "gray": (128, 128, 128)})
