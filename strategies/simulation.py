@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsparse.accounting.costs import peak_rss_bytes
 from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree
 from fedsparse.config import RunConfig, toml_text
 from fedsparse.engine.metrics import RunMetrics
@@ -264,13 +265,6 @@ def start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces and ')'
 
 
-def driver_peak_rss() -> int:
-    """This process's peak RSS in bytes (Linux reports ``ru_maxrss`` in kB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def simulate(cfg: RunConfig) -> RunMetrics:
     """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; returns the run's metrics."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -336,7 +330,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
         raise RuntimeError(f"the run ended without writing {metrics_path}; see the log above")
     metrics = RunMetrics.load(metrics_path)
     metrics.memory = monitor.summary()  # this process, Ray's GCS and raylet, and every worker
-    metrics.extra["driver_peak_rss_bytes"] = driver_peak_rss()  # this process alone: the server
+    metrics.extra["driver_peak_rss_bytes"] = peak_rss_bytes()  # this process alone: the server
     metrics.extra["fast_message_dispatch"] = fast_dispatch
     # Arrays that went through shared-memory files (strategies.ray_arrays): sent to the clients,
     # received in their replies; false where that path is off

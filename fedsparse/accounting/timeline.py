@@ -4,9 +4,9 @@ A client stamps (wall clock, ``time.time()``) when its ClientApp process started
 imports were done (the train handler runs), when its features were ready, when training was
 done and when its reply was built; the server stamps when it pushed the round's messages and
 when each reply arrived. ``client_timeline`` turns one reply's stamps into seconds after the
-push; ``round_overhead`` is the round's seconds minus the slowest client's own work
-(extracting features plus training): what the round costs beyond the work itself (Flower's
-polls, process starts, imports, serialization).
+push. A round's overhead (``RoundMetrics.overhead_seconds``, set by the round engine) is its
+seconds minus the slowest client's own work (extracting features plus training): what the
+round costs beyond the work itself (Flower's polls, process starts, imports, serialization).
 
 Offsets between the two sides assume one clock (loopback, or devices synchronised by NTP);
 the client's own intervals (process start to reply) hold on any clock.
@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fedsparse import protocol as p
 
@@ -56,10 +56,6 @@ def process_start_time(pid: int | str = "self") -> float | None:
         return None
 
 
-def now() -> float:
-    return time.time()
-
-
 def client_timeline(metrics: Mapping[str, float], pushed: float | None, received: float | None) -> dict[str, float]:
     """One client's stamps as seconds after the push (``pushed``; None: after its process start)."""
     stamps = {name: float(metrics[key]) for key, name in CLIENT_STAMPS.items() if key in metrics}
@@ -77,21 +73,6 @@ def parts_of(timeline: Mapping[str, float]) -> dict[str, float]:
     """The seconds of each part (``PARTS``) that both ends of are known (the push is 0)."""
     points = {"pushed": 0.0, **timeline}
     return {part: round(points[b] - points[a], 4) for part, (a, b) in PARTS.items() if a in points and b in points}
-
-
-def client_work(record: Mapping[str, Any]) -> float | None:
-    """A client's own work in a round: seconds extracting features plus training."""
-    if "train_seconds" not in record and "extract_seconds" not in record:
-        return None
-    return float(record.get("extract_seconds") or 0.0) + float(record.get("train_seconds") or 0.0)
-
-
-def round_overhead(seconds: float, records: Iterable[Mapping[str, Any]]) -> tuple[float | None, float | None]:
-    """(the slowest client's work, the round's seconds minus it); (None, None) without work."""
-    work = [w for w in (client_work(r) for r in records if r.get("status", "ok") == "ok") if w is not None]
-    if not work:
-        return None, None
-    return max(work), seconds - max(work)
 
 
 def median(xs: Sequence[float]) -> float | None:

@@ -38,6 +38,7 @@ NUM_CLASSES_KEY = "num-classes"  # the head's output width (a client's shapes fo
 STATS_KEY = "stats"  # which statistics a STATS task sends: "ridge", "ncm"
 CLASS_COUNTS = "class-counts"  # reply array of label-aware training: examples per class, float32 [C]
 WITH_STATS_KEY = "with-stats"  # a TRAIN task that also replies these statistics ("ridge"), as stats.<name>
+STATS_PREFIX = "stats."  # a training reply's statistics: stats.gram-triu, stats.xty
 FROZEN_KEY = "frozen"  # a TRAIN task: arrays whose names start with this are not trained nor sent back
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]

@@ -51,6 +51,7 @@ from fedsparse.algorithms.base import (
     NUM_CLASSES_KEY,
     STATS,
     STATS_KEY,
+    STATS_PREFIX,
     WITH_STATS_KEY,
     ClientTask,
     ClientUpdate,
@@ -65,7 +66,6 @@ from fedsparse.protocol import CLIENT_TASK_KEY
 if TYPE_CHECKING:
     from fedsparse.config import RunConfig
 
-STATS_PREFIX = "stats."  # a training reply's statistics: stats.gram-triu, stats.xty
 
 
 def split_reply(arrays: Mapping[str, torch.Tensor]) -> tuple[State, State, State]:
@@ -111,10 +111,7 @@ class ResidualIST(IST):
         tasks = super().plan(server_round, mlp, clients, capacities=capacities)
         fixed = self.cfg.residual_skip == "fixed"
         for task in tasks:
-            # a group's members may share one config dict (IST plans by group): each gets its own,
-            # since whether a client sends its statistics is the client's, not the group's
-            task.config = dict(task.config)
-            reply = dict(task.reply_spec())
+            reply = task.reply_spec()
             task.arrays = {**task.arrays, **skip}
             if fixed:
                 task.config[FROZEN_KEY] = SKIP

@@ -18,7 +18,7 @@ import torch
 from fedsparse import protocol as p
 from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes, reset_peak_rss
 from fedsparse.algorithms.base import (CLASS_COUNTS, FROZEN_KEY, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY,
-                                       TRAIN, WITH_STATS_KEY, State)
+                                       STATS_PREFIX, TRAIN, WITH_STATS_KEY, State)
 from fedsparse.config import RunConfig
 from fedsparse.engine.nodes import naming_the_node, worker_identity
 from fedsparse.model.closed_form import stats_for
@@ -90,7 +90,7 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
     if WITH_STATS_KEY in config:  # the first time it is sampled: its statistics too (IST from the closed form)
         with torch.no_grad():
             stats = stats_for(str(config[WITH_STATS_KEY]), feats.x, feats.y, int(round_setting(config, NUM_CLASSES_KEY)))
-        trained.update({f"stats.{k}": v for k, v in stats.items()})
+        trained.update({STATS_PREFIX + k: v for k, v in stats.items()})
     if label_aware:  # which output rows it trained, and with how many examples each
         num_classes = int(round_setting(config, NUM_CLASSES_KEY))
         trained[CLASS_COUNTS] = torch.bincount(feats.y.long(), minlength=num_classes)[:num_classes].to(torch.float32)

@@ -20,8 +20,8 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
-from fedsparse.protocol import RAY_NODE_KEY, WORKER_PID_KEY
 from fedsparse.errors import one_line
+from fedsparse.protocol import PEAK_RSS_KEY, RAY_NODE_KEY, WORKER_PID_KEY
 
 NODE_KEY_DIGITS = 13  # 52 bits of the node id: an integer a float holds exactly
 
@@ -90,8 +90,6 @@ class NodeTable:
     def add(self, replies: Iterable[Mapping[str, float]]) -> int | None:
         """Count the replies' metrics; returns how many nodes they came from (None: no reply
         said, as outside Ray)."""
-        from fedsparse.protocol import PEAK_RSS_KEY
-
         seen = set()
         for metrics in replies:
             if RAY_NODE_KEY not in metrics:
@@ -117,7 +115,6 @@ class NodeTable:
         ``address`` (filled by the driver), ``tasks``, ``workers`` (client processes),
         ``peak_rss_bytes_sum`` (their peaks, summed) and ``peak_rss_bytes_max``."""
         return [dict(row) for row in self._rows.values()]
-
 
 
 def with_addresses(rows: Iterable[Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
+from fedsparse.engine.adversary import make_adversary
 from fedsparse.engine.exchange import Exchange, Failure, RejectedReply, Reply
 from fedsparse.engine.nodes import NodeTable
 from fedsparse.model.head import count_params, evaluate, state_dims
@@ -192,8 +193,6 @@ class RoundEngine:
         # faster with two, and no client trains while it runs.
         self.round_threads = 0
         self.eval_threads = torch.get_num_threads()
-        from fedsparse.engine.adversary import make_adversary
-
         self.adversary = make_adversary(cfg)  # hostile clients (fault-mode an attack), else None
 
     def initial_head_state(self) -> State:
