@@ -5,6 +5,8 @@ and stopped by signalling the processes this module started (``strategies.local_
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -184,3 +186,53 @@ def test_a_killed_driver_takes_only_its_own_actors_with_it(cluster, cfg):
         assert time.monotonic() < deadline, f"a killed run's client actors outlived it: {actors}"
         time.sleep(0.2)
     assert all(p.poll() is None for p in cluster.procs) and len(cluster.alive_nodes()) == 2
+
+
+def test_flwr_run_on_the_managed_superlink_attaches_through_ray_address(cluster, cfg, tmp_path):
+    """``flwr run .`` with ``RAY_ADDRESS`` in its environment: Flower's managed local SuperLink
+    (started by this ``flwr run``, with its environment) runs the simulation on the cluster:
+    clients on both nodes, the run completed, the cluster up afterwards. The SuperLink is
+    stopped by pid (it names this test's ``FLWR_HOME``)."""
+    import json
+    import shlex
+
+    from strategies.local_cluster import free_port
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    out = tmp_path / "flwr-run"
+    bin_dir = Path(sys.executable).parent
+    env = {**cluster.env(), "RAY_ADDRESS": cluster.address, "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "PATH": f"{bin_dir}:{cluster.env().get('PATH', '')}"}
+    run_config = {**cfg.to_run_config(), "out-dir": str(out)}
+    args = [str(bin_dir / "flwr"), "run", str(ROOT), "--stream",
+            "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
+            "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "ServerApp raised an exception" not in log, log[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+    finally:
+        superlink = [pid for pid in pids_naming(str(home)) if pid != os.getpid()]
+        for pid in superlink:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (left := pids_naming(str(home))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert superlink, f"no managed SuperLink logging into {home}: {shlex.join(args)}"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert all(r["clients"] == 3 and r["failures"] == 0 for r in metrics["rounds"])
+    # the clients ran on both nodes of the cluster: Flower's ray.init attached to it
+    assert len(metrics["ray_nodes"]) == 2 and all(n["tasks"] >= 1 for n in metrics["ray_nodes"]), metrics["ray_nodes"]
+    assert sum(n["tasks"] for n in metrics["ray_nodes"]) == 2 * 3
+    # and left it running, both nodes
+    assert all(p.poll() is None for p in cluster.procs) and len(cluster.alive_nodes()) == 2
+    deadline = time.monotonic() + 60
+    while actors := client_actors(cluster):
+        assert time.monotonic() < deadline, f"the run's client actors outlived it: {actors}"
+        time.sleep(0.2)
