@@ -23,6 +23,7 @@ from fedsparse.model.ist import GROUP_RULES, IST_VARIANTS, SCALINGS, SUBNET_SCHE
 
 IST_STARTS = ("random", "closed-form")
 RESIDUAL_SKIPS = ("fixed", "trained")
+LR_SCHEDULES = ("constant", "cosine")
 from fedsparse.model.server_opt import SERVER_OPTIMIZERS
 from fedsparse.inputs.masking import MASK_MODES, check_mask_ratio
 
@@ -94,6 +95,7 @@ class RunConfig:
     local_steps: int = 20  # the paper repartitions every 20 iterations
     batch_size: int = 64
     lr: float = 0.001
+    lr_schedule: str = "constant"  # the clients' lr by round: constant, or cosine (lr * (1 + cos(pi (t-1) / T)) / 2)
     seed: int = 0
     # --- heterogeneous devices (fedsparse/profiles.py; issue 13) -------------------------
     device_profiles: str = ""  # simulation: "tiny:0.5,small:0.3,large:0.2" spreads profiles; "" = none
@@ -120,6 +122,7 @@ class RunConfig:
             raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
         _check_choice("ist-start", self.ist_start, IST_STARTS)
         _check_choice("residual-skip", self.residual_skip, RESIDUAL_SKIPS)
+        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("server_lr", "ridge_lambda", "residual_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
@@ -353,3 +356,13 @@ def same_run(saved: dict[str, Any], cfg: RunConfig) -> bool:
     a resumed run is the same run. Commands that reuse finished runs ask this."""
     current = cfg.to_run_config()
     return {k: v for k, v in saved.items() if k != "resume"} == {k: v for k, v in current.items() if k != "resume"}
+
+
+def round_lr(cfg: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in round ``server_round`` (1-based) of ``cfg.num_rounds``:
+    ``lr`` throughout (``constant``), or ``cosine``: ``lr * (1 + cos(pi (t - 1) / T)) / 2``, from
+    ``lr`` in round 1 down towards 0 in round T. A pure function of the round: a resumed run
+    goes on where it stopped."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))

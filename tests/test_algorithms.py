@@ -423,3 +423,29 @@ def test_a_resumed_run_continues_the_server_moments_exactly(tmp_path, make_image
     steps = 3 if isinstance(straight.algorithm, ResidualIST) else 4  # from the closed form, round 1 is statistics
     assert resumed.algorithm.server.steps == straight.algorithm.server.steps == steps
     assert all(torch.equal(straight.state[k], resumed.state[k]) for k in straight.state)
+
+
+def test_the_cosine_schedule_sends_each_round_its_lr(tmp_path, make_image_tree) -> None:
+    """``lr-schedule = "cosine"``: the task config of round t carries lr (1 + cos(pi (t-1)/T)) / 2,
+    computed here by a naive loop; ``constant`` carries lr every round."""
+    import math
+
+    from fedsparse.protocol import RoundSettings
+
+    root = make_image_tree(tmp_path / "data", {"train": 4, "test": 1}, classes=("a", "b"))
+    cfg = RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", num_clients=2,
+                    clients_per_round=2, hidden="8,8", local_steps=2, batch_size=4, num_rounds=5, lr=0.01,
+                    cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), ist_start="random")
+    for schedule in ("constant", "cosine"):
+        run = cfg.replace(lr_schedule=schedule, out_dir=str(tmp_path / schedule))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            engine = RoundEngine(run, algorithm=make_algorithm(run), report=lambda s: None)
+            engine.start(PlainTransport(run))
+        sent = [RoundSettings.from_config(task.config).lr for t in range(1, 6) for task in engine.plan_round(t, [0, 1])]
+        expected = []
+        for t in range(1, 6):
+            lr = 0.01 if schedule == "constant" else 0.01 * (1 + math.cos(math.pi * (t - 1) / 5)) / 2
+            expected += [lr, lr]
+        assert sent == pytest.approx(expected, rel=1e-12), (schedule, sent)
+    assert expected[0] == 0.01 and expected[-1] < 0.001  # cosine: from lr in round 1 towards 0 in round T

@@ -31,7 +31,7 @@ from fedsparse.accounting.timeline import client_timeline
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
 from fedsparse import errors
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, round_lr
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
@@ -275,7 +275,7 @@ class RoundEngine:
             tasks = self.algorithm.plan(server_round, self.state, clients, capacities=capacities)  # type: ignore[call-arg]
         else:
             tasks = self.algorithm.plan(server_round, self.state, clients)
-        settings = RoundSettings(server_round, self.cfg.local_steps, self.cfg.lr, self.cfg.batch_size)
+        settings = RoundSettings(server_round, self.cfg.local_steps, round_lr(self.cfg, server_round), self.cfg.batch_size)
         profile_of = dict(zip(clients, profiles))
         for task in tasks:
             prof = profile_of.get(task.client)
