@@ -9,7 +9,7 @@ so any two may run at once, each in its own process with its own session fixture
 must not overlap share a group, ``@pytest.mark.xdist_group("NAME")``: a group's tests run one
 after another on one worker, in file order. Group ``"ray"`` holds every test that starts a Ray
 cluster (the Simulation Engine: each sizes its cluster to the whole machine); a new such test
-joins it. Ports are picked free at run time (``fedsparse.commands.devices.free_ports``), never
+joins it. Ports are picked free at run time (``fedsparse.local_deployment.free_ports``), never
 fixed.
 """
 

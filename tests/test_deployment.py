@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.commands.devices import Processes, free_ports, stop_processes
+from fedsparse.local_deployment import Processes, free_ports
+from fedsparse.processes import stop_processes
 from fedsparse.config import run_config_arg, toml_text
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.commands.devices import Device, Limits, parse_limits, parse_profiles
+from fedsparse.commands.devices import Device, parse_limits, parse_profiles
+from fedsparse.limits import Limits
 from fedsparse.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,6 +32,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from fedsparse.processes import _proc_table, tree
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 PSS_DUTY = 0.02  # the sampling process walks page tables (PSS) at most this share of the time
@@ -233,6 +236,32 @@ class ProcessTreeMonitor:
             "pss_samples": sum(s.pss is not None for s in self.samples),
             "samples": [vars(s) for s in self.samples[::step]],
         }
+
+
+class Sampled(Protocol):
+    """What ``MemorySampler`` samples: a device of ``fedsparse devices`` (``fedsparse.commands.devices.Device``)."""
+
+    proc: subprocess.Popen | None  # the root of the tree (its SuperNode); None: not started
+    sampled_peak_bytes: int  # the largest summed RSS sampled
+    samples: list[tuple[float, int]]  # (wall clock, summed RSS), every sample
+
+
+class MemorySampler(threading.Thread):
+    """Samples the summed RSS of every device's SuperNode process tree."""
+
+    def __init__(self, devices: list[Sampled], interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.devices, self.interval, self.done = devices, interval, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            table = _proc_table()
+            for d in self.devices:
+                if d.proc is not None:
+                    total = sum(rss_pss(p, pss=False)[0] for p in tree(d.proc.pid, table) if table[p][1] != "Z")
+                    d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
+                    d.samples.append((time.time(), total))
+            self.done.wait(self.interval)
 
 
 def proc_status_bytes(field: str, pid: int | None = None) -> int | None:

@@ -7,25 +7,14 @@ rounds, and reports per device: the measured peak memory against its budget, sec
 extracting features and training, bytes down and up, and whether it failed. It stops every
 process it started, also on Ctrl-C or an error, and checks that none is left.
 
-Limits (``Limits``), strongest available first:
-
-- **cgroup v1 or v2** (where this process may create child cgroups, e.g. as root): a memory
-  cgroup per device whose limit is the profile's ``memory_mib``: the memory of the device it
-  stands for, which its whole SuperNode (``flower-supernode``, ``flower-superexec`` and the
-  ClientApp process) must fit; a device that exceeds it is stopped by the kernel's OOM killer
-  inside its cgroup (the round counts it as failed, the run goes on). The CPU quota is
-  ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``).
-- **otherwise** ``RLIMIT_AS`` on the SuperNode (inherited by its children), set to the limit
-  above plus ``AS_HEADROOM_MIB``: a Python process with torch maps about 3.6 GiB of address
-  space for 0.7 GiB resident, so an address-space limit can only catch a gross overrun; and
-  the CPU affinity is pinned to ``threads`` cores.
+Limits (``fedsparse.limits``): a memory and CPU cgroup per device where this process may create
+them, else ``RLIMIT_AS`` and CPU affinity on its SuperNode; every SuperNode gets
+``OMP_NUM_THREADS = threads``. What was enforced is written into the report (``limits``). The
+processes are started and stopped by ``fedsparse.local_deployment.Processes``.
 
 Every process gets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL = SUPEREXEC_POLL_SECONDS`` (unless the
 environment sets it): the SuperExec then starts a ClientApp within 0.1 s of the message's arrival
 instead of within Flower's default 1 s (docs/deployment.md, "What a round costs").
-
-In both cases every SuperNode gets ``OMP_NUM_THREADS = threads``. What was enforced is written
-into the report (``limits``).
 
 Data: ``--data-dir`` in the layout of ``partitioner = "folders"`` (one sub-folder per device,
 ``<device>/<class>/<image>``, and ``test/`` for the server), or, without it, a seeded split of
@@ -39,39 +28,32 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedsparse.accounting.memory import rss_pss
+from fedsparse.accounting.memory import MemorySampler
 from fedsparse.config import RunConfig, run_config_arg, toml_text
+from fedsparse.data.partition import split_sample
 from fedsparse.errors import one_line
+from fedsparse.limits import Limits
+from fedsparse.local_deployment import HOST, Processes, free_ports
+from fedsparse.local_deployment import executable as _exe
 
-HOST = "127.0.0.1"
 # The bin folder of another Python environment for the SuperNodes (e.g. a lean one: CPU-only torch,
 # no timm; docs/deployment.md): they then run its flower-supernode, flower-superexec and
 # flwr-clientapp, and every device's features are extracted here ahead of the run (such an
 # install cannot extract them).
 NODE_BIN_VAR = "FEDSPARSE_DEVICES_NODE_BIN"
 CONNECTION = "fedsparse-devices"
-TOKEN_VAR = "FEDSPARSE_DEVICES_TOKEN"  # in the environment of every process started here
 SUPEREXEC_POLL_VAR = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.42's SuperExec: seconds between task polls
 SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default is 1.0
-AS_HEADROOM_MIB = 4096  # RLIMIT_AS fallback: torch's address space is ~3.6 GiB for ~0.7 GiB resident
-TERM_GRACE = 10.0
 REPO = Path(__file__).resolve().parents[2]
 
 
-# --- devices and their data ---------------------------------------------------------------------
+# --- devices -------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,387 +87,6 @@ def parse_profiles(text: str) -> list[Any]:
     if unknown:
         raise ValueError(f"--profiles: unknown profile {unknown[0]!r}; valid: {', '.join(PROFILES)}")
     return [PROFILES[n] for n in names]
-
-
-def split_sample(dest: Path, devices: int, images: int, test_images: int, seed: int, cache_dir: str = "") -> Path:
-    """The bundled sample as one folder per device (``images`` each, spread over every class, no
-    image in two folders) plus ``test/`` (``test_images``, spread over every class): the layout
-    of ``partitioner = "folders"``."""
-    import numpy as np
-
-    from fedsparse.data.datasets import load_splits
-
-    train, test = load_splits("cifar10-sample", "", cache_dir)
-    if devices * images > len(train):
-        raise ValueError(f"--images-per-device {images} x {devices} devices exceeds the sample's {len(train)} training images")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train))
-    # round-robin over classes so that every device holds every class
-    by_class = [order[train.labels[order] == c] for c in range(len(train.classes))]
-    picks = [idx for row in zip(*by_class) for idx in row]
-    for d in range(devices):
-        for i in picks[d * images:(d + 1) * images]:
-            _copy(train.root / train.paths[i], dest / f"device-{d}" / Path(train.paths[i]).relative_to("train"))
-    order = rng.permutation(len(test))
-    by_class = [order[test.labels[order] == c] for c in range(len(test.classes))]
-    for i in [idx for row in zip(*by_class) for idx in row][:test_images]:
-        _copy(test.root / test.paths[i], dest / "test" / Path(test.paths[i]).relative_to("test"))
-    return dest
-
-
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-
-
-# --- operating-system limits --------------------------------------------------------------------
-
-
-class Limits:
-    """Per-device memory and CPU limits: cgroups where this process may create them, else
-    ``RLIMIT_AS`` and CPU affinity. ``kind`` says which (``cgroup-v1``, ``cgroup-v2``, ``rlimit``)."""
-
-    def __init__(self, tag: str, prefer: str = "auto") -> None:
-        self.tag = tag
-        self.kind = "rlimit"
-        self.roots: dict[str, Path] = {}  # controller -> the folder our child cgroups go into
-        if prefer in ("auto", "cgroup"):
-            self._find_cgroups()
-        if prefer == "cgroup" and self.kind == "rlimit":
-            raise ValueError("--limits cgroup: no writable memory cgroup here (needs cgroup v1 or v2 and the "
-                             "right to create child cgroups, e.g. as root); use --limits auto or rlimit")
-
-    def _find_cgroups(self) -> None:
-        own = {}
-        try:
-            for line in Path("/proc/self/cgroup").read_text().splitlines():
-                _, controllers, path = line.split(":", 2)
-                for c in controllers.split(",") if controllers else [""]:
-                    own[c] = path
-        except OSError:
-            return
-        v1 = {c: Path("/sys/fs/cgroup") / c / own[c].lstrip("/") for c in ("memory", "cpu") if c in own}
-        if "memory" in v1 and self._writable(v1["memory"], "memory.limit_in_bytes"):
-            self.kind, self.roots = "cgroup-v1", {c: p for c, p in v1.items()
-                                                  if c == "memory" or self._writable(p, "cpu.cfs_quota_us")}
-            return
-        if "" in own:
-            base = Path("/sys/fs/cgroup") / own[""].lstrip("/")
-            for root in (base, Path("/sys/fs/cgroup/unified") / own[""].lstrip("/")):
-                if self._writable(root, "memory.max"):
-                    self.kind, self.roots = "cgroup-v2", {"memory": root, "cpu": root}
-                    return
-
-    def _writable(self, root: Path, probe_file: str) -> bool:
-        """Whether a child cgroup can be made under ``root`` and limited through ``probe_file``."""
-        probe = root / f"{self.tag}-probe"
-        try:
-            probe.mkdir()
-        except OSError:
-            return False
-        try:
-            if not (probe / probe_file).exists():
-                if probe_file == "memory.max":  # v2: the controller may have to be enabled for children
-                    try:
-                        (root / "cgroup.subtree_control").write_text("+memory +cpu")
-                    except OSError:
-                        pass
-                if not (probe / probe_file).exists():
-                    return False
-            (probe / probe_file).write_text(str(64 * 2**20) if "memory" in probe_file else "max" if probe_file == "cpu.max" else "-1")
-            return True
-        except OSError:
-            return False
-        finally:
-            try:
-                probe.rmdir()
-            except OSError:
-                pass
-
-    def describe(self) -> str:
-        if self.kind == "cgroup-v1":
-            cpu = "cpu.cfs_quota_us = threads cores" if "cpu" in self.roots else "no CPU quota (cpu cgroup not writable)"
-            return f"cgroup v1: memory.limit_in_bytes = the profile's memory (whole SuperNode); {cpu}; OMP_NUM_THREADS = threads"
-        if self.kind == "cgroup-v2":
-            return "cgroup v2: memory.max = the profile's memory (whole SuperNode); cpu.max = threads cores; OMP_NUM_THREADS = threads"
-        return (f"RLIMIT_AS = the profile's memory + {AS_HEADROOM_MIB} MiB (address space, a loose bound); "
-                "CPU affinity to threads cores; OMP_NUM_THREADS = threads")
-
-    def prepare(self, device: Device) -> None:
-        """Make the device's cgroups and set their limits (cgroups only)."""
-        limit = str(device.limit_mib * 2**20)
-        quota = device.profile.threads * 100000
-        name = f"{self.tag}-{device.label}"
-        if self.kind == "cgroup-v1":
-            for controller, root in self.roots.items():
-                group = root / name
-                group.mkdir(exist_ok=True)
-                device.cgroups.append(group)
-                if controller == "memory":
-                    (group / "memory.limit_in_bytes").write_text(limit)
-                    _try_write(group / "memory.memsw.limit_in_bytes", limit)  # no swap beyond it
-                else:
-                    (group / "cpu.cfs_period_us").write_text("100000")
-                    (group / "cpu.cfs_quota_us").write_text(str(quota))
-        elif self.kind == "cgroup-v2":
-            group = self.roots["memory"] / name
-            group.mkdir(exist_ok=True)
-            device.cgroups.append(group)
-            (group / "memory.max").write_text(limit)
-            _try_write(group / "memory.swap.max", "0")
-            _try_write(group / "cpu.max", f"{quota} 100000")
-
-    def preexec(self, device: Device) -> Callable[[], None]:
-        """Run in the SuperNode's process before it execs: join the cgroups, or set the rlimit."""
-        procs = [str(g / "cgroup.procs") for g in device.cgroups]
-        limit = (device.limit_mib + AS_HEADROOM_MIB) * 2**20
-        cores = set(range(min(device.profile.threads, os.cpu_count() or 1)))
-        kind = self.kind
-
-        def run() -> None:
-            os.setsid()  # its own process group: stopped as a group
-            if kind == "rlimit":
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-                try:
-                    os.sched_setaffinity(0, cores)
-                except OSError:
-                    pass
-            for path in procs:
-                with open(path, "w") as fh:
-                    fh.write(str(os.getpid()))
-
-        return run
-
-    def peak_bytes(self, device: Device) -> int | None:
-        """The cgroup's own peak memory (RSS and page cache charged to it), where available."""
-        for group in device.cgroups:
-            for name in ("memory.max_usage_in_bytes", "memory.peak"):
-                try:
-                    return int((group / name).read_text())
-                except (OSError, ValueError):
-                    continue
-        return None
-
-    def oom_kills(self, device: Device) -> int | None:
-        for group in device.cgroups:
-            for name in ("memory.oom_control", "memory.events"):
-                try:
-                    text = (group / name).read_text()
-                except OSError:
-                    continue
-                m = re.search(r"^oom_kill (\d+)", text, re.M)
-                if m:
-                    return int(m.group(1))
-        return None
-
-    def release(self, devices: list[Device]) -> list[str]:
-        """Remove the cgroups (their processes are gone by now); returns those that remain."""
-        left = []
-        for d in devices:
-            for group in d.cgroups:
-                for _ in range(20):
-                    try:
-                        group.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.25)
-                else:
-                    left.append(str(group))
-        return left
-
-
-def _try_write(path: Path, value: str) -> bool:
-    try:
-        path.write_text(value)
-        return True
-    except OSError:
-        return False
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
-def _exe(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if path.is_file():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise ValueError(f"{name} not found next to {sys.executable} nor on PATH; install flwr in this environment")
-    return found
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            table[int(entry)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _has_token(pid: int, token: str, token_var: str = TOKEN_VAR) -> bool:
-    try:
-        return f"{token_var}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def tree(root: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
-    table = _proc_table() if table is None else table
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], [root] if root in table else []
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
-def live_pids(roots: list[int], token: str, token_var: str = TOKEN_VAR) -> set[int]:
-    """Live (not zombie) processes that descend from ``roots`` or carry ``token`` in ``token_var``."""
-    table = _proc_table()
-    found = {p for r in roots for p in tree(r, table)} | {p for p in table if _has_token(p, token, token_var)}
-    found.discard(os.getpid())
-    return {p for p in found if table.get(p, (0, "Z"))[1] != "Z"}
-
-
-def stop_processes(procs: list[subprocess.Popen], token: str, token_var: str = TOKEN_VAR,
-                   grace: float = TERM_GRACE, reap: float = 2.0) -> list[int]:
-    """SIGTERM every group led by ``procs`` and every process carrying ``token``, SIGKILL what
-    is left after ``grace`` seconds; returns the pids still alive afterwards (should be none).
-    ``fedsparse devices`` and the deployment tests stop their processes with it."""
-    roots = [p.pid for p in procs]
-
-    def signal_all(sig: int) -> None:
-        for proc in procs:
-            if proc.poll() is None:  # leader alive: the group is certainly ours
-                try:
-                    os.killpg(proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for pid in live_pids(roots, token, token_var):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def wait_gone(timeout: float) -> set[int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for proc in procs:
-                proc.poll()  # reap our direct children
-            alive = live_pids(roots, token, token_var)
-            if not alive or time.monotonic() > deadline:
-                return alive
-            time.sleep(0.2)
-
-    signal_all(signal.SIGTERM)
-    if wait_gone(grace):
-        signal_all(signal.SIGKILL)
-    left = wait_gone(5.0)
-    for proc in procs:
-        try:
-            proc.wait(timeout=reap)
-        except subprocess.TimeoutExpired:
-            pass
-    return sorted(left)
-
-
-class Processes:
-    """Every process this command starts: one group each, found again by a token."""
-
-    token_var = TOKEN_VAR  # the environment variable that carries ``token`` (tests use their own)
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.token = uuid.uuid4().hex
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-
-    def env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
-                   FLWR_TELEMETRY_ENABLED="0", MPLCONFIGDIR=str(self.root / "mplconfig"),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", **{self.token_var: self.token})
-        env.update(extra or {})
-        return env
-
-    def spawn(self, name: str, args: list[str], home: Path, extra_env: dict[str, str] | None = None,
-              preexec: Callable[[], None] | None = None) -> subprocess.Popen:
-        home.mkdir(parents=True, exist_ok=True)
-        cwd = self.root / "cwd" / name
-        cwd.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(args, cwd=cwd, env=self.env(home, extra_env), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=preexec is None,
-                                    preexec_fn=preexec)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        try:
-            return (self.logs / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_listening(self, name: str, port: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}: "
-                                   f"{' '.join(self.log(name).split()[-30:])}")
-            try:
-                with socket.create_connection((HOST, port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s")
-
-    def stop(self) -> list[int]:
-        """SIGTERM every group and every process carrying the token, SIGKILL what is left after
-        ``TERM_GRACE``; returns the pids still alive afterwards (should be none)."""
-        return stop_processes(list(self.procs.values()), self.token, self.token_var)
-
-
-class MemorySampler(threading.Thread):
-    """Samples the summed RSS of every device's SuperNode process tree."""
-
-    def __init__(self, devices: list[Device], interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.devices, self.interval, self.done = devices, interval, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            table = _proc_table()
-            for d in self.devices:
-                if d.proc is not None:
-                    total = sum(rss_pss(p, pss=False)[0] for p in tree(d.proc.pid, table) if table[p][1] != "Z")
-                    d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
-                    d.samples.append((time.time(), total))
-            self.done.wait(self.interval)
 
 
 # --- the command ----------------------------------------------------------------------------------

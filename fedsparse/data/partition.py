@@ -1,9 +1,11 @@
 """Who holds which training examples: seeded partitioners (iid, Dirichlet label skew, shards,
-full), one client per sub-folder (folders), and a client's share of a training set."""
+full), one client per sub-folder (folders), and a client's share of a training set; the bundled
+sample split into one folder per emulated device (``split_sample``)."""
 
 from __future__ import annotations
 
 import numbers
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -11,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.caches import ProcessCache
-from fedsparse.data.datasets import ImageSet
+from fedsparse.data.datasets import ImageSet, load_splits
 
 PARTITIONERS = ("iid", "dirichlet", "shards", "full", "folders")  # folders: fedsparse.task.client_images
 
@@ -188,3 +190,30 @@ def node_data(node_config: Mapping[str, Any]) -> NodeData:
             raise ValueError(f"node config client-id must be an integer >= 0 (client-id=3), got {cid!r}")
         cid = int(cid)
     return NodeData(cid, 1, str(folder))
+
+
+def split_sample(dest: Path, devices: int, images: int, test_images: int, seed: int, cache_dir: str = "") -> Path:
+    """The bundled sample as one folder per device (``images`` each, spread over every class, no
+    image in two folders) plus ``test/`` (``test_images``, spread over every class): the layout
+    of ``partitioner = "folders"`` (``fedsparse devices`` without ``--data-dir``)."""
+    train, test = load_splits("cifar10-sample", "", cache_dir)
+    if devices * images > len(train):
+        raise ValueError(f"--images-per-device {images} x {devices} devices exceeds the sample's {len(train)} training images")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    # round-robin over classes so that every device holds every class
+    by_class = [order[train.labels[order] == c] for c in range(len(train.classes))]
+    picks = [idx for row in zip(*by_class) for idx in row]
+    for d in range(devices):
+        for i in picks[d * images:(d + 1) * images]:
+            _copy(train.root / train.paths[i], dest / f"device-{d}" / Path(train.paths[i]).relative_to("train"))
+    order = rng.permutation(len(test))
+    by_class = [order[test.labels[order] == c] for c in range(len(test.classes))]
+    for i in [idx for row in zip(*by_class) for idx in row][:test_images]:
+        _copy(test.root / test.paths[i], dest / "test" / Path(test.paths[i]).relative_to("test"))
+    return dest
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
