@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedsparse.commands.devices import Device, parse_limits, parse_profiles
-from fedsparse.limits import Limits
+from fedsparse.limits import Limits, own_cgroups
 from fedsparse.processes import run_processes
 from fedsparse.profiles import PROFILES
 
@@ -27,12 +27,10 @@ MARK = "FEDSPARSE_DEVICES_TEST_MARK"
 def own_cgroup_children(tag: str) -> list[str]:
     """Child cgroups named ``tag*`` under this process's own cgroups."""
     out = []
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for c in controllers.split(",") if controllers else [""]:
-            base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
-            if base.is_dir():
-                out += [str(p) for p in base.glob(f"{tag}*")]
+    for c, path in own_cgroups().items():
+        base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+        if base.is_dir():
+            out += [str(p) for p in base.glob(f"{tag}*")]
     return out
 
 
