@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
-from fedsparse.accounting.timeline import process_start_time
 from fedsparse.data.partition import NodeData, check_partition_id, node_data
 from fedsparse.engine.client import run_task
+from fedsparse.processes import start_time
 from fedsparse.profiles import PROFILE_RECORD, Profile, client_profile
 from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, IMPORTS_DONE_KEY, METRICS_KEY,
                                 NUM_EXAMPLES_KEY, NUM_PARTITIONS_KEY, OWN_DATA_KEY, PROCESS_START_KEY, REPLY_BUILT_KEY,
@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
                                               dict(msg.content[CONFIG_KEY]), data_dir=node.data_dir,
                                               profile=node_profile_of(context, node))
     stamps = {IMPORTS_DONE_KEY: imports_done}
-    started = process_start_time()
+    started = start_time()
     if started is not None and started <= imports_done:
         stamps[PROCESS_START_KEY] = started
     record = array_record(trained)

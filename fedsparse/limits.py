@@ -39,6 +39,20 @@ class Limited(Protocol):
     def label(self) -> str: ...
 
 
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroups: controller (``""``: the cgroup v2 hierarchy) -> its path in the
+    hierarchy; {} where there are none (not Linux)."""
+    own = {}
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                own[c] = path
+    except OSError:
+        return {}
+    return own
+
+
 class Limits:
     """Per-device memory and CPU limits: cgroups where this process may create them, else
     ``RLIMIT_AS`` and CPU affinity. ``kind`` says which (``cgroup-v1``, ``cgroup-v2``, ``rlimit``)."""
@@ -54,14 +68,7 @@ class Limits:
                              "right to create child cgroups, e.g. as root); use --limits auto or rlimit")
 
     def _find_cgroups(self) -> None:
-        own = {}
-        try:
-            for line in Path("/proc/self/cgroup").read_text().splitlines():
-                _, controllers, path = line.split(":", 2)
-                for c in controllers.split(",") if controllers else [""]:
-                    own[c] = path
-        except OSError:
-            return
+        own = own_cgroups()
         v1 = {c: Path("/sys/fs/cgroup") / c / own[c].lstrip("/") for c in ("memory", "cpu") if c in own}
         if "memory" in v1 and self._writable(v1["memory"], "memory.limit_in_bytes"):
             self.kind, self.roots = "cgroup-v1", {c: p for c, p in v1.items()

@@ -1,7 +1,7 @@
 """The processes of a Flower deployment on this machine: a SuperLink, SuperNodes and ``flwr``
 started by ``Processes``, each in its own session with its own log, working folder and
 ``FLWR_HOME``, all carrying one token in their environment, so that ``stop`` finds every one of
-them (``fedsparse.processes``) however Flower started and reparented them.
+them (``fedsparse.processes``), however Flower started and reparented them.
 
 ``fedsparse devices`` and the deployment tests run their SuperLink and SuperNodes with it.
 """
@@ -18,7 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from fedsparse.processes import stop_processes
+import psutil
+
+from fedsparse import processes
 
 HOST = "127.0.0.1"
 TOKEN_VAR = "FEDSPARSE_DEVICES_TOKEN"  # in the environment of every process started here
@@ -49,7 +51,8 @@ def free_ports(n: int) -> list[int]:
 
 
 class Processes:
-    """Every process this command starts: one group each, found again by a token."""
+    """Every process this command starts: each in a session of its own (a terminal's Ctrl-C
+    reaches the command, which stops them), found again by a token in their environment."""
 
     token_var = TOKEN_VAR  # the environment variable that carries ``token`` (tests use their own)
 
@@ -99,7 +102,21 @@ class Processes:
                 time.sleep(0.2)
         raise RuntimeError(f"{name} not listening on {HOST}:{port} after {timeout:.0f}s")
 
-    def stop(self) -> list[int]:
-        """SIGTERM every group and every process carrying the token, SIGKILL what is left after
-        ``TERM_GRACE``; returns the pids still alive afterwards (should be none)."""
-        return stop_processes(list(self.procs.values()), self.token, self.token_var, TERM_GRACE)
+    def stop(self, grace: float = TERM_GRACE, reap: float = 2.0) -> list[int]:
+        """SIGTERM every process started here, its descendants and every process carrying the
+        token (also those started while they stop), SIGKILL what is left after ``grace``
+        seconds; returns the pids still alive afterwards (should be none)."""
+        started = list(self.procs.values())
+
+        def found() -> list[psutil.Process]:
+            for proc in started:
+                proc.poll()  # reaped here, its exit code stays with its Popen
+            return processes.run_processes([p.pid for p in started], self.token_var, self.token)
+
+        left = processes.stop(found(), grace, find=found)
+        for proc in started:
+            try:
+                proc.wait(timeout=reap)
+            except subprocess.TimeoutExpired:
+                pass
+        return [p.pid for p in left]

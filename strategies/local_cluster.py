@@ -20,24 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedsparse import processes
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains ``text`` (this cluster's private folder)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    out.append(int(entry.name))
-            except OSError:
-                pass
-    return out
 
 
 class LocalCluster:
@@ -111,7 +100,7 @@ class LocalCluster:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                processes.stop(processes.tree(proc.pid), grace=0, terminate=False)
                 proc.wait()
         self.procs.remove(proc)
 
@@ -120,9 +109,5 @@ class LocalCluster:
         of this cluster still running (it names the private folder), and remove the folder."""
         for proc in reversed(list(self.procs)):
             self.stop_node(proc)
-        for pid in pids_naming(self.temp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        processes.stop(processes.naming(self.temp), grace=0, terminate=False)
         shutil.rmtree(self.temp, ignore_errors=True)

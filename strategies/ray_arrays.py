@@ -43,6 +43,8 @@ from typing import Any, Iterator
 
 from flwr.app import Array
 
+from fedsparse import processes
+
 MIN_BYTES = 64 * 1024  # smaller Arrays stay in the pickle (Ray sends those inline, cheaply)
 MIN_BYTES_VAR = "FEDSPARSE_RAY_ARRAYS_MIN_BYTES"  # another threshold (tests send every Array through a file)
 PREFIX = "fedsparse-arrays-"  # + "<pid of the run>-<random>"
@@ -84,7 +86,7 @@ def sweep_stale(root: Path | None = None, prefix: str = PREFIX) -> list[Path]:
             pid = int(path.name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}") and path.is_dir():
+        if pid != os.getpid() and not processes.exists(pid) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

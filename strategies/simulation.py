@@ -26,12 +26,11 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from fedsparse.accounting.costs import peak_rss_bytes
-from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree
+from fedsparse import processes
+from fedsparse.accounting.memory import ProcessTreeMonitor
 from fedsparse.config import RunConfig, toml_text
 from fedsparse.engine.metrics import RunMetrics
 from fedsparse.engine.nodes import with_addresses
@@ -67,29 +66,6 @@ def import_ray() -> Any:
             "pip install 'fedsparse[simulation]' (from a checkout: pip install -e '.[simulation]'), "
             "or use --engine in-process or --engine plain", name="ray") from None
     return ray
-
-
-def reap(pids: list[int], grace: float = 3.0) -> None:
-    """Wait up to ``grace`` seconds for ``pids`` to exit (Ray ends its workers after
-    ``ray.shutdown`` returns), then kill what is left: the run leaves no process behind."""
-    deadline = time.monotonic() + grace
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if _alive(pid)]
-        time.sleep(0.1)
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"  # a zombie has exited
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
 
 
 # Ray starts its worker processes at nice 15 (its ``worker_niceness``), below this process and
@@ -237,32 +213,18 @@ def stop_without_grace(ray: Any) -> bool:
     try:
         node = ray._private.worker._global_node
         kill_all = node.kill_all_processes
-        processes = node.all_processes
+        ray_processes = node.all_processes
     except AttributeError:
         return False
 
     def kill_all_at_once(check_alive: bool = True, allow_graceful: bool = False, wait: bool = False) -> None:
-        roots = [info.process.pid for infos in list(processes.values()) for info in infos]
-        left = {pid: started for root in roots for pid in process_tree(root)[1:]
-                if (started := start_time(pid)) is not None}
+        roots = [info.process.pid for infos in list(ray_processes.values()) for info in infos]
+        left = [p for root in roots for p in processes.tree(root)[1:]]
         kill_all(check_alive=check_alive, allow_graceful=False, wait=True)  # SIGKILL, then reap at once
-        for pid, started in left.items():
-            if start_time(pid) == started:  # not a new process under a reused pid
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        processes.stop(left, grace=0, terminate=False)  # each still the same process: a reused pid is not
 
     node.kill_all_processes = kill_all_at_once
     return True
-
-
-def start_time(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), None if there is none: with the
-    pid, it names one process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces and ')'
 
 
 def simulate(cfg: RunConfig) -> RunMetrics:
@@ -291,7 +253,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
     monitor = ProcessTreeMonitor(interval=1.0)
     arrays_dir = None
     by_node = False
-    theirs = set(process_tree()[1:])  # the caller's own children (another job's driver, say): not the run's
+    theirs = set(processes.tree()[1:])  # the caller's own children (another job's driver, say): not the run's
     try:
         if address is not None:
             check_reachable(address)
@@ -315,12 +277,13 @@ def simulate(cfg: RunConfig) -> RunMetrics:
         # descendants are killed with it: stop_without_grace); if the run failed before that,
         # Ray's GCS, raylet, agents and workers. Attached to a cluster, this process started none
         # of Ray's processes: ray.shutdown() disconnects, and Ray ends this job's actors.
-        children = [pid for pid in process_tree()[1:] if pid not in theirs]
+        children = [p for p in processes.tree()[1:] if p not in theirs]
         if arrays_dir is not None:
             ray_arrays.uninstall()  # keeps COUNTS (the next install resets them)
         if ray.is_initialized():
             ray.shutdown()
-        reap(children)
+        # Ray ends its workers after ray.shutdown returns: 3 s for them, then SIGKILL
+        processes.stop(children, grace=3.0, terminate=False)
         _ACTOR_NODES.clear()
         shutil.rmtree(app_dir, ignore_errors=True)
         if arrays_dir is not None:
@@ -330,7 +293,7 @@ def simulate(cfg: RunConfig) -> RunMetrics:
         raise RuntimeError(f"the run ended without writing {metrics_path}; see the log above")
     metrics = RunMetrics.load(metrics_path)
     metrics.memory = monitor.summary()  # this process, Ray's GCS and raylet, and every worker
-    metrics.extra["driver_peak_rss_bytes"] = peak_rss_bytes()  # this process alone: the server
+    metrics.extra["driver_peak_rss_bytes"] = processes.peak_rss_bytes()  # this process alone: the server
     metrics.extra["fast_message_dispatch"] = fast_dispatch
     # Arrays that went through shared-memory files (strategies.ray_arrays): sent to the clients,
     # received in their replies; false where that path is off

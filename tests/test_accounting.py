@@ -13,7 +13,6 @@ from fedsparse.accounting.costs import (
     encoder_macs,
     head_train_tensor_bytes,
     masked_images_bytes,
-    peak_rss_bytes,
 )
 from fedsparse.commands.bench import counted_macs
 from fedsparse.inputs.encoder import load_encoder
@@ -63,20 +62,3 @@ def test_head_train_tensor_bytes_counts_params_grads_and_adam_moments():
     head = MLPHead(192, (64, 32), 10)
     params = sum(p.numel() for p in head.parameters())
     assert head_train_tensor_bytes(head.dims, 8) == 4 * (4 * params + 8 * (192 + 64 + 32 + 10))
-
-
-def test_peak_rss_is_in_bytes_and_sees_a_large_allocation():
-    block = torch.ones(64 * 2**20)  # 256 MiB of fp32, every page touched
-    assert block.sum() == 64 * 2**20
-    assert peak_rss_bytes() > 256 * 2**20  # would fail if ru_maxrss (KiB) were read as bytes
-
-
-def test_peak_rss_of_a_fresh_process_is_its_own_not_its_parents():
-    import subprocess
-    import sys
-
-    block = torch.ones(128 * 2**20)  # this (parent) process now holds 512 MiB more
-    assert block[-1] == 1
-    out = subprocess.run([sys.executable, "-c", "from fedsparse.accounting.costs import peak_rss_bytes; print(peak_rss_bytes())"],
-                         capture_output=True, text=True, check=True)
-    assert int(out.stdout) < peak_rss_bytes() - 400 * 2**20

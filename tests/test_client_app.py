@@ -133,7 +133,7 @@ def test_client_app_is_the_engines_client_task_on_its_partition(cfg, shared_cach
 def test_a_task_reports_its_own_peak_memory_not_the_processs(cfg, shared_cache):
     """A simulated actor runs client after client in one process: the peak RSS a task reports is
     the one reached during that task (VmHWM reset when it starts), not an earlier client's."""
-    from fedsparse.accounting.costs import peak_rss_bytes, proc_status_bytes
+    from fedsparse.processes import peak_rss_bytes, rss
 
     cfg = cfg.replace(cache_dir=shared_cache)
     full = initial_head(cfg, 192, 10).state_dict()
@@ -142,9 +142,9 @@ def test_a_task_reports_its_own_peak_memory_not_the_processs(cfg, shared_cache):
     big = bytearray(600 * 2**20)
     big[::4096] = b"x" * len(big[::4096])  # an earlier client's 600 MB, touched, then freed
     del big
-    assert peak_rss_bytes() >= proc_status_bytes("VmRSS") + 500 * 2**20
+    assert peak_rss_bytes() >= rss() + 500 * 2**20
     _, _, metrics = run_task(cfg, 5, 50, sub, round_config(3))
-    assert metrics[PEAK_RSS_KEY] < proc_status_bytes("VmRSS") + 300 * 2**20
+    assert metrics[PEAK_RSS_KEY] < rss() + 300 * 2**20
 
 
 def test_round_settings_come_from_the_message(cfg, shared_cache):

@@ -13,13 +13,15 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+from fedsparse import processes
 from fedsparse.config import RunConfig
 from fedsparse.engine.plain import PlainTransport
 from fedsparse.engine.rounds import RoundEngine
-from strategies.local_cluster import LocalCluster, pids_naming
+from strategies.local_cluster import LocalCluster
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # starts Ray: one at a time (tests/conftest.py)
@@ -40,7 +42,7 @@ def cluster(tmp_path_factory):
         yield nodes
     finally:
         nodes.stop()
-    assert not pids_naming(nodes.temp), "the cluster's processes outlived the test"
+    assert not processes.naming(nodes.temp), "the cluster's processes outlived the test"
 
 
 SECOND_JOB = """
@@ -122,16 +124,12 @@ def test_a_run_attached_to_a_two_node_cluster_uses_both_and_leaves_it_running(cl
 
 def client_actors(cluster: LocalCluster) -> list[int]:
     """Live Flower client actors among the cluster's processes."""
-    from fedsparse.accounting.memory import process_tree
-    from strategies.simulation import _alive
-
-    pids = [pid for proc in cluster.procs for pid in process_tree(proc.pid)]
     out = []
-    for pid in pids:
+    for p in [p for proc in cluster.procs for p in processes.tree(proc.pid)]:
         try:
-            if "ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") and _alive(pid):
-                out.append(pid)
-        except OSError:
+            if "ClientAppActor" in " ".join(p.cmdline()) and processes.alive(p):
+                out.append(p.pid)
+        except psutil.Error:
             pass
     return out
 

@@ -31,10 +31,10 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedsparse.local_deployment import Processes, free_ports
-from fedsparse.processes import stop_processes
 from fedsparse.config import run_config_arg, toml_text
 
 pytestmark = pytest.mark.slow
@@ -62,8 +62,8 @@ def _exe(name: str) -> str:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return "?"
 
 
@@ -155,7 +155,7 @@ class Deployment(Processes):
 
     def stop(self) -> list[str]:
         """Stop everything this test started; returns what is still alive afterwards (should be [])."""
-        left = stop_processes(list(self.procs.values()), self.token, self.token_var, TERM_GRACE, reap=5.0)
+        left = super().stop(TERM_GRACE, reap=5.0)
         return [f"{pid}: {_cmdline(pid)}" for pid in left]
 
     def tail(self, lines: int = 60) -> str:

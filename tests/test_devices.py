@@ -16,38 +16,21 @@ from pathlib import Path
 import pytest
 
 from fedsparse.commands.devices import Device, parse_limits, parse_profiles
-from fedsparse.limits import Limits
+from fedsparse.limits import Limits, own_cgroups
+from fedsparse.processes import run_processes
 from fedsparse.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "FEDSPARSE_DEVICES_TEST_MARK"
 
 
-def marked_live_pids(mark: str) -> list[int]:
-    """Live (not zombie) processes whose environment carries ``MARK=mark``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"{MARK}={mark}".encode() in env and state != "Z":
-            found.append(int(entry))
-    return found
-
-
 def own_cgroup_children(tag: str) -> list[str]:
     """Child cgroups named ``tag*`` under this process's own cgroups."""
     out = []
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for c in controllers.split(",") if controllers else [""]:
-            base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
-            if base.is_dir():
-                out += [str(p) for p in base.glob(f"{tag}*")]
+    for c, path in own_cgroups().items():
+        base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+        if base.is_dir():
+            out += [str(p) for p in base.glob(f"{tag}*")]
     return out
 
 
@@ -68,7 +51,7 @@ def test_two_emulated_devices_train_and_leave_nothing_behind(tmp_path: Path) -> 
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output
-    assert marked_live_pids(mark) == [], "processes left behind"
+    assert run_processes([], MARK, mark) == [], "processes left behind"
     assert own_cgroup_children(f"fedsparse-devices-{proc.pid}-") == [], "cgroups left behind"
 
     report = json.loads((out / "devices.json").read_text())
@@ -158,20 +141,3 @@ def test_bad_arguments_are_one_line() -> None:
     for text in ("300", "a,b", "-1,0"):
         with pytest.raises(ValueError, match="--memory-limit-mib"):
             parse_limits(text, 2)
-
-
-def test_process_start_time_is_the_wall_clock_of_the_start() -> None:
-    """A ClientApp's first stamp (fedsparse.accounting.timeline): the process's start as read
-    from /proc, on the wall clock, within a clock tick (not /proc/stat's whole-second btime)."""
-    import time
-
-    from fedsparse.accounting.timeline import process_start_time
-
-    before = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
-    try:
-        started = process_start_time(proc.pid)
-    finally:
-        proc.wait()
-    assert started is not None and before - 0.02 <= started <= time.time()
-    assert started - before < 0.5

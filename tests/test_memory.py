@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from fedsparse.accounting.memory import ProcessTreeMonitor, process_tree, rss_pss
+from fedsparse.accounting.memory import ProcessTreeMonitor
+from fedsparse.processes import exists, rss_pss, tree
 
 HOLD_200MB = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(30)"
 
@@ -18,8 +19,8 @@ def test_tree_includes_children_and_grandchildren():
                               "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
         grandchild = int(child.stdout.readline())
-        tree = process_tree()
-        assert child.pid in tree and grandchild in tree
+        pids = [p.pid for p in tree()]
+        assert child.pid in pids and grandchild in pids
     finally:
         child.kill()
         child.wait()
@@ -63,15 +64,9 @@ def test_the_sampler_walks_page_tables_for_the_pss_only_part_of_the_time():
     assert walked[1.0] >= 8  # a duty of 1: every sample walks
 
 
-def test_exited_process_counts_zero():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    assert rss_pss(p.pid) == (0, 0)
-    assert rss_pss(p.pid, pss=False) == (0, None)  # as for a live process: no PSS asked, none given
-
-
 def test_peak_anon_sampler_sees_a_short_lived_allocation():
-    from fedsparse.accounting.memory import PeakAnonSampler, rss_anon
+    from fedsparse.accounting.memory import PeakAnonSampler
+    from fedsparse.processes import rss_anon
 
     before = rss_anon()
     with PeakAnonSampler(interval=0.001) as s:
@@ -86,8 +81,8 @@ def test_the_sampler_is_a_process_that_ends_with_the_monitor_or_its_process():
     with ProcessTreeMonitor(interval=0.05) as mon:
         sampler = mon._proc.pid
         time.sleep(0.5)
-        assert sampler in process_tree()
-    assert sampler not in process_tree() and len(mon.samples) >= 4
+        assert sampler in [p.pid for p in tree()]
+    assert sampler not in [p.pid for p in tree()] and len(mon.samples) >= 4
     assert all(s.processes >= 1 for s in mon.samples)
     # a run killed with its monitor running leaves no sampler, and no file, behind
     run = subprocess.Popen([sys.executable, "-c", "import time; from fedsparse.accounting.memory import "
@@ -96,7 +91,7 @@ def test_the_sampler_is_a_process_that_ends_with_the_monitor_or_its_process():
     try:
         pid, samples_file = run.stdout.readline().split()
         orphan = int(pid)
-        assert os.path.exists(f"/proc/{orphan}")
+        assert exists(orphan)
         deadline = time.monotonic() + 10
         while os.path.getsize(samples_file) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -105,9 +100,9 @@ def test_the_sampler_is_a_process_that_ends_with_the_monitor_or_its_process():
         run.kill()
         run.wait()
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
+    while exists(orphan) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{orphan}")
+    assert not exists(orphan)
     assert not os.path.exists(samples_file)
 
 

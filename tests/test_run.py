@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.processes import live_pids
+from fedsparse.processes import run_processes
 from fedsparse.config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +45,11 @@ def processes_of_run(pid: int, token: str) -> list[str]:
     ``RUN_TOKEN=token``: Ray names its session folder ``session_<date>_<driver pid>``, its
     workers descend from the raylet, and anything the run started, wherever it was reparented
     (the raylet's agents once the raylet is gone), carries the token. Zombies aside
-    (``fedsparse.processes.live_pids``)."""
+    (``fedsparse.processes.run_processes``)."""
     rows = [line.split(None, 1) for line in subprocess.run(
         ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
     roots = [int(p) for p, args in rows if f"_{pid}/" in args or f"_{pid} " in args]
-    left = live_pids(roots, token, RUN_TOKEN)
+    left = {p.pid for p in run_processes(roots, RUN_TOKEN, token)}
     return [args for p, args in rows if int(p) in left]
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from fedsparse.accounting.memory import process_tree
-from strategies.simulation import WORKER_NICENESS, _alive, start_ray, start_time, worker_niceness
+from fedsparse import processes
+from strategies.simulation import WORKER_NICENESS, start_ray, worker_niceness
 
 # starts a Ray cluster the size of the machine: one at a time (tests/conftest.py)
 pytestmark = pytest.mark.xdist_group("ray")
@@ -55,9 +54,8 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
         assert ray.get(actor.niceness.remote(), timeout=120) == os.getpriority(os.PRIO_PROCESS, 0)
         ray_processes = [info.process for infos in ray._private.worker._global_node.all_processes.values()
                          for info in infos]
-        raylet = next(p.pid for p in ray_processes if "raylet" in Path(f"/proc/{p.pid}/cmdline").read_text())
-        agents = {pid: start_time(pid) for pid in process_tree(raylet)[1:]
-                  if "Agent" in Path(f"/proc/{pid}/cmdline").read_text()}
+        raylet = next(p.pid for p in ray_processes if "raylet" in " ".join(processes.process(p.pid).cmdline()))
+        agents = [p for p in processes.tree(raylet)[1:] if "Agent" in " ".join(p.cmdline())]
         waits = []  # Popen.wait calls while Ray shuts down
         real_wait = subprocess.Popen.wait
 
@@ -77,7 +75,7 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
     # the raylet's dashboard and runtime-env agents are gone too (or dead, waiting for init to reap them)
     assert len(agents) >= 1
     deadline = time.monotonic() + 10
-    while (alive := [pid for pid, t in agents.items() if start_time(pid) == t and _alive(pid)]):
+    while (alive := [p.pid for p in agents if processes.alive(p)]):
         assert time.monotonic() < deadline, f"the raylet's agents outlived it: {alive}"
         time.sleep(0.05)
 

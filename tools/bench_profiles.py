@@ -90,7 +90,7 @@ CHILD = r"""
 import json, sys, dataclasses, warnings
 import flwr.clientapp  # a ClientApp process imports Flower too
 import fedsparse.engine.client as client
-from fedsparse.accounting.costs import peak_rss_bytes
+from fedsparse.processes import peak_rss_bytes
 from fedsparse.config import RunConfig
 from fedsparse.model.head import MLPHead
 from fedsparse.profiles import PROFILES, profile_assignment

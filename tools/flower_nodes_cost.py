@@ -19,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 ONE = """
-import json, os, sys, tempfile, time
+import json, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from fedsparse.config import RunConfig
+from fedsparse.processes import rss
 from strategies.simulation import write_app_dir
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkStateFactory
@@ -30,9 +31,6 @@ from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.supercore.run import Run
-
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 n = int(sys.argv[1])
 tmp = tempfile.TemporaryDirectory()

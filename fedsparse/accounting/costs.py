@@ -18,11 +18,9 @@ than ``1 - r`` (the attention term is quadratic).
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 
 from fedsparse.inputs.masking import num_visible
-from fedsparse.accounting.memory import proc_status_bytes
 
 BYTES_PER_FP32 = 4
 BYTES_PER_PIXEL_VALUE = 1  # 8-bit images
@@ -98,29 +96,3 @@ def extraction_tensor_bytes(shape: ViTShape, mask_ratio: float, batch_size: int,
     heads = max(1, d // 64)
     activations = batch_size * (n * (hidden + 4 * d) + heads * n * n)
     return BYTES_PER_FP32 * (weights + pixels + activations)
-
-
-def reset_peak_rss() -> bool:
-    """Start this process's peak RSS (``VmHWM``) over from its current RSS (Linux: ``5`` to
-    ``/proc/self/clear_refs``); returns whether it could. A client calls it when a task starts,
-    so the peak it reports is that task's, not the process's since it started: a simulated
-    client shares its actor process with every client the actor ran before."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far: ``VmHWM`` of its address space.
-
-    NOTE: not ``getrusage().ru_maxrss`` where ``/proc`` exists: Linux carries the high-water
-    mark of the address space a process had before ``exec`` into ``ru_maxrss``, so a fresh
-    ``python`` forked from a 3 GB parent reports 3 GB from its first line.
-    """
-    hwm = proc_status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -2,8 +2,10 @@
 
 ``ProcessTreeMonitor`` samples, in a process of its own, the resident set size (RSS) of the
 process tree, summed, and its proportional set size (PSS: shared pages divided among the
-processes that map them, so the torch libraries that every worker maps count once). Linux
-``/proc`` only; elsewhere it records nothing and says so.
+processes that map them, so the torch libraries that every worker maps count once), read
+through ``fedsparse.processes``. Linux only; elsewhere it records nothing and says so.
+``MemorySampler`` samples, in a thread, the summed RSS of several trees (``fedsparse devices``:
+each device's SuperNode); ``PeakAnonSampler`` the peak anonymous RSS of this process.
 
 RSS is a counter the kernel keeps (``statm``): reading it costs microseconds. PSS is not: the
 kernel walks every page table of the process (``smaps_rollup``), 20-40 ms for a simulated
@@ -34,55 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from fedsparse.processes import _proc_table, tree
+from fedsparse import processes
 
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 PSS_DUTY = 0.02  # the sampling process walks page tables (PSS) at most this share of the time
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ')'
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def process_tree(root: int | None = None) -> list[int]:
-    """``root`` (default: this process) and all its descendants."""
-    root = os.getpid() if root is None else root
-    kids, out, todo = _children_map(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
-def rss_pss(pid: int, pss: bool = True) -> tuple[int, int | None]:
-    """(RSS, PSS) of one process in bytes, 0 for each once it has exited; PSS None unless
-    ``pss`` (reading it walks the process's page tables)."""
-    try:
-        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return 0, (0 if pss else None)
-    if not pss:
-        return rss, None
-    pss_bytes = 0
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss_bytes = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pss_bytes = rss
-    return rss, pss_bytes
 
 
 @dataclass
@@ -96,9 +52,9 @@ class TreeSample:
 def tree_sample(root: int, t: float, leave_out: int | None = None, pss: bool = True) -> TreeSample:
     """The summed RSS and (if ``pss``) PSS of ``root``'s process tree (``leave_out`` left out)
     at time ``t``."""
-    pids = [p for p in process_tree(root) if p != leave_out]
-    sizes = [rss_pss(p, pss) for p in pids]
-    return TreeSample(t, len(pids), sum(r for r, _ in sizes),
+    procs = [p for p in processes.tree(root) if p.pid != leave_out]
+    sizes = [processes.rss_pss(p, pss) for p in procs]
+    return TreeSample(t, len(procs), sum(r for r, _ in sizes),
                       sum(p or 0 for _, p in sizes) if pss else None)
 
 
@@ -255,31 +211,12 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            table = _proc_table()
             for d in self.devices:
                 if d.proc is not None:
-                    total = sum(rss_pss(p, pss=False)[0] for p in tree(d.proc.pid, table) if table[p][1] != "Z")
+                    total = processes.summed_rss(processes.tree(d.proc.pid))
                     d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
                     d.samples.append((time.time(), total))
             self.done.wait(self.interval)
-
-
-def proc_status_bytes(field: str, pid: int | None = None) -> int | None:
-    """A ``kB`` field of ``/proc/<pid>/status`` (e.g. ``VmHWM``, ``RssAnon``) in bytes; None
-    where it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_anon(pid: int | None = None) -> int:
-    """Anonymous resident memory of a process in bytes (``RssAnon``: heap, tensors, stacks),
-    without the file-backed pages of mapped libraries, which the kernel shares and may evict."""
-    return proc_status_bytes("RssAnon", pid) or 0
 
 
 class PeakAnonSampler:
@@ -293,19 +230,19 @@ class PeakAnonSampler:
 
     def _loop(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_anon())
+            self.peak = max(self.peak, processes.rss_anon())
             if self._stop.wait(self.interval):
                 break
 
     def __enter__(self) -> "PeakAnonSampler":
-        self.peak = rss_anon()
+        self.peak = processes.rss_anon()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_anon())
+        self.peak = max(self.peak, processes.rss_anon())
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """The timeline of a deployed round: where its seconds go.
 
-A client stamps (wall clock, ``time.time()``) when its ClientApp process started, when its
-imports were done (the train handler runs), when its features were ready, when training was
-done and when its reply was built; the server stamps when it pushed the round's messages and
-when each reply arrived. ``client_timeline`` turns one reply's stamps into seconds after the
-push. A round's overhead (``RoundMetrics.overhead_seconds``, set by the round engine) is its
-seconds minus the slowest client's own work (extracting features plus training): what the
-round costs beyond the work itself (Flower's polls, process starts, imports, serialization).
+A client stamps (wall clock, ``time.time()``) when its ClientApp process started
+(``fedsparse.processes.start_time``), when its imports were done (the train handler runs), when
+its features were ready, when training was done and when its reply was built; the server stamps
+when it pushed the round's messages and when each reply arrived. ``client_timeline`` turns one
+reply's stamps into seconds after the push. A round's overhead
+(``RoundMetrics.overhead_seconds``, set by the round engine) is its seconds minus the slowest
+client's own work (extracting features plus training): what the round costs beyond the work
+itself (Flower's polls, process starts, imports, serialization).
 
 Offsets between the two sides assume one clock (loopback, or devices synchronised by NTP);
 the client's own intervals (process start to reply) hold on any clock.
@@ -14,10 +15,7 @@ the client's own intervals (process start to reply) hold on any clock.
 
 from __future__ import annotations
 
-import os
 import statistics
-import time
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fedsparse import protocol as p
@@ -39,21 +37,6 @@ PARTS = {
     "reply": ("trained", "reply_built"),  # arrays into a record
     "return": ("reply_built", "received"),  # ClientApp -> SuperNode (poll) -> SuperLink -> server's pull
 }
-
-
-def process_start_time(pid: int | str = "self") -> float | None:
-    """When process ``pid`` started, wall clock (Linux ``/proc``: 10 ms resolution), or None.
-
-    ``/proc/<pid>/stat`` gives the start in clock ticks since boot; the boot's wall-clock time
-    is taken as now minus ``CLOCK_BOOTTIME``, not ``/proc/stat``'s ``btime``, which is rounded
-    to whole seconds (it put starts up to a second early)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat[stat.rfind(")") + 2:].split()[19])
-        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
 
 
 def client_timeline(metrics: Mapping[str, float], pushed: float | None, received: float | None) -> dict[str, float]:

@@ -41,7 +41,6 @@ from fedsparse.accounting.costs import (
     extraction_tensor_bytes,
     head_train_tensor_bytes,
     masked_images_bytes,
-    peak_rss_bytes,
 )
 from fedsparse.config import RunConfig
 from fedsparse.data.datasets import ImageSet, default_cache_dir, load_splits
@@ -55,7 +54,8 @@ from fedsparse.inputs.features import (
 )
 from fedsparse.model.head import state_dims
 from fedsparse.inputs.masking import masks_for
-from fedsparse.accounting.memory import PeakAnonSampler, rss_anon
+from fedsparse.accounting.memory import PeakAnonSampler
+from fedsparse.processes import peak_rss_bytes, rss_anon
 
 DTYPES = ("fp32", "bf16")
 

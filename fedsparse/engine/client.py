@@ -16,13 +16,14 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from fedsparse import protocol as p
-from fedsparse.accounting.costs import head_train_tensor_bytes, peak_rss_bytes, reset_peak_rss
+from fedsparse.accounting.costs import head_train_tensor_bytes
 from fedsparse.algorithms.base import (CLASS_COUNTS, FROZEN_KEY, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY,
                                        STATS_PREFIX, TRAIN, WITH_STATS_KEY, State)
 from fedsparse.config import RunConfig
 from fedsparse.engine.nodes import naming_the_node, worker_identity
 from fedsparse.model.closed_form import stats_for
 from fedsparse.model.head import MLPHead, state_dims
+from fedsparse.processes import peak_rss_bytes, reset_peak_rss
 from fedsparse.inputs.features import encoder_batch
 from fedsparse.profiles import Profile, fit_profile
 from fedsparse.task import client_features, train_slice
