@@ -212,3 +212,26 @@ def test_bad_worker_settings_are_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv(worker.DIR_VAR, str(open_dir))
     with pytest.raises(ValueError, match="must be a folder of this user with mode 0700"):
         worker.socket_dir()
+
+
+def test_fedsparse_devices_counts_a_devices_worker_in_its_node_peak(tmp_path):
+    """A worker is detached from its SuperNode's process tree; the node's sampled peak
+    (``node_peak_rss_mib``) still counts it, found by the SuperNode pid it watches."""
+    from fedsparse.commands.devices import Device, MemorySampler
+    from fedsparse.profiles import PROFILES
+
+    sleeper = subprocess.Popen(["sleep", "600"])
+    # a stand-in worker holding 200 MiB, started after the sampler (as a real one is, by a ClientApp)
+    code = "import time\nb = bytearray(200 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\ntime.sleep(60)"
+    device = Device(0, PROFILES["tiny"], tmp_path, proc=sleeper)
+    sampler = MemorySampler([device], interval=0.1)
+    sampler.start()
+    fake = subprocess.Popen([sys.executable, "-c", code, worker.MODULE, "--watch", f"{sleeper.pid}:0"])
+    try:
+        assert wait_until(lambda: device.sampled_peak_bytes > 200 * 2**20, 20), device.sampled_peak_bytes / 2**20
+    finally:
+        sampler.done.set()
+        sampler.join()
+        for proc in (fake, sleeper):
+            proc.kill()
+            proc.wait()
