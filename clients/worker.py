@@ -11,7 +11,9 @@ says what it costs and buys. The design:
   own), with its own environment (so it stays in the SuperNode's cgroup and carries whatever
   the SuperNode's environment carries); later messages of the run connect to it. ``<dir>`` is
   private: created with mode 0700, refused when it is not the user's own with that mode.
-  A lock file serialises the start, so two messages never start two workers.
+  A lock file serialises the start, so two messages never start two workers. A worker that
+  extracted features (a cold cache: timm and the encoder loaded, the extraction's memory held)
+  exits after that reply, so that the rounds after it run in a worker that only trains.
 - **How it ends.** It watches the SuperNode (the ``flower-supernode`` the thin app descends from;
   its pid and start time, so a reused pid does not keep it alive) and exits within a second of
   its exit; it exits after ``client-worker-idle`` seconds without a message (default
@@ -53,6 +55,7 @@ WATCH_VAR = "FEDSPARSE_CLIENT_WORKER_WATCH"  # pid to watch instead of the Super
 START_TIMEOUT = 600.0  # seconds the first message waits for a worker to listen
 WATCH_INTERVAL = 1.0
 MODULE = "clients.worker"
+EXTRACTION_MODULE = "timm"  # imported only by a message that extracts features (fedsparse.inputs.encoder)
 
 
 class WorkerLost(RuntimeError):
@@ -292,6 +295,17 @@ def handle(app: Any, msg_bytes: bytes, context_bytes: bytes) -> tuple[bytes, byt
     return message_to_proto(reply).SerializeToString(), recorddict_to_proto(context.state).SerializeToString()
 
 
+def _trim() -> None:
+    """Give the heap the message freed back to the system (glibc), so that an idle worker holds
+    what it keeps loaded, not its last message's peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Stop(BaseException):  # not an Exception: a signal mid-message must not become an error reply
     pass
 
@@ -312,6 +326,7 @@ def serve(path: Path, watch: tuple[int, int], idle: float) -> str:
         os.umask(old)
     server.listen(8)
     server.settimeout(WATCH_INTERVAL)
+    print(f"client worker {os.getpid()} listening at {path}", file=sys.stderr, flush=True)
     try:
         from clients.client_app import app  # torch, fedsparse: once, for every message of the run
 
@@ -333,6 +348,9 @@ def serve(path: Path, watch: tuple[int, int], idle: float) -> str:
                     send_frames(conn, *handle(app, msg_bytes, context_bytes))
                 except (WorkerLost, OSError, ValueError) as err:  # the thin app went away: wait for the next
                     print(f"client worker: a message was dropped: {err}", file=sys.stderr, flush=True)
+            if EXTRACTION_MODULE in sys.modules:  # it extracted features: timm and the encoder's memory stay
+                return "it extracted features (the next message starts a worker without timm and the encoder)"
+            _trim()
             last = time.monotonic()
     except _Stop as sig:
         return f"{sig}"

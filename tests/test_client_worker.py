@@ -141,6 +141,25 @@ def test_worker_serves_messages_with_the_same_model_and_a_thin_client_app(node, 
     assert len(pids[0]) == 1 and pids[0] == pids[1], f"one worker for both messages, got {pids}"
 
 
+def test_a_worker_that_extracted_features_makes_way_for_one_that_only_trains(node, tmp_path):
+    """A cold cache: the worker extracts (timm, the encoder), answers, and exits; the next
+    message starts a worker that reads the cache, and both replies are the in-process ones."""
+    cfg = RunConfig(hidden="32,32", cache_dir=str(tmp_path / "cold"), local_steps=3)
+    ctx = context(cfg, **{"client-worker": True})
+    first, _ = thin(tmp_path, train_message(cfg, 1), ctx, "cold1")
+    assert first.content[METRICS_KEY]["feature-cache-hit"] == 0
+    log = worker.socket_path(7, 11).with_suffix(".log")
+    assert wait_until(lambda: "stopped: it extracted features" in log.read_text()), log.read_text()
+    assert wait_until(lambda: not worker.workers_of(node.pid))
+    second, _ = thin(tmp_path, train_message(cfg, 2), ctx, "cold2")
+    assert second.content[METRICS_KEY]["feature-cache-hit"] == 1
+    assert len(worker.workers_of(node.pid)) == 1
+    for r, reply in ((1, first), (2, second)):
+        expected = arrays(full_app(train_message(cfg, r), context(cfg)))
+        got = arrays(reply)
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_worker_ends_with_its_node_and_when_idle(node, tmp_path, cache, monkeypatch):
     cfg = RunConfig(hidden="32,32", cache_dir=cache, local_steps=3)
     reply, _ = thin(tmp_path, train_message(cfg), context(cfg, **{"client-worker": True}), "a")

@@ -576,6 +576,8 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     started = time.monotonic()
     run_log = ""
     poll = {SUPEREXEC_POLL_VAR: os.environ.get(SUPEREXEC_POLL_VAR, str(SUPEREXEC_POLL_SECONDS))}
+    if client_worker and len(str(out / "workers")) <= 56:  # the workers' sockets and logs with the run's
+        poll["FEDSPARSE_CLIENT_WORKER_DIR"] = str(out / "workers")  # (a socket's path has at most 107 bytes)
     try:
         link_port, *node_ports = free_ports(1 + len(devices))
         procs.spawn("superlink", [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(link_port),
