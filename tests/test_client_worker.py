@@ -223,6 +223,10 @@ def test_bad_worker_settings_are_one_line(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="client-worker must be true or false, got 'maybe'"):
         worker.worker_enabled({"client-worker": "maybe"})
     assert worker.worker_enabled({}) is False
+    from fedsparse.commands.cli import check_node_config
+
+    with pytest.raises(ValueError, match="client-worker must be true or false, got 'maybe'"):
+        check_node_config(RunConfig(), "partition-id=0 num-partitions=2 client-worker='maybe'")
     with pytest.raises(ValueError, match="client-worker-idle must be a number of seconds > 0"):
         worker.idle_seconds({"client-worker-idle": 0})
     open_dir = tmp_path / "open"

@@ -136,10 +136,16 @@ def check_client_cpus(cfg: RunConfig) -> None:
 
 def check_node_config(cfg: RunConfig, text: str) -> None:
     """A SuperNode's ``--node-config`` against the run's data: both keys present, integers,
-    ``0 <= partition-id < num-partitions``, and a partition that holds examples."""
+    ``0 <= partition-id < num-partitions``, and a partition that holds examples; with
+    ``client-worker``, its settings (``clients.worker``)."""
     from fedsparse.data.partition import check_partition_id
 
     node = parse_overrides(text)
+    from clients.worker import idle_seconds, socket_dir, worker_enabled
+
+    if worker_enabled(node):  # client-worker = true: its settings and its private socket folder
+        idle_seconds(node)
+        socket_dir()
     if "data-dir" in node:  # a node with its own images: their classes must be the run's
         from fedsparse.data.partition import node_data
         from fedsparse.task import client_images
