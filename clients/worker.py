@@ -13,7 +13,9 @@ says what it costs and buys. The design:
   private: created with mode 0700, refused when it is not the user's own with that mode.
   A lock file serialises the start, so two messages never start two workers. A worker that
   extracted features (a cold cache: timm and the encoder loaded, the extraction's memory held)
-  exits after that reply, so that the rounds after it run in a worker that only trains.
+  exits after that reply, so that the rounds after it run in a worker that only trains; a new
+  worker waits until the previous one is gone (a lock it holds for life), so their memory
+  never adds up.
 - **How it ends.** It watches the SuperNode (the ``flower-supernode`` the thin app descends from;
   its pid and start time, so a reused pid does not keep it alive) and exits within a second of
   its exit; it exits after ``client-worker-idle`` seconds without a message (default
@@ -318,6 +320,10 @@ def serve(path: Path, watch: tuple[int, int], idle: float) -> str:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # held until this process is gone (the kernel drops it): a worker that follows one that ended
+    # (after extracting) waits here until its memory is free, so the two never add up
+    alive = open(path.with_suffix(".alive"), "w")
+    fcntl.flock(alive, fcntl.LOCK_EX)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o077)
     try:
@@ -371,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     pid, _, ticks = args.watch.partition(":")
     why = serve(args.socket, (int(pid), int(ticks or 0)), args.idle)
     print(f"client worker {os.getpid()} stopped: {why}", file=sys.stderr, flush=True)
-    return 0
+    os._exit(0)  # now: the interpreter's teardown of torch takes seconds, holding the memory
 
 
 if __name__ == "__main__":
