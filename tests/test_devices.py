@@ -180,7 +180,7 @@ def test_process_start_time_is_the_wall_clock_of_the_start() -> None:
 
 @pytest.mark.slow
 def test_devices_with_client_workers_train_and_leave_nothing_behind(tmp_path: Path) -> None:
-    """``--client-worker``: one worker per device serves every round, the node's peak counts it,
+    """``--client-worker``: per device, one worker extracts in round 1 and one serves the rest; the node's peak counts it,
     and the command's end leaves no worker (each carries the command's token)."""
     mark = uuid.uuid4().hex
     out = Path(tempfile.mkdtemp(prefix="fsd-"))  # short: the workers' sockets go under it
@@ -201,7 +201,9 @@ def test_devices_with_client_workers_train_and_leave_nothing_behind(tmp_path: Pa
         assert len(logs) == 2, logs  # one per device (node id and run)
         for log in logs:
             text = log.read_text()
-            assert text.count("listening at") == 1 and text.count("stopped: SIGTERM") == 1, text
+            # the worker that extracted in round 1 made way for one that served rounds 2 and 3
+            assert text.count("listening at") == 2 and text.count("stopped: it extracted features") == 1, text
+            assert text.count("stopped: SIGTERM") == 1, text
         assert list((out / "workers").glob("*.sock")) == []
         metrics = json.loads((out / "run" / "metrics.json").read_text())
         order = ["process_start", "imports_done", "features_ready", "trained", "reply_built", "received"]
