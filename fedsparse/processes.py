@@ -80,6 +80,42 @@ def naming(text: str) -> list[psutil.Process]:
     return found
 
 
+def watching(pid: int) -> list[psutil.Process]:
+    """Live processes started with ``--watch PID:START`` for ``pid``: helpers that end with
+    ``pid`` without being in its process tree (the detached client worker, ``clients.worker``)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            args = proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if "--watch" in args:
+            i = args.index("--watch")
+            if i + 1 < len(args) and args[i + 1].split(":")[0] == str(pid) and alive(proc):
+                found.append(proc)
+    return found
+
+
+def parent_and_start(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in hundredths of a second) of a live ``pid``; None when it is gone
+    or a zombie. The pair names a process: a recycled pid has another start."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.ppid(), int(round(proc.create_time() * 100))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def command_line(pid: int) -> list[str]:
+    """The arguments ``pid`` was started with ([] when it is gone or not readable)."""
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 def run_processes(roots: Iterable[int], var: str, token: str) -> list[psutil.Process]:
     """A run's live processes: the trees of ``roots`` and every process whose environment
     holds ``var=token``; this process and zombies left out."""

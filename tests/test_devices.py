@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -141,3 +143,40 @@ def test_bad_arguments_are_one_line() -> None:
     for text in ("300", "a,b", "-1,0"):
         with pytest.raises(ValueError, match="--memory-limit-mib"):
             parse_limits(text, 2)
+
+
+@pytest.mark.slow
+def test_devices_with_client_workers_train_and_leave_nothing_behind(tmp_path: Path) -> None:
+    """``--client-worker``: per device, one worker extracts in round 1 and one serves the rest; the node's peak counts it,
+    and the command's end leaves no worker (each carries the command's token)."""
+    mark = uuid.uuid4().hex
+    out = Path(tempfile.mkdtemp(prefix="fsd-"))  # short: the workers' sockets go under it
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--num-rounds", "3",
+             "--images-per-device", "10", "--test-images", "20", "--run-timeout", "300", "--out", str(out),
+             "--client-worker", "--run-config", "hidden='16,16' local-steps=2 round-timeout=120.0"],
+            cwd=REPO, env={**os.environ, MARK: mark}, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert run_processes([], MARK, mark) == [], "processes left behind"
+        report = json.loads((out / "devices.json").read_text())
+        assert report["client_worker"] is True and report["finished"] is True
+        for row in report["devices"]:
+            assert row["status"] == "ok" and row["rounds_ok"] == 3, row
+            assert row["node_peak_rss_cached_mib"] >= row["client_peak_rss_cached_mib"] > 100
+        logs = sorted((out / "workers").glob("*.log"))
+        assert len(logs) == 2, logs  # one per device (node id and run)
+        for log in logs:
+            text = log.read_text()
+            # the worker that extracted in round 1 made way for one that served rounds 2 and 3
+            assert text.count("listening at") == 2 and text.count("stopped: it extracted features") == 1, text
+            assert text.count("stopped: SIGTERM") == 1, text
+        assert list((out / "workers").glob("*.sock")) == []
+        metrics = json.loads((out / "run" / "metrics.json").read_text())
+        order = ["process_start", "imports_done", "features_ready", "trained", "reply_built", "received"]
+        for r in metrics["rounds"]:
+            for c in r["per_client"]:
+                stamps = [c["timeline"][k] for k in order]
+                assert 0 <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= r["seconds"], c["timeline"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

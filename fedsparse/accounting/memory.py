@@ -203,7 +203,8 @@ class Sampled(Protocol):
 
 
 class MemorySampler(threading.Thread):
-    """Samples the summed RSS of every device's SuperNode process tree."""
+    """Samples the summed RSS of every device's SuperNode process tree and its client worker
+    (detached from the tree, it watches the SuperNode)."""
 
     def __init__(self, devices: list[Sampled], interval: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -213,7 +214,8 @@ class MemorySampler(threading.Thread):
         while not self.done.is_set():
             for d in self.devices:
                 if d.proc is not None:
-                    total = processes.summed_rss(processes.tree(d.proc.pid))
+                    # its detached client worker (clients.worker) watches it from outside its tree
+                    total = processes.summed_rss(processes.tree(d.proc.pid) + processes.watching(d.proc.pid))
                     d.sampled_peak_bytes = max(d.sampled_peak_bytes, total)
                     d.samples.append((time.time(), total))
             self.done.wait(self.interval)

@@ -136,10 +136,16 @@ def check_client_cpus(cfg: RunConfig) -> None:
 
 def check_node_config(cfg: RunConfig, text: str) -> None:
     """A SuperNode's ``--node-config`` against the run's data: both keys present, integers,
-    ``0 <= partition-id < num-partitions``, and a partition that holds examples."""
+    ``0 <= partition-id < num-partitions``, and a partition that holds examples; with
+    ``client-worker``, its settings (``clients.worker``)."""
     from fedsparse.data.partition import check_partition_id
 
     node = parse_overrides(text)
+    from clients.worker import idle_seconds, socket_dir, worker_enabled
+
+    if worker_enabled(node):  # client-worker = true: its settings and its private socket folder
+        idle_seconds(node)
+        socket_dir()
     if "data-dir" in node:  # a node with its own images: their classes must be the run's
         from fedsparse.data.partition import node_data
         from fedsparse.task import client_images
@@ -363,7 +369,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         devices_run(cfg, profiles, out, args.device_data_dir, args.images_per_device, args.test_images,
                     args.run_timeout, args.limits,
                     report=lambda s: print(s, flush=True),
-                    memory_limits=parse_limits(args.memory_limit_mib, len(profiles)))
+                    memory_limits=parse_limits(args.memory_limit_mib, len(profiles)), client_worker=args.client_worker)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"results: {out}/devices.json, devices.md, run/metrics.json")
@@ -605,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--memory-limit-mib", default="",
                      help="per device, an OS memory limit replacing the profile's memory (whole SuperNode), e.g. 300,0 "
                           "(0 = the profile's): a device with less memory than its profile says")
+    dev.add_argument("--client-worker", action="store_true",
+                     help="node config client-worker = true on every SuperNode: a long-lived worker per device keeps "
+                          "torch and the model loaded, the per-message ClientApp forwards to it (docs/deployment.md)")
     dev.add_argument("--run-timeout", type=float, default=1200.0,
                      help="seconds for the whole flwr run (each round's limit is the key round-timeout)")
     _run_config(dev, "hidden='64,64' local-steps=5")

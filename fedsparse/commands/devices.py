@@ -107,11 +107,13 @@ def parse_limits(text: str, n: int) -> list[int]:
 
 def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = "", images: int = 100,
                 test_images: int = 200, run_timeout: float = 1200.0, limits: str = "auto",
-                report: Callable[[str], None] = print, memory_limits: list[int] | None = None) -> dict[str, Any]:
+                report: Callable[[str], None] = print, memory_limits: list[int] | None = None,
+                client_worker: bool = False) -> dict[str, Any]:
     """Run ``cfg`` (its rounds, head, encoder) on one emulated SuperNode per profile; write
     ``out/devices.json`` and ``out/devices.md``; returns the report. ``memory_limits``: per
     device, an operating-system memory limit in MiB that replaces budget + overhead (0: keep it),
-    to emulate a device with less memory than its profile says.
+    to emulate a device with less memory than its profile says. ``client_worker``: every
+    SuperNode's node config says ``client-worker = true`` (``clients.worker``).
 
     The report has each device's peaks in the first round (features extracted) and in the
     rounds after it (features cached), and the rounds' timeline (``timeline``: the median round,
@@ -165,6 +167,8 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     started = time.monotonic()
     run_log = ""
     poll = {SUPEREXEC_POLL_VAR: os.environ.get(SUPEREXEC_POLL_VAR, str(SUPEREXEC_POLL_SECONDS))}
+    if client_worker and len(str(out / "workers")) <= 56:  # the workers' sockets and logs with the run's
+        poll["FEDSPARSE_CLIENT_WORKER_DIR"] = str(out / "workers")  # (a socket's path has at most 107 bytes)
     try:
         link_port, *node_ports = free_ports(1 + len(devices))
         procs.spawn("superlink", [_exe("flower-superlink"), "--insecure", "--host", HOST, "--port", str(link_port),
@@ -173,7 +177,8 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
         for d, port in zip(devices, node_ports):
             lim.prepare(d)
             d.name = f"supernode-{d.index}-{d.profile.name}"
-            node_config = run_config_arg({"data-dir": str(d.data_dir), "client-id": d.index, "profile": d.profile.name})
+            node_config = run_config_arg({"data-dir": str(d.data_dir), "client-id": d.index, "profile": d.profile.name,
+                                          **({"client-worker": True} if client_worker else {})})
             threads = str(d.profile.threads)
             node_env = {"PATH": f"{node_bin}{os.pathsep}{os.environ.get('PATH', '')}"} if node_bin else {}
             d.proc = procs.spawn(
@@ -221,7 +226,7 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     for d in devices:
         m = re.search(r"SuperNode ID: (\d+)", procs.log(d.name))
         d.refused = one_line(refused.get(m.group(1), "")) if m else ""
-    result = summarize(metrics, devices, peaks, ooms, lim, time.monotonic() - started)
+    result = summarize(metrics, devices, peaks, ooms, lim, time.monotonic() - started, client_worker)
     (out / "devices.json").write_text(json.dumps(result, indent=2))
     (out / "devices.md").write_text(markdown(result))
     report(markdown(result))
@@ -258,7 +263,7 @@ def prepare_features(cfg: RunConfig, device: Device, always: bool = False) -> bo
 
 
 def summarize(metrics: dict[str, Any], devices: list[Device], peaks: dict[int, int | None],
-              ooms: dict[int, int | None], lim: Limits, seconds: float) -> dict[str, Any]:
+              ooms: dict[int, int | None], lim: Limits, seconds: float, client_worker: bool = False) -> dict[str, Any]:
     """Per device, over the run's rounds: what its replies reported and what was measured here
     (peaks overall, in the first round and in the rounds after it); and the rounds' timeline."""
     from fedsparse.accounting.timeline import summarize_rounds
@@ -304,7 +309,7 @@ def summarize(metrics: dict[str, Any], devices: list[Device], peaks: dict[int, i
             "reasons": sorted({c.get("reason", "") for c in failed} | ({f"identity query: {d.refused}"} if d.refused else set())),
         })
     finals = [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
-    return {"limits": lim.kind, "limits_detail": lim.describe(), "rounds": len(rounds),
+    return {"limits": lim.kind, "limits_detail": lim.describe(), "rounds": len(rounds), "client_worker": client_worker,
             "finished": metrics.get("finished"), "final_accuracy": finals[-1] if finals else None,
             "seconds": seconds, "devices": rows, "timeline": summarize_rounds(rounds),
             "round_seconds": [{"round": r["round"], "seconds": r["seconds"], "work_seconds": r.get("work_seconds"),
@@ -318,7 +323,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['rounds']} rounds, final accuracy "
         f"{'-' if result['final_accuracy'] is None else format(result['final_accuracy'], '.4f')}, "
-        f"{result['seconds']:.0f} s; limits: {result['limits_detail']}",
+        f"{result['seconds']:.0f} s; limits: {result['limits_detail']}"
+        f"{'; client worker on' if result.get('client_worker') else ''}",
         "",
         "| device | profile | images | budget MiB | limit MiB | client peak MiB | SuperNode peak MiB | cgroup peak MiB "
         "| extract s | train s | bytes down | bytes up | status |",
