@@ -35,10 +35,10 @@ def head_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def config(**kw) -> RunConfig:
-    # the merge rules alone, on the MLP's own IST (ist-start = random): the default defence
-    # (clip-factor) is tested in tests/test_attacks.py, the closed-form start in tests/test_residual.py
+    # the merge rules alone, on the MLP's own IST (ist-start = random): the default defences
+    # (clip-factor, min-cosine) are tested in tests/test_attacks.py, the closed-form start in tests/test_residual.py
     base = dict(hidden=HIDDEN, num_clients=8, clients_per_round=6, subnets_per_round=3, clip_factor=0.0,
-                ist_start="random")
+                min_cosine=-1.0, ist_start="random")
     base.update(kw)
     return RunConfig(**base)
 

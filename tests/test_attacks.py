@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedsparse.algorithms.base import ClientTask, ClientUpdate
-from fedsparse.algorithms.robust import CLIP_SCALE_KEY, clip_updates
+from fedsparse.algorithms.robust import CLIP_SCALE_KEY, COSINE_KEY, check_directions, clip_updates
 from fedsparse.attacks import (
     ATTACKS,
     DROP,
@@ -27,7 +27,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.plain import PlainTransport
 from fedsparse.engine.rounds import Exchange, Reply, RoundEngine, check_reply
 from fedsparse.faults import draw_fault
-from fedsparse.model.robust import centered_clip, clip_to_median, update_rms
+from fedsparse.model.robust import centered_clip, clip_to_median, direction_cosines, flat_updates, update_rms
 from test_faults import _color_images
 
 
@@ -226,6 +226,7 @@ def plain_run(cfg: RunConfig):
 
 
 _runs: dict[tuple, tuple] = {}
+UNDEFENDED = dict(clip_factor=0.0, min_cosine=-1.0)  # fedsparse hostile's "none"
 
 
 def cached_run(cfg: RunConfig, tmp_path_factory, **changes):
@@ -240,22 +241,22 @@ def cached_run(cfg: RunConfig, tmp_path_factory, **changes):
 def test_each_attack_changes_a_small_run_and_passes_the_checks(small_cfg, tmp_path_factory, attack):
     """Undefended, 20% hostile: every attack is accepted (inside the bounds) and moves the head
     away from the run in which the same clients failed; the same seed gives the same head."""
-    ref, ref_engine = cached_run(small_cfg, tmp_path_factory, fault_mode=DROP, fault_rate=0.2, clip_factor=0.0)
-    m, engine = cached_run(small_cfg, tmp_path_factory, fault_mode=attack, fault_rate=0.2, clip_factor=0.0)
+    ref, ref_engine = cached_run(small_cfg, tmp_path_factory, fault_mode=DROP, fault_rate=0.2, **UNDEFENDED)
+    m, engine = cached_run(small_cfg, tmp_path_factory, fault_mode=attack, fault_rate=0.2, **UNDEFENDED)
     assert sum(r.failures for r in ref.rounds) > 0  # the reference: the hostile clients fail
     assert all(r.failures == 0 for r in m.rounds), [r.rejected for r in m.rounds]  # never refused
     assert any(not torch.equal(engine.state[k], ref_engine.state[k]) for k in engine.state)
     again, engine2 = plain_run(small_cfg.replace(out_dir=str(tmp_path_factory.mktemp("again")), fault_mode=attack,
-                                                 fault_rate=0.2, clip_factor=0.0, num_rounds=2))
+                                                 fault_rate=0.2, clip_factor=0.0, min_cosine=-1.0, num_rounds=2))
     first2, engine1 = plain_run(small_cfg.replace(out_dir=str(tmp_path_factory.mktemp("first")), fault_mode=attack,
-                                                  fault_rate=0.2, clip_factor=0.0, num_rounds=2))
+                                                  fault_rate=0.2, clip_factor=0.0, min_cosine=-1.0, num_rounds=2))
     assert all(torch.equal(engine1.state[k], engine2.state[k]) for k in engine1.state)  # seeded
 
 
 @pytest.mark.parametrize("attack", ["sign-flip", "scale"])
 def test_the_default_defence_holds_what_breaks_the_undefended_run(small_cfg, tmp_path_factory, attack):
-    ref, _ = cached_run(small_cfg, tmp_path_factory, fault_mode=DROP, fault_rate=0.2, clip_factor=0.0)
-    bare, _ = cached_run(small_cfg, tmp_path_factory, fault_mode=attack, fault_rate=0.2, clip_factor=0.0)
+    ref, _ = cached_run(small_cfg, tmp_path_factory, fault_mode=DROP, fault_rate=0.2, **UNDEFENDED)
+    bare, _ = cached_run(small_cfg, tmp_path_factory, fault_mode=attack, fault_rate=0.2, **UNDEFENDED)
     held, _ = cached_run(small_cfg, tmp_path_factory, fault_mode=attack, fault_rate=0.2)
     assert bare.final_accuracy < ref.final_accuracy - 0.3, (bare.final_accuracy, ref.final_accuracy)
     assert held.final_accuracy > bare.final_accuracy + 0.3, (held.final_accuracy, bare.final_accuracy)
@@ -333,3 +334,113 @@ def test_the_hostile_command_writes_one_table(small_cfg, tmp_path):
     assert (tmp_path / "hostile.csv").read_text().count("\n") == 7
     again = hostile(cfg, tmp_path, [0.2], ["sign-flip"], ["none"], report=lambda s: None)  # finished runs reused
     assert again == rows
+
+
+# --- the direction check (min-cosine) against naive loops --------------------------------------
+def _naive_median(column: list[float]) -> float:
+    s = sorted(column)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def test_direction_cosines_against_a_naive_loop():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 9, generator=g) > 0.3
+    mask[:, 0] = False  # a coordinate no update trained: no median, no vote
+    for m in (None, mask):
+        rows, keep = x.tolist(), (torch.ones(6, 9, dtype=torch.bool) if m is None else m).tolist()
+        ref = []
+        for j in range(9):
+            col = [rows[i][j] for i in range(6) if keep[i][j]]
+            ref.append(_naive_median(col) if col else 0.0)
+        want = []
+        for i in range(6):
+            js = [j for j in range(9) if keep[i][j]]
+            dot = sum(rows[i][j] * ref[j] for j in js)
+            na = math.sqrt(sum(rows[i][j] ** 2 for j in js))
+            nb = math.sqrt(sum(ref[j] ** 2 for j in js))
+            want.append(dot / (na * nb) if na * nb > 0 else 0.0)
+        got = direction_cosines(x, m)
+        assert got.tolist() == pytest.approx(want, abs=1e-12)
+    assert direction_cosines(torch.zeros(3, 4)).tolist() == [0.0, 0.0, 0.0]  # nothing moved: no direction
+
+
+def test_flat_updates_measure_only_the_rows_of_a_clients_classes():
+    sent = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "h": torch.ones(2)}
+    got = [{"w": torch.full((3, 2), float(i + 1)), "b": torch.full((3,), -1.0), "h": torch.full((2,), 3.0)}
+           for i in range(2)]
+    counts = [torch.tensor([2.0, 0.0, 1.0]), None]
+    deltas, mask = flat_updates([sent, sent], got, counts, row_keys=("w", "b"))
+    # keys in the order of update_keys (the reply's order): w (row-major), b, h
+    assert deltas[0].tolist() == [1.0] * 6 + [-1.0] * 3 + [2.0, 2.0]
+    assert mask[0].tolist() == [True, True, False, False, True, True] + [True, False, True] + [True, True]
+    assert mask[1].all()  # no counts: every entry
+    assert flat_updates([sent, sent], got, None, ("w", "b"))[1] is None
+
+
+def _group_tasks(flip: int, groups=(0, 0, 0, 0, 1, 1)):
+    """Six clients in two groups (four and two); the update of client ``flip`` negated x4."""
+    sent = _states(2, seed=12)
+    tasks = [ClientTask(i, sent[g], group=g) for i, g in enumerate(groups)]
+    g = torch.Generator().manual_seed(13)
+    drift = {k: torch.randn(v.shape, generator=g) for k, v in sent[0].items()}
+    ups = []
+    for i, gr in enumerate(groups):
+        noise = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in drift.items()}
+        step = {k: (-4.0 if i == flip else 1.0) * (drift[k] + noise[k]) for k in drift}
+        ups.append(ClientUpdate(i, {k: sent[gr][k] + step[k] for k in step}, 10))
+    return tasks, ups
+
+
+def test_check_directions_drops_a_flipped_update_within_its_group():
+    tasks, ups = _group_tasks(flip=2)
+    kept = check_directions(tasks, ups, 0.0)
+    assert [u.client for u in kept] == [0, 1, 3, 4, 5]
+    assert ups[2].metrics[CLIP_SCALE_KEY] == 0.0 and ups[2].metrics[COSINE_KEY] < -0.5
+    assert all(ups[i].metrics[COSINE_KEY] > 0.5 for i in (0, 1, 3))
+    assert COSINE_KEY not in ups[4].metrics  # a group of two: no median to compare with
+    tasks, ups = _group_tasks(flip=2)
+    assert check_directions(tasks, ups, -1.0) == ups and all(not u.metrics for u in ups)  # off
+
+
+def test_a_flipped_update_in_a_group_of_two_is_kept():
+    tasks, ups = _group_tasks(flip=5)
+    assert [u.client for u in check_directions(tasks, ups, 0.0)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_shared_ridge_head_is_clipped_and_checked(small_cfg):
+    """``ResidualIST.defend_skip``: the round's ridge heads are one group; a sign-flipped one is
+    dropped and the client's record says so, a scaled one is clipped."""
+    from fedsparse.algorithms.residual_ist import ResidualIST
+
+    alg = ResidualIST(small_cfg.replace(ist_start="closed-form"))
+    g = torch.Generator().manual_seed(14)
+    skip = {"skip.weight": torch.randn(3, 4, generator=g), "skip.bias": torch.randn(3, generator=g)}
+    drift = {k: torch.randn(v.shape, generator=g) for k, v in skip.items()}
+    skips, trained = [], []
+    for c in range(6):
+        f = -4.0 if c == 1 else (5.0 if c == 4 else 1.0)
+        got = {k: skip[k] + f * (drift[k] + 0.2 * torch.randn(v.shape, generator=g)) for k, v in skip.items()}
+        skips.append((got, 10.0, torch.tensor([1.0, 2.0, 3.0])))
+        trained.append(ClientUpdate(c, {}, 10))
+    out = alg.defend_skip(skip, skips, trained, {c: c for c in range(6)})
+    assert len(out) == 5 and all(torch.equal(o[0]["skip.bias"], s[0]["skip.bias"]) for o, s in zip(out[:1], skips))
+    assert trained[1].metrics[CLIP_SCALE_KEY] == 0.0 and trained[1].metrics[COSINE_KEY] < 0
+    assert 0.0 < trained[4].metrics[CLIP_SCALE_KEY] < 1.0  # scaled x5: clipped to twice the median, kept
+    assert CLIP_SCALE_KEY not in trained[0].metrics
+
+
+def test_the_default_defence_holds_sign_flip_on_the_closed_form_default(small_cfg, tmp_path_factory):
+    """The default start (closed form, then residual IST) at 20% hostile: undefended, sign-flipped
+    replies pull the head below the run in which those clients fail; with the default defence the
+    flipped updates are dropped and the run ends where the reference does."""
+    cfg = small_cfg.replace(ist_start="closed-form")
+    ref, _ = cached_run(cfg, tmp_path_factory, ist_start="closed-form", fault_mode=DROP, fault_rate=0.2)
+    bare, _ = cached_run(cfg, tmp_path_factory, ist_start="closed-form", fault_mode="sign-flip", fault_rate=0.2,
+                         **UNDEFENDED)
+    held, _ = cached_run(cfg, tmp_path_factory, ist_start="closed-form", fault_mode="sign-flip", fault_rate=0.2)
+    assert bare.final_accuracy < ref.final_accuracy - 0.1, (bare.final_accuracy, ref.final_accuracy)
+    assert held.final_accuracy >= ref.final_accuracy - 0.02, (held.final_accuracy, ref.final_accuracy)
+    dropped = [c for r in held.rounds for c in r.per_client if c.clip_scale == 0.0]
+    assert dropped and all(c.direction_cos < 0 for c in dropped)

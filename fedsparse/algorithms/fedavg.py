@@ -15,7 +15,7 @@ import torch
 
 from fedsparse.algorithms import register
 from fedsparse.algorithms.base import Algorithm, ClientTask, ClientUpdate, State
-from fedsparse.algorithms.robust import clip_updates
+from fedsparse.algorithms.robust import check_directions, clip_updates
 from fedsparse.model.ist import robust_mean, weighted_mean
 from fedsparse.model.server_opt import ServerOptimizer
 
@@ -46,11 +46,17 @@ class FedAvg(Algorithm):
             return weighted_mean([u.arrays for u in updates], [u.num_examples for u in updates])
         return robust_state([u.arrays for u in updates], self.cfg.group_rule, self.cfg.group_trim)
 
+    def defend(self, tasks: Sequence[ClientTask], updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates clipped to the round's median and without those pointing away from it
+        (``fedsparse.algorithms.robust``)."""
+        return check_directions(tasks, clip_updates(tasks, updates, self.cfg.clip_factor), self.cfg.min_cosine)
+
     def aggregate(self, server_round: int, state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
                   updates: Sequence[ClientUpdate]) -> State:
+        updates = self.defend(tasks, updates)
         if not updates:
             return dict(state)
-        return self.merge(clip_updates(tasks, updates, self.cfg.clip_factor))
+        return self.merge(updates)
 
     def describe(self) -> str:
         text = f"FedAvg: the full head to {self.cfg.clients_per_round} clients per round"
@@ -71,9 +77,10 @@ class FedOpt(FedAvg):
 
     def aggregate(self, server_round: int, state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
                   updates: Sequence[ClientUpdate]) -> State:
+        updates = self.defend(tasks, updates)
         if not updates:
             return dict(state)
-        return self.server.step(state, self.merge(clip_updates(tasks, updates, self.cfg.clip_factor)))
+        return self.server.step(state, self.merge(updates))
 
     def state_dict(self) -> dict[str, Any]:
         return {f"server.{k}": v for k, v in self.server.state_dict().items()}

@@ -63,7 +63,7 @@ from fedsparse.algorithms.base import (
     ClientUpdate,
     State,
 )
-from fedsparse.algorithms.robust import clip_updates
+from fedsparse.algorithms.robust import check_directions, clip_updates
 from fedsparse.model.head import num_layers
 from fedsparse.model.ist import (
     SliceUpdate,
@@ -216,6 +216,8 @@ class IST(Algorithm):
         opts = self.options
         task_of = {t.client: t for t in tasks}
         updates = clip_updates(tasks, updates, self.cfg.clip_factor)
+        n = num_layers(state)
+        updates = check_directions(tasks, updates, self.cfg.min_cosine, (f"layers.{n - 1}.weight", f"layers.{n - 1}.bias"))
         slices = []
         for u in updates:
             arrays, counts = split_class_counts(u.arrays)

@@ -51,6 +51,7 @@ from fedsparse.algorithms.base import (
     NUM_CLASSES_KEY,
     STATS,
     STATS_KEY,
+    CLASS_COUNTS,
     STATS_PREFIX,
     WITH_STATS_KEY,
     ClientTask,
@@ -58,6 +59,7 @@ from fedsparse.algorithms.base import (
     State,
 )
 from fedsparse.algorithms.closed_form import head_io
+from fedsparse.algorithms.robust import CLIP_SCALE_KEY, COSINE_KEY, check_directions, clip_updates
 from fedsparse.algorithms.ist import IST, ISTOptions
 from fedsparse.model.closed_form import add_stats, check_ridge_stats, ridge_head, stats_spec
 from fedsparse.model.residual import SKIP, is_residual, merge_skip, skip_from_linear, split_residual, zero_last_layer
@@ -130,8 +132,7 @@ class ResidualIST(IST):
         new_stats = False
         trained: list[ClientUpdate] = []
         skips: list[tuple[State, float, torch.Tensor | None]] = []
-        from fedsparse.algorithms.base import CLASS_COUNTS
-
+        skip_of: dict[int, int] = {}  # client -> its entry of skips
         for u in updates:
             mlp, skip, stats = split_reply(u.arrays)
             if not stats and set(u.arrays) <= set(stats_spec("ridge", *head_io(state))):  # a statistics task
@@ -145,6 +146,7 @@ class ResidualIST(IST):
             if skip:
                 counts = mlp.get(CLASS_COUNTS) if self.options.label_aware else None
                 skips.append((skip, float(u.num_examples), counts))
+                skip_of[u.client] = len(skips) - 1
         mlp_state, skip_state = split_residual(state)
         if not skip_state:  # the statistics round: start exactly at the closed form
             if self.total is None:
@@ -153,6 +155,7 @@ class ResidualIST(IST):
             return {**zero_last_layer(mlp_state), **self.ridge_skip}
         train_tasks = [t for t in tasks if t.meta != "stats"]
         new_mlp = super().aggregate(server_round, mlp_state, train_tasks, trained) if trained else dict(mlp_state)
+        skips = self.defend_skip(skip_state, skips, [u for u in trained if u.client in skip_of], skip_of)
         new_skip = merge_skip(skip_state, skips) if skips else dict(skip_state)
         if new_stats:
             ridge = self.solve(head_io(state)[0])
@@ -160,6 +163,32 @@ class ResidualIST(IST):
             new_skip = {k: new_skip[k] + (ridge[k] - old[k]) for k in new_skip}
             self.ridge_skip = ridge
         return {**new_mlp, **new_skip}
+
+    def defend_skip(self, skip_state: State, skips: list[tuple[State, float, torch.Tensor | None]],
+                    trained: Sequence[ClientUpdate], skip_of: Mapping[int, int]) -> list[tuple[State, float, torch.Tensor | None]]:
+        """The round's trained ridge heads (``skips``, entry ``skip_of[client]``) through the same
+        defences as the MLP's slices (``fedsparse.algorithms.robust``), all of them one group
+        (every client was sent the same ``skip``): clipped to ``clip-factor`` x their median
+        update RMS, then dropped when their cosine with the median update (on the rows of the
+        classes each client holds) is below ``min-cosine``. A client's record (the metrics of its
+        ``trained`` update, shared with its reply) keeps the smaller clip scale and cosine of its
+        two parts."""
+        clients = sorted(skip_of, key=skip_of.get)
+        tasks = [ClientTask(c, skip_state, group=0) for c in clients]
+        ups = []
+        for c in clients:
+            arrays, examples, counts = skips[skip_of[c]]
+            ups.append(ClientUpdate(c, {**arrays, **({CLASS_COUNTS: counts} if counts is not None else {})},
+                                    int(examples)))
+        ups = clip_updates(tasks, ups, self.cfg.clip_factor)
+        kept = check_directions(tasks, ups, self.cfg.min_cosine, tuple(skip_state))
+        record = {u.client: u.metrics for u in trained}
+        for u in ups:
+            mine = record.get(u.client)
+            for key in (CLIP_SCALE_KEY, COSINE_KEY):
+                if mine is not None and key in u.metrics:
+                    mine[key] = min(float(u.metrics[key]), float(mine.get(key, u.metrics[key])))
+        return [(split_residual(u.arrays)[1], *skips[skip_of[u.client]][1:]) for u in kept]
 
     def solve(self, in_dim: int) -> State:
         assert self.total is not None

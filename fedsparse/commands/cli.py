@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     hst.add_argument("--rates", default="0.2", help="fractions of the clients that are hostile, comma-separated")
     hst.add_argument("--attacks", default="all", help="all, or any of " + ", ".join(_attack_names()))
     hst.add_argument("--defences", default="none,default",
-                     help="none (clip-factor 0, group-rule mean) and/or default (the config as it is)")
+                     help="none (clip-factor 0, min-cosine -1, group-rule mean), clip (min-cosine -1: clipping "
+                          "alone) and/or default (the config as it is)")
     hst.add_argument("--engine", default="plain", choices=DRIVERS, help="driver of the runs (same model on each)")
     _run_config(hst, "num-rounds=10")
     hst.add_argument("--out", default="runs/hostile", help="folder for hostile.csv, hostile.md and the runs")

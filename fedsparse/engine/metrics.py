@@ -142,8 +142,9 @@ PER_CLIENT_FIELDS = {
     "encoder-batch": "encoder_batch", "mask-ratio": "mask_ratio", "encoder-macs-per-image": "encoder_macs_per_image",
     "train-tensor-bytes": "train_tensor_bytes",
     "ray-node": "ray_node", "worker-pid": "worker_pid",  # a client in a Ray worker (fedsparse.engine.nodes)
-    # server side: the factor the defence multiplied an accepted update by (fedsparse.algorithms.robust)
-    "clip-scale": "clip_scale",
+    # server side: the factor the defence multiplied an accepted update by (0 = dropped) and the update's cosine
+    # with its group's median update (fedsparse.algorithms.robust)
+    "clip-scale": "clip_scale", "direction-cos": "direction_cos",
 }
 
 
@@ -176,7 +177,8 @@ class ClientRecord:
     train_tensor_bytes: float | None = None
     ray_node: float | None = None  # a client in a Ray worker (fedsparse.engine.nodes)
     worker_pid: float | None = None
-    clip_scale: float | None = None  # the factor the defence multiplied the accepted update by
+    clip_scale: float | None = None  # the factor the defence multiplied the accepted update by (0 = dropped)
+    direction_cos: float | None = None  # the update's cosine with its group's median update (min-cosine)
     # the client's stamps as seconds after the round's push (fedsparse.accounting.timeline)
     timeline: dict[str, float] | None = None
     # rounds with device profiles (RoundEngine._add_profile_fields)

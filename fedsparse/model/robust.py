@@ -86,3 +86,54 @@ def centered_clip(values: torch.Tensor, center: torch.Tensor, tau: float, iters:
         n = d.norm(dim=1, keepdim=True)
         v = v + (d * torch.clamp(tau / n.clamp(min=1e-300), max=1.0)).mean(0)
     return v
+
+
+def flat_updates(sent: Sequence[Mapping[str, torch.Tensor]], got: Sequence[Mapping[str, torch.Tensor]],
+                 counts: Sequence[torch.Tensor | None] | None = None,
+                 row_keys: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The updates ``got[i] - sent[i]`` of one group (the same arrays sent to all), flattened over
+    ``update_keys`` of the first into rows of ``[m, p]`` (float64), and which entries each update
+    trained: on the arrays of ``row_keys`` (output rows, one per class) only the rows of the
+    classes whose ``counts[i]`` are > 0 (label-aware training leaves the others alone); None when
+    no update reports counts (every entry counts)."""
+    if len(sent) != len(got) or not got:
+        raise ValueError(f"flat_updates: {len(sent)} sent states for {len(got)} replies")
+    keys = update_keys(sent[0], got[0])
+    rows, masks = [], []
+    aware = counts is not None and any(c is not None for c in counts)
+    for i, (s, g) in enumerate(zip(sent, got)):
+        parts, mparts = [], []
+        for k in keys:
+            t = torch.as_tensor(g[k]).to(torch.float64)
+            base = torch.as_tensor(s[k]).to(torch.float64) if k in s and tuple(s[k].shape) == tuple(t.shape) \
+                else torch.zeros_like(t)
+            parts.append((t - base).reshape(-1))
+            m = torch.ones(t.shape, dtype=torch.bool)
+            c = counts[i] if aware else None
+            if c is not None and k in row_keys:
+                held = torch.as_tensor(c).reshape(-1) > 0
+                if held.numel() != t.shape[0]:
+                    raise ValueError(f"flat_updates: {held.numel()} class counts for {t.shape[0]} rows of {k!r}")
+                m = held.view(-1, *([1] * (t.dim() - 1))).expand_as(t)
+            mparts.append(m.reshape(-1))
+        rows.append(torch.cat(parts))
+        masks.append(torch.cat(mparts))
+    return torch.stack(rows), (torch.stack(masks) if aware else None)
+
+
+def direction_cosines(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The cosine of each update (row of ``deltas`` [m, p]) with the group's coordinate-wise
+    median update (over the updates whose ``mask`` holds the entry; None = all), measured on
+    the entries the update trained (its ``mask``). An update that points away from what most
+    of its group did (a flipped sign, a pull towards zero against the group's drift) scores
+    below 0 whatever its length; 0 when the update or the median is zero on its entries."""
+    from fedsparse.model.ist import robust_mean  # model.ist does not import this module
+
+    x = deltas.to(torch.float64)
+    ref, _ = robust_mean(x, mask, "median")
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        d, r = (x[i], ref) if mask is None else (x[i][mask[i]], ref[mask[i]])
+        den = float(d.norm()) * float(r.norm())
+        out[i] = float(torch.dot(d, r)) / den if den > 0 else 0.0
+    return out
