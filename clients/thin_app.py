@@ -43,7 +43,7 @@ def forward(msg: Message, context: Context, handler_start: float) -> Message:
 def stamp(reply: Message, handler_start: float) -> None:
     """This process's start and its handler's start as the reply's process-start and imports-done
     stamps (the worker's own are its long-lived process's)."""
-    from fedsparse.accounting.timeline import process_start_time
+    from fedsparse.processes import start_time
     from fedsparse.protocol import IMPORTS_DONE_KEY, METRICS_KEY, PROCESS_START_KEY
 
     if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
@@ -52,7 +52,7 @@ def stamp(reply: Message, handler_start: float) -> None:
     if IMPORTS_DONE_KEY not in metrics:  # an identity query: no timeline
         return
     metrics[IMPORTS_DONE_KEY] = handler_start
-    started = process_start_time()
+    started = start_time()
     if started is not None and started <= handler_start:
         metrics[PROCESS_START_KEY] = started
     else:

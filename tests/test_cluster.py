@@ -6,7 +6,6 @@ and stopped by signalling the processes this module started (``strategies.local_
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -214,14 +213,8 @@ def test_flwr_run_on_the_managed_superlink_attaches_through_ray_address(cluster,
         assert proc.returncode == 0 and "ServerApp raised an exception" not in log, log[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())
     finally:
-        superlink = [pid for pid in pids_naming(str(home)) if pid != os.getpid()]
-        for pid in superlink:
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while (left := pids_naming(str(home))) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
+        superlink = [p for p in processes.naming(str(home)) if p.pid != os.getpid()]
+        processes.stop(superlink, grace=30)
     assert superlink, f"no managed SuperLink logging into {home}: {shlex.join(args)}"
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert all(r["clients"] == 3 and r["failures"] == 0 for r in metrics["rounds"])
