@@ -160,8 +160,8 @@ def rss(proc: int | psutil.Process | None = None) -> int:
 
 
 def summed_rss(procs: Iterable[psutil.Process]) -> int:
-    """The RSS of ``procs``, summed (those that have exited count 0)."""
-    return sum(rss(p) for p in procs)
+    """The RSS of ``procs``, summed, each process once (those that have exited count 0)."""
+    return sum(rss(p) for p in {p.pid: p for p in procs}.values())
 
 
 def status_bytes(field: str, pid: int | None = None) -> int | None:

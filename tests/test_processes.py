@@ -206,3 +206,10 @@ def test_stop_never_signals_a_process_that_took_a_stopped_ones_pid(cleanup):
     assert processes.stop([stale], grace=0) == []
     time.sleep(0.2)
     assert newcomer.poll() is None and processes.alive(newcomer)  # untouched
+
+
+def test_summed_rss_counts_a_process_once():
+    """A process listed twice (in a SuperNode's tree and among the processes watching it)
+    counts once."""
+    me = processes.process()
+    assert processes.summed_rss([me, psutil.Process(os.getpid())]) == processes.summed_rss([me]) > 0
