@@ -238,77 +238,50 @@ def run_to_completion(deployment: Deployment, run_config: dict[str, object]) -> 
 # --- the tests -------------------------------------------------------------------------------
 
 
-def test_ist_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> None:
-    """Two IST rounds over a real SuperLink and two SuperNodes; each client gets only its slice."""
+def check_ist_run(out: Path, run_config: dict[str, object], traffic: dict[str, int]) -> dict:
+    """What two IST rounds of ``tiny_run_config`` over two SuperNodes must have written to
+    ``out`` (by the ServerApp under the SuperLink): every round with both clients, a changed
+    model, and each client sent only its slice, by the server's, the clients' and Flower's own
+    count (``traffic``: the run's ``network-traffic`` from ``flwr ls``). Returns metrics.json."""
     import torch
 
     from fedsparse.config import RunConfig
     from fedsparse.model.head import MLPHead
     from fedsparse.task import initial_head
 
-    started = time.monotonic()
-    run_config = tiny_run_config(tmp_path)
-    out = Path(run_config["out-dir"])
-    link_port, *node_ports = free_ports(3)
-    try:
-        deployment.start_superlink(link_port)
-        for i, port in enumerate(node_ports):
-            deployment.start_supernode(i, 2, link_port, port)
-        deployment.write_connection(link_port)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = RunConfig.from_run_config(metrics["config"])
+    assert cfg == RunConfig.from_run_config(run_config)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert "accuracy" in metrics["initial"]
+    for entry in metrics["rounds"]:
+        assert (entry["clients"], entry["failures"]) == (2, 0), entry
 
-        # An unknown key never reaches fedsparse: Flower's CLI says only "Invalid run
-        # configuration", the SuperLink's log names the key (docs/deployment.md says so).
-        rc, bad = deployment.flwr("flwr-run-bad-key", ["run", str(REPO), CONNECTION, "--run-config",
-                                                       run_config_arg({**run_config, "bogus-key": 3})], timeout=120)
-        assert "Invalid run configuration" in bad, bad
-        deployment.wait_for_log("superlink", r"Could not start run: Key 'bogus-key' is not present", timeout=10)
+    # --- the model changed: model.pt vs the initial head built from the same RunConfig ---
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    dims = MLPHead.from_state_dict(state).dims
+    assert dims[1:-1] == cfg.hidden_sizes and dims[-1] == 10, dims
+    initial = initial_head(cfg, dims[0], dims[-1]).state_dict()
+    assert initial.keys() == state.keys()
+    assert all(initial[k].shape == state[k].shape for k in state)
+    unchanged = [k for k in state if torch.equal(initial[k], state[k])]
+    assert not unchanged, f"tensors identical to the initial head after 2 IST rounds: {unchanged}"
 
-        t_run = time.monotonic()
-        log, run = run_to_completion(deployment, run_config)
-        t_run = time.monotonic() - t_run
-        traffic = run.get("network-traffic", {})  # the SuperLink's own count of the run's bytes
-
-        # --- written by the ServerApp running under the SuperLink ---
-        assert f"writing to {out}" in log
-        metrics = json.loads((out / "metrics.json").read_text())
-        cfg = RunConfig.from_run_config(metrics["config"])
-        assert cfg == RunConfig.from_run_config(run_config)
-        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-        assert "accuracy" in metrics["initial"]
-        for entry in metrics["rounds"]:
-            assert (entry["clients"], entry["failures"]) == (2, 0), entry
-
-        # --- the model changed: model.pt vs the initial head built from the same RunConfig ---
-        state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-        dims = MLPHead.from_state_dict(state).dims
-        assert dims[1:-1] == cfg.hidden_sizes and dims[-1] == 10, dims
-        initial = initial_head(cfg, dims[0], dims[-1]).state_dict()
-        assert initial.keys() == state.keys()
-        assert all(initial[k].shape == state[k].shape for k in state)
-        unchanged = [k for k in state if torch.equal(initial[k], state[k])]
-        assert not unchanged, f"tensors identical to the initial head after 2 IST rounds: {unchanged}"
-
-        # --- each client received only its slice (2 subnets: about half the model) ---
-        full = metrics["model_bytes"]
-        for entry in metrics["rounds"]:
-            down = entry["bytes_down_per_client"]
-            assert 0 < down <= full / 2 * 1.01, (down, full)
-            # what the clients measured themselves (clients.mods.message_bytes_mod): the same slice
-            received = entry["client_bytes_received_mean"]
-            assert received is not None and 0 < received <= full / 2 * 1.01, (received, full)
-            assert abs(received - down) <= 0.05 * down, (received, down)
-        # Flower's count agrees: all messages of the run together carry about half a model per
-        # client and round each way (the full model to each client would be >= 1.0 x this budget)
-        budget = len(metrics["rounds"]) * 2 * full
-        for key in ("inbound-bytes", "outbound-bytes"):
-            assert 0 < traffic.get(key, 0) <= 0.6 * budget, (key, traffic, budget)
-
-        print(f"\ndeployment test: {time.monotonic() - started:.1f}s before teardown; `flwr run` {t_run:.1f}s, "
-              f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
-              + ", ".join(f"{r['seconds']:.1f}s" for r in metrics["rounds"]))
-    except BaseException:
-        print(deployment.tail())
-        raise
+    # --- each client received only its slice (2 subnets: about half the model) ---
+    full = metrics["model_bytes"]
+    for entry in metrics["rounds"]:
+        down = entry["bytes_down_per_client"]
+        assert 0 < down <= full / 2 * 1.01, (down, full)
+        # what the clients measured themselves (clients.mods.message_bytes_mod): the same slice
+        received = entry["client_bytes_received_mean"]
+        assert received is not None and 0 < received <= full / 2 * 1.01, (received, full)
+        assert abs(received - down) <= 0.05 * down, (received, down)
+    # Flower's count agrees: all messages of the run together carry about half a model per
+    # client and round each way (the full model to each client would be >= 1.0 x this budget)
+    budget = len(metrics["rounds"]) * 2 * full
+    for key in ("inbound-bytes", "outbound-bytes"):
+        assert 0 < traffic.get(key, 0) <= 0.6 * budget, (key, traffic, budget)
+    return metrics
 
 
 CIFAR10_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
@@ -431,10 +404,13 @@ def cli_json(deployment: Deployment, name: str, args: list[str]) -> dict:
 FLEET_JOIN = r'"POST /v1/fleet/(?:register|activate)-node'  # a SuperNode joining, in the SuperLink's access log
 
 
-def test_tls_and_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
-    """A SuperLink with TLS and ``--enable-supernode-auth``: the two SuperNodes whose keys were
-    registered train two rounds; a SuperNode with an unregistered key and a plaintext one are
-    refused, and the SuperLink knows the two registered nodes only."""
+def test_ist_over_tls_with_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
+    """Two IST rounds over a real SuperLink with TLS and ``--enable-supernode-auth`` and the two
+    SuperNodes whose keys were registered, each client getting only its slice
+    (``check_ist_run``); an unknown run-config key refused by name; a SuperNode with an
+    unregistered key and a plaintext one refused, and the SuperLink knows the two registered
+    nodes only."""
+    started = time.monotonic()
     certs = make_certificates(tmp_path / "certs")
     ca = certs / "ca.crt"
     keys = {name: make_key_pair(tmp_path / "keys" / name) for name in ("node0", "node1", "unregistered")}
@@ -445,7 +421,7 @@ def test_tls_and_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
         deployment.start_superlink(link_port, certs=certs, node_auth=True)
         deployment.write_connection(link_port, root_cert=ca)
 
-        # --- register two keys, start their SuperNodes over TLS, train two rounds ---
+        # --- register two keys, start their SuperNodes over TLS ---
         registered = {}
         for i in (0, 1):
             reply = cli_json(deployment, f"flwr-register-{i}",
@@ -454,11 +430,23 @@ def test_tls_and_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
         assert len(registered) == 2, registered
         for i in (0, 1):
             deployment.start_supernode(i, 2, link_port, node_ports[i], root_cert=ca, key=keys[f"node{i}"])
-        _, run = run_to_completion(deployment, run_config)
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-        for entry in metrics["rounds"]:
-            assert (entry["clients"], entry["failures"]) == (2, 0), entry
+
+        # An unknown key never reaches fedsparse: Flower's CLI says only "Invalid run
+        # configuration", the SuperLink's log names the key (docs/deployment.md says so).
+        rc, bad = deployment.flwr("flwr-run-bad-key", ["run", str(REPO), CONNECTION, "--run-config",
+                                                       run_config_arg({**run_config, "bogus-key": 3})], timeout=120)
+        assert "Invalid run configuration" in bad, bad
+        deployment.wait_for_log("superlink", r"Could not start run: Key 'bogus-key' is not present", timeout=10)
+
+        # --- two IST rounds ---
+        t_run = time.monotonic()
+        log, run = run_to_completion(deployment, run_config)
+        t_run = time.monotonic() - t_run
+        assert f"writing to {out}" in log
+        metrics = check_ist_run(out, run_config, run.get("network-traffic", {}))
+        print(f"\ndeployment test: {time.monotonic() - started:.1f}s to the run's end; `flwr run` {t_run:.1f}s, "
+              f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
+              + ", ".join(f"{r['seconds']:.1f}s" for r in metrics["rounds"]))
 
         # --- a key the SuperLink does not know: activation refused, the SuperNode exits ---
         rogue = deployment.start_supernode(0, 2, link_port, node_ports[2], root_cert=ca, key=keys["unregistered"],

@@ -54,8 +54,9 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
         assert ray.get(actor.niceness.remote(), timeout=120) == os.getpriority(os.PRIO_PROCESS, 0)
         ray_processes = [info.process for infos in ray._private.worker._global_node.all_processes.values()
                          for info in infos]
-        raylet = next(p.pid for p in ray_processes if "raylet" in " ".join(processes.process(p.pid).cmdline()))
-        agents = [p for p in processes.tree(raylet)[1:] if "Agent" in " ".join(p.cmdline())]
+        raylet = next(p.pid for p in ray_processes if "raylet" in " ".join(processes.command_line(p.pid)))
+        # (a short-lived child of the raylet may be a zombie by now: command_line says [] for it)
+        agents = [p for p in processes.tree(raylet)[1:] if "Agent" in " ".join(processes.command_line(p.pid))]
         waits = []  # Popen.wait calls while Ray shuts down
         real_wait = subprocess.Popen.wait
 
