@@ -1,7 +1,8 @@
 """``fedsparse devices``: emulated devices under operating-system limits, on the Deployment Engine.
 
-One end-to-end run (a SuperLink and two SuperNodes with their own folders, two rounds) that
-must leave no process and no cgroup behind, and the limits themselves on a plain process.
+One end-to-end run (a SuperLink and two SuperNodes with their own folders and client workers,
+three rounds) that must leave no process and no cgroup behind, and the limits themselves on a
+plain process.
 """
 
 from __future__ import annotations
@@ -34,58 +35,6 @@ def own_cgroup_children(tag: str) -> list[str]:
         if base.is_dir():
             out += [str(p) for p in base.glob(f"{tag}*")]
     return out
-
-
-@pytest.mark.slow
-def test_two_emulated_devices_train_and_leave_nothing_behind(tmp_path: Path) -> None:
-    mark = uuid.uuid4().hex
-    out = tmp_path / "devices"
-    env = {**os.environ, MARK: mark}  # FEDSPARSE_CACHE: the session's (the sample is extracted once)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--num-rounds", "2",
-         "--images-per-device", "10", "--test-images", "20", "--run-timeout", "300", "--out", str(out),
-         "--run-config", "hidden='16,16' local-steps=2 round-timeout=120.0"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, output
-    assert run_processes([], MARK, mark) == [], "processes left behind"
-    assert own_cgroup_children(f"fedsparse-devices-{proc.pid}-") == [], "cgroups left behind"
-
-    report = json.loads((out / "devices.json").read_text())
-    assert report["rounds"] == 2 and report["finished"] is True
-    rows = {r["profile"]: r for r in report["devices"]}
-    assert set(rows) == {"tiny", "large"}
-    for name, row in rows.items():
-        assert row["status"] == "ok" and row["rounds_ok"] == 2, row
-        assert row["images"] == 10 and row["budget_mib"] == row["limit_mib"] == PROFILES[name].memory_mib
-        assert row["bytes_down"] > 0 and row["bytes_up"] > 0
-        assert row["client_peak_rss_mib"] > 100 and row["node_peak_rss_mib"] >= row["client_peak_rss_mib"]
-        assert row["node_peak_rss_cached_mib"] >= row["client_peak_rss_cached_mib"] > 100
-        # each extracts in its first round, within its limit, and reads the cache after it
-        assert row["features"] == "on device" and row["extract_seconds"] > 0
-        assert row["client_peak_rss_first_mib"] > row["client_peak_rss_cached_mib"]  # timm and the encoder
-    assert rows["tiny"]["bytes_down"] < rows["large"]["bytes_down"]  # a narrower slice for the weaker device
-    md = (out / "devices.md").read_text()
-    assert "| device-0 | tiny |" in md and "| device-1 | large |" in md
-    metrics = json.loads((out / "run" / "metrics.json").read_text())
-    assert [len(r["per_client"]) for r in metrics["rounds"]] == [2, 2]
-    # the timeline: every client's stamps, in the order they happen, after the push; the
-    # round's overhead is its seconds beyond the slowest client's work
-    order = ["process_start", "imports_done", "features_ready", "trained", "reply_built", "received"]
-    for r in metrics["rounds"]:
-        work = max(c["extract_seconds"] + c["train_seconds"] for c in r["per_client"])
-        assert abs(r["work_seconds"] - work) < 1e-9 and abs(r["overhead_seconds"] - (r["seconds"] - work)) < 1e-9
-        for c in r["per_client"]:
-            stamps = [c["timeline"][k] for k in order]
-            assert 0 <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= r["seconds"], c["timeline"]
-    assert report["timeline"]["all"]["rounds"] == 2 and report["timeline"]["after_first"]["rounds"] == 1
-    assert report["timeline"]["all"]["overhead_seconds_median"] > 0
-    assert "**overhead**" in md and "| device-0 | tiny | on device |" in md
 
 
 def test_memory_limit_stops_a_process_that_exceeds_it(tmp_path: Path) -> None:
@@ -146,24 +95,50 @@ def test_bad_arguments_are_one_line() -> None:
 
 
 @pytest.mark.slow
-def test_devices_with_client_workers_train_and_leave_nothing_behind(tmp_path: Path) -> None:
-    """``--client-worker``: per device, one worker extracts in round 1 and one serves the rest; the node's peak counts it,
-    and the command's end leaves no worker (each carries the command's token)."""
+def test_two_emulated_devices_with_client_workers_train_and_leave_nothing_behind() -> None:
+    """Two devices (``tiny``, ``large``) under their profiles' limits, three rounds, with
+    ``--client-worker``: per device, one worker extracts in round 1 (within its limit) and one
+    serves the rounds after it from the cache; the report has every device's memory, bytes and
+    the rounds' timeline; the command's end leaves no process (each carries the command's
+    token), no worker socket and no cgroup. (The ClientApp without a worker, a fresh
+    ``flwr-clientapp`` per message, runs in tests/test_deployment.py; ``devices`` differs from
+    it by one node-config key.)"""
     mark = uuid.uuid4().hex
     out = Path(tempfile.mkdtemp(prefix="fsd-"))  # short: the workers' sockets go under it
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "fedsparse.commands.cli", "devices", "--profiles", "tiny,large", "--num-rounds", "3",
              "--images-per-device", "10", "--test-images", "20", "--run-timeout", "300", "--out", str(out),
              "--client-worker", "--run-config", "hidden='16,16' local-steps=2 round-timeout=120.0"],
-            cwd=REPO, env={**os.environ, MARK: mark}, capture_output=True, text=True, timeout=420)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            cwd=REPO, env={**os.environ, MARK: mark}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output, _ = proc.communicate(timeout=420)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, output[-3000:]
         assert run_processes([], MARK, mark) == [], "processes left behind"
+        assert own_cgroup_children(f"fedsparse-devices-{proc.pid}-") == [], "cgroups left behind"
+
         report = json.loads((out / "devices.json").read_text())
-        assert report["client_worker"] is True and report["finished"] is True
-        for row in report["devices"]:
+        assert report["rounds"] == 3 and report["finished"] is True and report["client_worker"] is True
+        rows = {r["profile"]: r for r in report["devices"]}
+        assert set(rows) == {"tiny", "large"}
+        for name, row in rows.items():
             assert row["status"] == "ok" and row["rounds_ok"] == 3, row
+            assert row["images"] == 10 and row["budget_mib"] == row["limit_mib"] == PROFILES[name].memory_mib
+            assert row["bytes_down"] > 0 and row["bytes_up"] > 0
+            assert row["client_peak_rss_mib"] > 100 and row["node_peak_rss_mib"] >= row["client_peak_rss_mib"]
+            # the node's peak counts its worker
             assert row["node_peak_rss_cached_mib"] >= row["client_peak_rss_cached_mib"] > 100
+            # each extracts in its first round, within its limit, and reads the cache after it
+            assert row["features"] == "on device" and row["extract_seconds"] > 0
+            assert row["client_peak_rss_first_mib"] > row["client_peak_rss_cached_mib"]  # timm and the encoder
+        assert rows["tiny"]["bytes_down"] < rows["large"]["bytes_down"]  # a narrower slice for the weaker device
+        md = (out / "devices.md").read_text()
+        assert "| device-0 | tiny |" in md and "| device-1 | large |" in md
+
         logs = sorted((out / "workers").glob("*.log"))
         assert len(logs) == 2, logs  # one per device (node id and run)
         for log in logs:
@@ -172,11 +147,20 @@ def test_devices_with_client_workers_train_and_leave_nothing_behind(tmp_path: Pa
             assert text.count("listening at") == 2 and text.count("stopped: it extracted features") == 1, text
             assert text.count("stopped: SIGTERM") == 1, text
         assert list((out / "workers").glob("*.sock")) == []
+
         metrics = json.loads((out / "run" / "metrics.json").read_text())
+        assert [len(r["per_client"]) for r in metrics["rounds"]] == [2, 2, 2]
+        # the timeline: every client's stamps, in the order they happen, after the push; the
+        # round's overhead is its seconds beyond the slowest client's work
         order = ["process_start", "imports_done", "features_ready", "trained", "reply_built", "received"]
         for r in metrics["rounds"]:
+            work = max(c["extract_seconds"] + c["train_seconds"] for c in r["per_client"])
+            assert abs(r["work_seconds"] - work) < 1e-9 and abs(r["overhead_seconds"] - (r["seconds"] - work)) < 1e-9
             for c in r["per_client"]:
                 stamps = [c["timeline"][k] for k in order]
                 assert 0 <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= r["seconds"], c["timeline"]
+        assert report["timeline"]["all"]["rounds"] == 3 and report["timeline"]["after_first"]["rounds"] == 2
+        assert report["timeline"]["all"]["overhead_seconds_median"] > 0
+        assert "**overhead**" in md and "| device-0 | tiny | on device |" in md
     finally:
         shutil.rmtree(out, ignore_errors=True)
