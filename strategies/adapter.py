@@ -256,13 +256,11 @@ class AlgorithmStrategy(Strategy):
         self._pushed_at, self._received_at = None, {}
         if isinstance(grid, PollingGrid):  # sizes measured and replies handled while the clients train
             messages = self.messages(tasks, measure=False)
-
-            def pushed() -> None:
-                self._pushed_at = time.time()
-                self.measure_sent(messages)
-
+            # the timeline's zero: the push starts (a client may be handed its message before
+            # the push call returns for all of them)
+            self._pushed_at = time.time()
             replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout, on_message=self.early(tasks),
-                                            after_push=pushed)
+                                            after_push=lambda: self.measure_sent(messages))
         else:
             replies = grid.send_and_receive(self.messages(tasks), timeout=self.cfg.round_timeout)
         return self.outcomes(tasks, replies)

@@ -162,6 +162,8 @@ def test_a_worker_that_extracted_features_makes_way_for_one_that_only_trains(nod
 
 def test_worker_ends_with_its_node_and_when_idle(node, tmp_path, cache, monkeypatch):
     cfg = RunConfig(hidden="32,32", cache_dir=cache, local_steps=3)
+    # the features cached first: a worker that extracts them exits after its reply (tested below)
+    full_app(train_message(cfg), context(cfg))
     reply, _ = thin(tmp_path, train_message(cfg), context(cfg, **{"client-worker": True}), "a")
     arrays(reply)
     (pid,) = worker.workers_of(node.pid)
