@@ -269,6 +269,8 @@ def test_sigkill_after_round_k_then_resume_equals_an_uninterrupted_run(cfg, engi
     assert [r.round for r in m.rounds] == [1, 2, 3, 4] and m.resumed_at == [2]
     assert [r.accuracy for r in m.rounds] == [r.accuracy for r in RunMetrics.load(cfg.out_dir).rounds]
 
+    if engine_name != "plain":
+        return  # what follows does not depend on the engine
     again = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished its 4 rounds" in again.stdout
@@ -301,15 +303,15 @@ def test_toy_algorithm_runs_through_plain_in_process_and_simulation(cfg):
 
 @pytest.mark.xdist_group("ray")  # starts Ray: one at a time (tests/conftest.py)
 @pytest.mark.slow
-def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch):
-    """The same config on the Simulation Engine twice, once in this process and once by the CLI
-    that is SIGKILLed after round 2 and resumed: the same accuracies every round and the same
-    model bit for bit (Flower's node ids and the replies' order differ between the runs), every
-    round once, the killed run losing at most the rounds whose files were still being written.
-    The first run sends every Array both ways through shared-memory files
-    (strategies.ray_arrays), the CLI run none of this config's small ones: the same model."""
+def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg):
+    """The CLI's simulated run, SIGKILLed after round 2 and resumed, trains the plain engine's
+    model bit for bit with the same accuracies every round (Flower's node ids and the replies'
+    order differ between the runs), every round once, the killed run losing at most the rounds
+    whose files were still being written. Both processes send every Array both ways through
+    shared-memory files (strategies.ray_arrays; counted by the resumed one): the same model.
+    (tests/test_flower_internals.py: the simulation with that path off, the same model too.)"""
     from strategies import ray_arrays
-    from strategies.simulation import APP_PREFIX, simulate
+    from strategies.simulation import APP_PREFIX
 
     # an idle machine runs a round of this config in ~0.04 s and writes its files every 0.3 s, so
     # metrics.json first shows 2 rounds near round 8: 60 rounds leave ~2 s to kill it mid-run (12
@@ -317,22 +319,15 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     # the MLP's IST (every round a slice both ways), whose arrays the counts below follow; the
     # closed-form start's resume is tested in tests/test_residual.py
     long = cfg.replace(num_rounds=60, save_seconds=0.3, ist_start="random")
-    first = long.replace(out_dir=str(Path(cfg.out_dir) / "first"))
-    monkeypatch.setenv(ray_arrays.MIN_BYTES_VAR, "0")
-    through_files = simulate(first).extra["shared_memory_arrays"]
-    monkeypatch.delenv(ray_arrays.MIN_BYTES_VAR)
-    tasks = long.num_rounds * long.clients_per_round
-    # down: 3 layers' weights and biases; up: those and the class counts of label-aware training
-    # (the default IST variant): the replies too, so the actors took the path as well
-    assert through_files == {"sent": tasks * 6, "received": tasks * 7, "inline": 0}
-    assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{os.getpid()}-*"))  # and its files are gone
+    reference = plain(long.replace(out_dir=str(Path(cfg.out_dir) / "plain")))
+    env = {**os.environ, ray_arrays.MIN_BYTES_VAR: "0"}  # every Array through a file, however small
 
     out = Path(cfg.out_dir) / "killed"
     args = [sys.executable, "-m", "fedsparse.commands.cli", "run", "--run-config",
             " ".join(f"{k}={json.dumps(v)}" for k, v in long.to_run_config().items() if k != "out-dir"),
             "--out", str(out)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -352,12 +347,17 @@ def test_simulation_is_deterministic_and_resumes_after_sigkill(cfg, monkeypatch)
     assert list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))  # a killed run leaves its directories
     assert list(Path(tempfile.gettempdir()).glob(f"{APP_PREFIX}{proc.pid}-*"))
     resumed = subprocess.run([sys.executable, "-m", "fedsparse.commands.cli", "run", "--resume", str(out)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = RunMetrics.load(first.out_dir), RunMetrics.load(out)
+    a, b = RunMetrics.load(reference.cfg.out_dir), RunMetrics.load(out)
     assert [r.round for r in b.rounds] == list(range(1, long.num_rounds + 1)) and b.resumed_at == [done] and b.finished
     assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
-    assert same_state(torch.load(Path(first.out_dir) / "model.pt"), torch.load(out / "model.pt"))
+    assert same_state(reference.state, torch.load(out / "model.pt"))
+    # the resumed process's Arrays, rounds done+1..60: down, 3 layers' weights and biases; up,
+    # those and the class counts of label-aware training (the default IST variant): the
+    # replies too, so the actors took the path as well
+    tasks = (long.num_rounds - done) * long.clients_per_round
+    assert b.extra["shared_memory_arrays"] == {"sent": tasks * 6, "received": tasks * 7, "inline": 0}
     # the killed run's shared-memory and app directories were removed by the run that resumed it
     assert not list(ray_arrays.shm_root().glob(f"{ray_arrays.PREFIX}{proc.pid}-*"))
     assert not list(Path(tempfile.gettempdir()).glob(f"{APP_PREFIX}{proc.pid}-*"))
