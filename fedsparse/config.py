@@ -98,7 +98,7 @@ class RunConfig:
     lr: float = 0.001
     lr_schedule: str = "constant"  # the clients' lr by round: constant, or cosine (lr * (1 + cos(pi (t-1) / T)) / 2)
     seed: int = 0
-    # --- heterogeneous devices (fedsparse/profiles.py; issue 13) -------------------------
+    # --- heterogeneous devices (fedsparse/profiles.py) ----------------------------------
     device_profiles: str = ""  # simulation: "tiny:0.5,small:0.3,large:0.2" spreads profiles; "" = none
 
     def __post_init__(self) -> None:

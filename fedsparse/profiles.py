@@ -1,4 +1,4 @@
-"""Device profiles: named per-device settings for a heterogeneous federation (issue 13).
+"""Device profiles: named per-device settings for a heterogeneous federation.
 
 A profile is what one kind of device can do: the mask ratio it encodes at (fewer visible
 patches = less encoder work), the share of each hidden layer it can train (``width``: IST

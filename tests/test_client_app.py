@@ -160,7 +160,7 @@ def test_round_settings_come_from_the_message(cfg, shared_cache):
     assert all(torch.equal(got[k], full[k]) for k in full)
 
 
-# --- a node with its own images (node config data-dir; issue 13) ------------------------------
+# --- a node with its own images (node config data-dir) ------------------------------
 
 
 def own_context(cfg: RunConfig, node_config: dict) -> Context:

@@ -250,7 +250,7 @@ def test_full_partitioner_gives_every_client_the_whole_training_set(tmp_path, ma
         assert client_split(train, pid, 3, "full", 0, 0.5).paths == train.paths
 
 
-# --- a client's own data (issue 13): class folders labelled by the run's class list ---------
+# --- a client's own data: class folders labelled by the run's class list ---------
 
 
 class TestOwnData:

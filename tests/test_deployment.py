@@ -463,7 +463,7 @@ def test_ist_over_tls_with_supernode_auth(deployment: Deployment, tmp_path: Path
         joins = len(re.findall(FLEET_JOIN, deployment.log("superlink")))
         assert joins >= 3, joins  # the two registered SuperNodes and the refused one are in the log
         plain = deployment.start_supernode(1, 2, link_port, node_ports[3], name="supernode-plaintext")
-        deployment.wait_for_log(plain, r"Connection attempt failed", count=3, timeout=90.0)
+        deployment.wait_for_log(plain, r"Connection attempt failed", count=2, timeout=90.0)
         # still trying (flower-supernode retries without limit by default), never let in
         assert deployment.procs[plain].poll() is None, deployment.log(plain)[-2000:]
         assert len(re.findall(FLEET_JOIN, deployment.log("superlink"))) == joins

@@ -1,4 +1,4 @@
-"""Heterogeneous federation benchmark (issue 13): device profiles against a uniform federation.
+"""Heterogeneous federation benchmark: device profiles against a uniform federation.
 
 Runs, on the plain engine and the bundled ``cifar10-sample`` (the quickstart's settings: 20
 clients, 4 a round, 30 rounds), for each seed:
