@@ -98,9 +98,8 @@ class Profile:
 SUPERNODE_PROCESSES_MIB = 290
 #
 # Every profile encodes in fp32. bf16 (``profile-encoder-dtype=bf16``, for a device whose CPU
-# has bf16 arithmetic) gives features that differ from the fp32 ones the server evaluates on:
-# a federation whose tiny and small clients encoded in bf16 ended 2.4 points lower (0.422
-# against 0.446, 5 seeds, BENCHMARKS.md, "Heterogeneous federation"), and on CPUs without bf16 units it is slower too.
+# has bf16 arithmetic) gives features that differ from the fp32 ones the server evaluates on,
+# and it was not faster than fp32 on any CPU this project was measured on (BENCHMARKS.md, section 1).
 PROFILES: dict[str, Profile] = {
     # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 1 GiB for
     # the whole SuperNode, 734 MiB of it for the ClientApp on cached features (586 MiB measured);

@@ -53,7 +53,8 @@ EVAL_RATIOS = (0.5, 0.625, 0.75)
 def run_one(name: str, spec: str, seed: int, rounds: int, out: Path, scaling: str = "width") -> dict:
     from fedsparse.engine.plain import PlainTransport
     from fedsparse.engine.rounds import RoundEngine
-    from fedsparse.model.head import MLPHead, evaluate
+    from fedsparse.model.head import evaluate
+    from fedsparse.model.residual import build_head
     from fedsparse.task import test_features
 
     cfg = resolve(ROOT / "configs" / "quickstart.toml", {"device-profiles": spec, "seed": seed, "num-rounds": rounds,
@@ -61,15 +62,18 @@ def run_one(name: str, spec: str, seed: int, rounds: int, out: Path, scaling: st
     t0 = time.perf_counter()
     engine = RoundEngine(cfg, report=lambda s: None)
     metrics = engine.run(PlainTransport(cfg))
-    head = MLPHead.from_state_dict(engine.state)
+    head = build_head(engine.state)  # the default's residual head (ridge + MLP), or a plain MLP
     at = {}
     for r in EVAL_RATIOS:
         feats, _ = test_features(cfg.replace(mask_ratio=r))
         at[str(r)] = evaluate(head, feats.x, feats.y)[0]
+    if abs(at[str(cfg.mask_ratio)] - metrics.final_accuracy) > 1e-9:  # the head evaluated as the server does
+        raise RuntimeError(f"{name} seed {seed}: final head at r={cfg.mask_ratio} scores {at[str(cfg.mask_ratio)]}, "
+                           f"the run reported {metrics.final_accuracy}")
     per_profile: dict[str, dict[str, list[float]]] = {}
     for rnd in metrics.rounds:
         for rec in rnd.per_client:
-            if rec.status != "ok":
+            if rec.status != "ok" or not rec.slice_dims:  # failed, or statistics only (the closed-form start)
                 continue
             p = per_profile.setdefault(rec.profile, {k: [] for k in ("bytes_down", "bytes_up", "gmacs", "share",
                                                                          "predicted_mib", "hidden")})
