@@ -42,19 +42,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long tests first: a test of an xdist group, then one marked ``slow``, then the rest,
-    each kind in file order (a stable sort: a group's tests keep their order). pytest-xdist
-    hands the groups out first and the other tests in this order, so the end of a run is short
-    tests filling both workers rather than one long test keeping one busy."""
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("xdist_group") is not None:
-            return 0
-        return 1 if item.get_closest_marker("slow") is not None else 2
-
-    items.sort(key=rank)
-
-
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache folder for the session (the bundled sample is extracted into it once)."""
