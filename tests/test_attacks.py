@@ -361,8 +361,9 @@ def test_direction_cosines_against_a_naive_loop():
             na = math.sqrt(sum(rows[i][j] ** 2 for j in js))
             nb = math.sqrt(sum(ref[j] ** 2 for j in js))
             want.append(dot / (na * nb) if na * nb > 0 else 0.0)
-        got = direction_cosines(x, m)
-        assert got.tolist() == pytest.approx(want, abs=1e-12)
+        for chunk in (9, 4, 1):  # the whole matrix at once, blocks with a short last one, columns
+            got = direction_cosines(x, m, chunk=chunk)
+            assert got.tolist() == pytest.approx(want, abs=1e-12)
     assert direction_cosines(torch.zeros(3, 4)).tolist() == [0.0, 0.0, 0.0]  # nothing moved: no direction
 
 

@@ -121,19 +121,33 @@ def flat_updates(sent: Sequence[Mapping[str, torch.Tensor]], got: Sequence[Mappi
     return torch.stack(rows), (torch.stack(masks) if aware else None)
 
 
-def direction_cosines(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+COSINE_CHUNK = 1 << 14  # columns per step of direction_cosines
+
+
+def direction_cosines(deltas: torch.Tensor, mask: torch.Tensor | None = None,
+                      chunk: int = COSINE_CHUNK) -> torch.Tensor:
     """The cosine of each update (row of ``deltas`` [m, p]) with the group's coordinate-wise
     median update (over the updates whose ``mask`` holds the entry; None = all), measured on
     the entries the update trained (its ``mask``). An update that points away from what most
     of its group did (a flipped sign, a pull towards zero against the group's drift) scores
-    below 0 whatever its length; 0 when the update or the median is zero on its entries."""
+    below 0 whatever its length; 0 when the update or the median is zero on its entries.
+
+    ``chunk`` columns at a time: the median sorts a copy of what it reads, so the work's memory
+    is a few ``[m, chunk]`` blocks besides ``deltas`` (at 1,000 clients a round in three groups,
+    whole-matrix temporaries took the server's peak from 2.8 to 5.5 GB)."""
     from fedsparse.model.ist import robust_mean  # model.ist does not import this module
 
     x = deltas.to(torch.float64)
-    ref, _ = robust_mean(x, mask, "median")
-    out = torch.zeros(x.shape[0], dtype=torch.float64)
-    for i in range(x.shape[0]):
-        d, r = (x[i], ref) if mask is None else (x[i][mask[i]], ref[mask[i]])
-        den = float(d.norm()) * float(r.norm())
-        out[i] = float(torch.dot(d, r)) / den if den > 0 else 0.0
-    return out
+    m, p = x.shape
+    dot, own, ref_sq = (torch.zeros(m, dtype=torch.float64) for _ in range(3))
+    for start in range(0, p, max(1, chunk)):
+        block = x[:, start:start + chunk]
+        held = None if mask is None else mask[:, start:start + chunk]
+        ref, _ = robust_mean(block, held, "median")
+        if held is not None:
+            block = torch.where(held, block, torch.zeros((), dtype=torch.float64))
+        dot += block @ ref
+        own += (block * block).sum(1)
+        ref_sq += (ref * ref).sum() if held is None else held.to(torch.float64) @ (ref * ref)
+    den = own.sqrt() * ref_sq.sqrt()
+    return torch.where(den > 0, dot / torch.where(den > 0, den, torch.ones(())), torch.zeros((), dtype=torch.float64))
