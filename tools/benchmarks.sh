@@ -48,7 +48,7 @@ section_overhead() {
 }
 
 section_scaling() {
-    python tools/scaling_bench.py configs/scale.toml --ks 10,100,1000 --num-clients 1000 --rounds 3 \
+    python tools/scaling_bench.py configs/scale.toml --ks 10,100,1000 --num-clients 10x --rounds 3 \
         --run-config "$RC" --out "$OUT/scaling"
     python tools/flower_nodes_cost.py --nodes 1000,10000,100000
 }
