@@ -512,7 +512,7 @@ def robust_mean(values: torch.Tensor, mask: torch.Tensor | None, rule: str, trim
         upper = lower if n % 2 else torch.kthvalue(values, n // 2 + 1, dim=0).values
         return (lower + upper) / 2, m
     ordered = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(0).values
-    pos = torch.arange(values.shape[0]).view(-1, *([1] * (values.dim() - 1)))
+    pos = torch.arange(n).view(-1, *([1] * (values.dim() - 1)))
     if rule == "trimmed-mean":
         lo = torch.floor(trim * m.to(torch.float64)).to(torch.long)
         hi = m - lo  # exclusive
