@@ -196,8 +196,8 @@ def test_node_with_its_own_images_identifies_and_trains(cfg, tmp_path, make_imag
 
 
 def test_node_with_an_unknown_class_folder_fails_in_one_line(cfg, tmp_path, make_image_tree):
-    # the SuperNode turns the exception into an error reply, which the server counts as failed
-    # (tests/test_deployment.py::test_own_data_node_on_deployment_engine)
+    # Flower turns the exception into an error reply, which the server counts as failed_error
+    # (tests/test_faults.py: a raising ClientApp in the simulation)
     data = make_image_tree(tmp_path / "camera", {"": 1}, classes=("cat", "zebra"))
     full = initial_head(cfg, 192, 10).state_dict()
     with pytest.raises(ValueError, match="class folder 'zebra', which is not one of the run's 10 classes") as err:

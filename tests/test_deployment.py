@@ -298,39 +298,6 @@ def own_folder(tmp_path: Path, name: str, classes: dict[str, str]) -> Path:
     return dest
 
 
-def test_own_data_nodes_on_deployment_engine(deployment: Deployment, tmp_path: Path) -> None:
-    """A SuperNode with its own image folder (node config data-dir, a subset of the classes)
-    trains two rounds; a SuperNode whose folder holds a class the run does not know answers
-    with an error, which the server counts as a failed reply, every round it is sampled."""
-    good = own_folder(tmp_path, "camera", {"cat": "cat", "dog": "dog", "ship": "ship"})
-    bad = own_folder(tmp_path, "odd-camera", {"cat": "cat", "zebra": "horse"})
-    run_config = {**tiny_run_config(tmp_path), "classes": CIFAR10_CLASSES}  # no node needs the data set
-    out = Path(run_config["out-dir"])
-    link_port, *node_ports = free_ports(3)
-    try:
-        deployment.start_superlink(link_port)
-        deployment.start_supernode(0, 1, link_port, node_ports[0], name="supernode-camera",
-                                   node_config=f"data-dir='{good}' client-id=0")
-        deployment.start_supernode(1, 1, link_port, node_ports[1], name="supernode-odd-camera",
-                                   node_config=f"data-dir='{bad}' client-id=1")
-        deployment.write_connection(link_port)
-        run_to_completion(deployment, run_config)
-
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-        for entry in metrics["rounds"]:
-            assert (entry["clients"], entry["failures"], entry["failed_error"]) == (1, 1, 1), entry
-            records = {c["client"]: c for c in entry["per_client"]}
-            assert records[0]["status"] == "ok" and records[0]["examples"] == 30, records[0]
-            assert records[1]["status"] == "error", records[1]
-            assert "class folder 'zebra', which is not one of the run's 10 classes" in records[1]["reason"]
-        hits = [next(c for c in r["per_client"] if c["client"] == 0)["feature_cache_hit"] for r in metrics["rounds"]]
-        assert hits == [0, 1]  # extracted in round 1, from the cache in round 2
-    except BaseException:
-        print(deployment.tail())
-        raise
-
-
 def test_fab_code_finds_bundled_sample(tmp_path: Path) -> None:
     """The FAB `flwr run` ships is small, leaves out the venv and tests, and its code (which
     shadows the installed package on the SuperLink and SuperNodes) finds the bundled sample."""
@@ -407,14 +374,19 @@ FLEET_JOIN = r'"POST /v1/fleet/(?:register|activate)-node'  # a SuperNode joinin
 def test_ist_over_tls_with_supernode_auth(deployment: Deployment, tmp_path: Path) -> None:
     """Two IST rounds over a real SuperLink with TLS and ``--enable-supernode-auth`` and the two
     SuperNodes whose keys were registered, each client getting only its slice
-    (``check_ist_run``); an unknown run-config key refused by name; a SuperNode with an
-    unregistered key and a plaintext one refused, and the SuperLink knows the two registered
-    nodes only."""
+    (``check_ist_run``); one node trains on its partition of the run's data, the other on its
+    own image folder (node config ``data-dir``, three of the ten classes), extracting its
+    features in round 1 and reading them from its cache in round 2; an unknown run-config key
+    refused by name; a SuperNode with an unregistered key and a plaintext one refused, and the
+    SuperLink knows the two registered nodes only. (A node folder with a class the run does not
+    know: tests/test_client_app.py; an error reply counted as a failure: tests/test_faults.py.)"""
     started = time.monotonic()
     certs = make_certificates(tmp_path / "certs")
     ca = certs / "ca.crt"
     keys = {name: make_key_pair(tmp_path / "keys" / name) for name in ("node0", "node1", "unregistered")}
-    run_config = tiny_run_config(tmp_path)
+    camera = own_folder(tmp_path, "camera", {"cat": "cat", "dog": "dog", "ship": "ship"})
+    run_config = {**tiny_run_config(tmp_path), "classes": CIFAR10_CLASSES}
+    node_configs = ["", f"data-dir='{camera}' client-id=1"]  # node 0: partition 0 of the run's data
     out = Path(run_config["out-dir"])
     link_port, *node_ports = free_ports(5)
     try:
@@ -429,7 +401,8 @@ def test_ist_over_tls_with_supernode_auth(deployment: Deployment, tmp_path: Path
             registered[str(reply["node-id"])] = f"node{i}"
         assert len(registered) == 2, registered
         for i in (0, 1):
-            deployment.start_supernode(i, 2, link_port, node_ports[i], root_cert=ca, key=keys[f"node{i}"])
+            deployment.start_supernode(i, 2, link_port, node_ports[i], root_cert=ca, key=keys[f"node{i}"],
+                                       node_config=node_configs[i])
 
         # An unknown key never reaches fedsparse: Flower's CLI says only "Invalid run
         # configuration", the SuperLink's log names the key (docs/deployment.md says so).
@@ -444,6 +417,10 @@ def test_ist_over_tls_with_supernode_auth(deployment: Deployment, tmp_path: Path
         t_run = time.monotonic() - t_run
         assert f"writing to {out}" in log
         metrics = check_ist_run(out, run_config, run.get("network-traffic", {}))
+        # the node with its own folder: its 30 images, extracted in round 1, cached in round 2
+        own = [next(c for c in r["per_client"] if c["client"] == 1) for r in metrics["rounds"]]
+        assert [(c["status"], c["examples"]) for c in own] == [("ok", 30)] * 2, own
+        assert [c["feature_cache_hit"] for c in own] == [0, 1], own
         print(f"\ndeployment test: {time.monotonic() - started:.1f}s to the run's end; `flwr run` {t_run:.1f}s, "
               f"ServerApp {metrics.get('wall_seconds', float('nan')):.1f}s, rounds "
               + ", ".join(f"{r['seconds']:.1f}s" for r in metrics["rounds"]))
