@@ -15,12 +15,13 @@ from flwr.clientapp import ClientApp
 from clients.mods import fault_injection_mod, message_bytes_mod, run_config_of
 from fedsparse.data.partition import NodeData, check_partition_id, node_data
 from fedsparse.engine.client import run_task
-from fedsparse.processes import start_time
+from fedsparse.processes import exit_without_final_collection, start_time
 from fedsparse.profiles import PROFILE_RECORD, Profile, client_profile
 from fedsparse.protocol import (ARRAYS_KEY, CLIENT_ID_KEY, CONFIG_KEY, IMPORTS_DONE_KEY, METRICS_KEY,
                                 NUM_EXAMPLES_KEY, NUM_PARTITIONS_KEY, OWN_DATA_KEY, PROCESS_START_KEY, REPLY_BUILT_KEY,
                                 array_record, torch_state)
 
+exit_without_final_collection()  # a flwr-clientapp process serves one message, then exits
 app = ClientApp(mods=[message_bytes_mod, fault_injection_mod])  # faults only with fault-rate > 0
 
 

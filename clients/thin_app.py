@@ -17,7 +17,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import worker
+from fedsparse.processes import exit_without_final_collection
 
+exit_without_final_collection()  # a flwr-clientapp process serves one message, then exits
 app = ClientApp()
 
 

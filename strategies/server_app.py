@@ -16,9 +16,11 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
 from fedsparse.engine.rounds import RoundEngine
 from fedsparse.errors import USER_ERRORS, one_line
+from fedsparse.processes import exit_without_final_collection
 from strategies.adapter import AlgorithmStrategy
 from strategies.progress import RoundLine
 
+exit_without_final_collection()  # the flwr-serverapp process ends with the run
 app = ServerApp()
 
 

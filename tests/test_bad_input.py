@@ -57,6 +57,7 @@ CASES = {
     "client-cpus-over-cores": run("run", "--run-config", "client-cpus=100000", *OUT,
                                   fragment="client-cpus (100000) exceeds the"),
     "mask-ratio-one": run("run", "--run-config", "mask-ratio=1.0", *OUT, fragment="mask-ratio must be in [0, 1)"),
+    "mask-ratio-negative": run("run", "--run-config", "mask-ratio=-0.1", *OUT, fragment="mask-ratio must be in [0, 1)"),
     "fault-rate-one": run("run", "--run-config", "fault-rate=1.0", *OUT, fragment="fault-rate must be in [0, 1)"),
     "num-clients-zero": run("run", "--run-config", "num-clients=0", *OUT, fragment="num-clients must be >= 1"),
     "clients-per-round-over": run("run", "--run-config", "num-clients=3 clients-per-round=4", *OUT,

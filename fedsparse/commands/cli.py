@@ -30,7 +30,6 @@ stderr, ``fedsparse: error: ...``, and exit status 2, before anything heavy (Ray
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
 import os
@@ -648,15 +647,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console(argv: list[str] | None = None) -> int:
-    """The installed ``fedsparse`` command: ``main``, then the exit without the interpreter's
-    final full garbage collection. A run leaves ~600,000 tracked objects (torch, timm, Flower,
-    Ray), and that last pass over them cost 1.3 s at the end of every command; frozen, they are
-    left to the process's exit (``gc.freeze``: nothing is collected after this point, and
-    nothing needs to be)."""
-    code = main(argv)
-    sys.stdout.flush()
-    gc.freeze()
-    return code
+    """The installed ``fedsparse`` command: ``main``, exiting without the interpreter's final
+    full garbage collection (``fedsparse.processes.exit_without_final_collection``)."""
+    from fedsparse.processes import exit_without_final_collection
+
+    exit_without_final_collection()
+    return main(argv)
 
 
 if __name__ == "__main__":
