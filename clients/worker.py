@@ -12,7 +12,7 @@ says what it costs and buys. The design:
   the SuperNode's environment carries); later messages of the run connect to it. ``<dir>`` is
   private: created with mode 0700, refused when it is not the user's own with that mode.
   A lock file serialises the start, so two messages never start two workers. A worker that
-  extracted features (a cold cache: timm and the encoder loaded, the extraction's memory held)
+  extracted features (a cold cache: the encoder loaded, the extraction's memory held)
   exits after that reply, so that the rounds after it run in a worker that only trains; a new
   worker waits until the previous one is gone (a lock it holds for life), so their memory
   never adds up.
@@ -59,7 +59,7 @@ WATCH_VAR = "FEDSPARSE_CLIENT_WORKER_WATCH"  # pid to watch instead of the Super
 START_TIMEOUT = 600.0  # seconds the first message waits for a worker to listen
 WATCH_INTERVAL = 1.0
 MODULE = "clients.worker"
-EXTRACTION_MODULE = "timm"  # imported only by a message that extracts features (fedsparse.inputs.encoder)
+FEATURES_MODULE = "fedsparse.inputs.features"  # its encoder_loaded(): a message extracted features
 
 
 class WorkerLost(RuntimeError):
@@ -337,8 +337,9 @@ def serve(path: Path, watch: tuple[int, int], idle: float) -> str:
                     send_frames(conn, *handle(app, msg_bytes, context_bytes))
                 except (WorkerLost, OSError, ValueError) as err:  # the thin app went away: wait for the next
                     print(f"client worker: a message was dropped: {err}", file=sys.stderr, flush=True)
-            if EXTRACTION_MODULE in sys.modules:  # it extracted features: timm and the encoder's memory stay
-                return "it extracted features (the next message starts a worker without timm and the encoder)"
+            features = sys.modules.get(FEATURES_MODULE)  # read, never imported here (the thin app has no torch)
+            if features is not None and features.encoder_loaded():  # the encoder and extraction's memory stay
+                return "it extracted features (the next message starts a worker without the encoder)"
             _trim()
             last = time.monotonic()
     except _Stop as sig:

@@ -305,13 +305,15 @@ def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[in
 
     A round on cached features is held to the ClientApp's share of the profile's
     ``memory-mib`` (``client_budget_mib``). The one-off extraction of a cold cache is held to
-    the whole ``memory-mib``: its extra peak is mostly timm's and torch's library pages, which
+    the whole ``memory-mib``: its extra peak is mostly library pages (torch's, timm's for a hub
+    model), which
     a memory-limited device (or cgroup) reclaims from the processes that idle meanwhile;
     measured, a tiny device's 816 MiB-RSS extraction charged its cgroup under 700 MiB."""
     import logging
 
     from fedsparse.accounting.budget import MIB, fit_encoder_batch, predict_peak_bytes
     from fedsparse.accounting.costs import encoder_macs
+    from fedsparse.inputs.encoder import builds_with_timm
     from fedsparse.inputs.features import encoder_ref
 
     run = cfg.replace(mask_ratio=profile.mask_ratio, encoder_dtype=profile.encoder_dtype)
@@ -320,7 +322,7 @@ def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[in
 
     def predict(batch: int) -> int:
         return predict_peak_bytes(shape, params, profile.mask_ratio, batch, head_dims, batch_size, num_examples,
-                                  threads=profile.threads, extracting=not cached)
+                                  threads=profile.threads, extracting=not cached, timm=builds_with_timm(run.encoder))
 
     budget = max(0, client_budget_mib(profile) if cached else profile.memory_mib) * MIB
     try:

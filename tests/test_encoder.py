@@ -48,8 +48,52 @@ def all_patches(batch: int, n: int) -> torch.Tensor:
     return torch.arange(n).expand(batch, -1)
 
 
+class TestOwnViT:
+    """``fedsparse.inputs.vit.ViT`` (the built-in encoder and checkpoint files, without timm)
+    is timm's ``VisionTransformer``: the same seeded initialisation, the same features."""
+
+    def test_no_timm_is_imported_to_build_or_run_it(self) -> None:
+        import subprocess
+        import sys
+
+        code = ("import sys\nfrom fedsparse.inputs.encoder import encode, load_encoder\nimport torch\n"
+                "e = load_encoder('builtin', 32)\n"
+                "f = encode(e, torch.zeros(2, 3, 32, 32), torch.arange(32).expand(2, -1))\n"
+                "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules), tuple(f.shape))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split("\n")[0] == "[] (2, 192)", out.stdout
+
+    @pytest.mark.parametrize("image_size", [32, 64])
+    def test_seeded_initialisation_is_timms(self, image_size) -> None:
+        from timm.models.vision_transformer import VisionTransformer
+
+        from fedsparse.inputs.encoder import BUILTIN_ARCH, BUILTIN_SEED, build_builtin
+
+        ours = build_builtin(image_size).state_dict()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED)
+            theirs = VisionTransformer(img_size=image_size, num_classes=0, global_pool="token", **BUILTIN_ARCH).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+    def test_features_are_timms_bit_for_bit(self, builtin_encoder) -> None:
+        from timm.models.vision_transformer import VisionTransformer
+
+        from fedsparse.inputs.encoder import BUILTIN_ARCH
+
+        ours = builtin_encoder.model
+        theirs = VisionTransformer(img_size=32, num_classes=0, global_pool="token", **BUILTIN_ARCH).eval()
+        theirs.load_state_dict(ours.state_dict())
+        x = images(8, seed=3)
+        keep = masks_for([f"i{i}" for i in range(8)], 64, 0.5, 0)
+        with torch.no_grad():
+            assert torch.equal(visible_cls(ours, x, keep), visible_cls(theirs, x, keep))
+            assert torch.equal(ours.forward_features(x), theirs.forward_features(x))
+
+
 class TestVisibleCls:
-    def test_unmasked_builtin_equals_timm_forward_features(self, builtin_encoder) -> None:
+    def test_unmasked_builtin_equals_its_full_forward(self, builtin_encoder) -> None:
         model = builtin_encoder.model
         x = images(3)
         with torch.no_grad():

@@ -329,15 +329,24 @@ class TestBudget:
         assert len(lines) == 1 and "32 ->" in lines[0]
 
     def test_cached_features_are_held_to_the_clientapp_share(self) -> None:
-        """A round on cached features: no timm, no encoder, no extraction in the prediction, held
-        to the profile's memory less the SuperNode's processes; a cold cache's extraction to the
-        whole memory."""
+        """A round on cached features: no encoder, no extraction in the prediction, held to the
+        profile's memory less the SuperNode's processes; a cold cache's extraction to the whole
+        memory, with timm's imports only for a hub model."""
         cfg, dims, tiny = RunConfig(encoder="builtin"), (192, 256, 256, 10), PROFILES["tiny"]
         cached = fit_profile(cfg, tiny, dims, 32, cached=True)
         cold = fit_profile(cfg, tiny, dims, 32)
         assert cached.budget_bytes == client_budget_mib(tiny) * MIB < cold.budget_bytes == tiny.memory_mib * MIB
         assert cached.predicted_peak_bytes <= cached.budget_bytes
-        assert cached.predicted_peak_bytes + TIMM_BYTES < cold.predicted_peak_bytes <= cold.budget_bytes
+        assert cached.predicted_peak_bytes < cold.predicted_peak_bytes <= cold.budget_bytes
+        from fedsparse.accounting.budget import predict_peak_bytes
+        from fedsparse.inputs.encoder import builds_with_timm
+        from fedsparse.inputs.features import encoder_ref
+
+        assert not builds_with_timm("builtin") and not builds_with_timm("builtin-random")
+        assert builds_with_timm("vit_base_patch16_224.mae") and builds_with_timm("vit_tiny_patch16_224@random")
+        ref = encoder_ref("builtin", 32)
+        hub, own = (predict_peak_bytes(ref.shape, ref.params, 0.5, 32, dims, 32, timm=t) for t in (True, False))
+        assert hub - own == TIMM_BYTES
         with pytest.raises(MemoryBudgetError, match="SuperNode's own processes"):
             fit_profile(cfg, dataclasses.replace(tiny, memory_mib=600), dims, 32, cached=True)
 

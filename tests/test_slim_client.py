@@ -21,8 +21,9 @@ HEAVY = ("ray", "matplotlib")  # simulation-only (Ray) and server-only (accuracy
 # flwr-clientapp process does with a train message (argv: run config as JSON).
 TRAIN_ONE_ROUND = r"""
 import json, sys
+WATCHED = set(sys.argv[2].split(",")) | {"torch"}  # torch: present, so the check can see a module
 import clients.client_app as client_app_module
-imported = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(",")))
+imported = sorted({m.split(".")[0] for m in sys.modules} & WATCHED)
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from fedsparse.config import RunConfig
@@ -40,14 +41,14 @@ ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitio
               run_config=cfg.to_run_config())
 query = client_app_module.app(Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.QUERY), ctx)
 assert not query.has_error(), query.error
-after_query = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(",")))
+after_query = sorted({m.split(".")[0] for m in sys.modules} & WATCHED)
 reply = client_app_module.app(msg, ctx)
 assert not reply.has_error(), reply.error
 metrics = reply.content[METRICS_KEY]
 print(json.dumps({
     "at_import": imported,
     "after_query": after_query,
-    "after_round": sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(","))),
+    "after_round": sorted({m.split(".")[0] for m in sys.modules} & WATCHED),
     "examples": metrics[NUM_EXAMPLES_KEY],
     "peak_rss": metrics[PEAK_RSS_KEY],
 }))
@@ -81,7 +82,7 @@ def test_client_app_trains_a_round_without_ray_or_matplotlib(tmp_path, make_imag
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["examples"] == 4, report  # 2 classes x 4 images, half of them
         if code == TRAIN_ONE_ROUND:
-            assert report["at_import"] == [] and report["after_round"] == [], report
+            assert report["at_import"] == ["torch"] and report["after_round"] == ["torch"], report
             assert report["peak_rss"] > 0
 
 
@@ -89,25 +90,27 @@ LEAN = ("timm", "torchvision", "sympy")  # the encoder's stack, and what torch._
 
 
 def test_cached_round_and_identity_query_import_neither_timm_nor_torchvision(tmp_path, make_image_tree) -> None:
-    """Once a client's features are cached, an identity query and a training round import
-    neither timm nor torchvision (the encoder is named from its checkpoint, not built) nor
-    torch._dynamo (whose sympy torch.optim's Adam pulls in): with them made unimportable the
-    round still trains, and without that none shows in ``sys.modules``. The first round, which
-    extracts the features, does import timm (the check is not vacuous)."""
+    """A client with the built-in encoder imports neither timm nor torchvision nor
+    torch._dynamo (whose sympy torch.optim's Adam pulls in): not in its first round, which
+    extracts the features with fedsparse's own ViT, nor, once they are cached, in an identity
+    query and a training round (the encoder is named from its checkpoint, not built). With
+    them made unimportable every round still trains, and without that none shows in
+    ``sys.modules``, where torch does (the check is not vacuous)."""
     data = make_image_tree(tmp_path / "data", {"train": 4, "test": 1})
     run_config = {"dataset": "imagefolder", "data-dir": str(data), "cache-dir": str(tmp_path / "cache"),
                   "hidden": "16,16", "num-clients": 2, "clients-per-round": 2}
-    first = _python(TRAIN_ONE_ROUND, json.dumps(run_config), ",".join(LEAN))
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert "timm" in json.loads(first.stdout.strip().splitlines()[-1])["after_round"]  # it extracted
     blocker = "import sys\nfor m in sys.argv[2].split(','):\n    sys.modules[m] = None  # import m raises\n"
+    first = _python(blocker + TRAIN_ONE_ROUND, json.dumps(run_config), ",".join(LEAN))  # extracts: cold cache
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["examples"] == 4
+    assert list((tmp_path / "cache").rglob("*.pt")), "the first round wrote no feature-cache entry"
     for code in (blocker + TRAIN_ONE_ROUND, TRAIN_ONE_ROUND):
         proc = _python(code, json.dumps(run_config), ",".join(LEAN))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["examples"] == 4, report
         if code == TRAIN_ONE_ROUND:
-            assert report["at_import"] == report["after_query"] == report["after_round"] == [], report
+            assert report["at_import"] == report["after_query"] == report["after_round"] == ["torch"], report
 
 
 def test_simulation_without_ray_says_to_install_the_extra(tmp_path, make_image_tree) -> None:

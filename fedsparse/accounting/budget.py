@@ -10,8 +10,9 @@ server), instead of being killed by the operating system.
 The model of the peak (bytes)::
 
     baseline                      the client process after its imports and a training step (measured, below)
-    + encoder                     timm's imports + 2 x the encoder's parameter bytes + 16 MiB (building,
-                                  then loading); none where the features are cached
+    + encoder                     2 x the encoder's parameter bytes + 16 MiB (building, then loading),
+                                  + timm's imports for a hub model (``builds_with_timm``);
+                                  none where the features are cached
     + threads                     32 MiB per math thread beyond the first (per-thread buffers)
     + max(extraction, training)   the two phases do not overlap:
         extraction = 2 x costs.extraction_tensor_bytes(shape, mask ratio, encoder batch, chunk)
@@ -46,8 +47,9 @@ MIB = 2**20
 # Peak RSS of a fresh ClientApp process that trains on cached features: ``import
 # clients.client_app`` (torch, fedsparse, Flower: 540 MiB) and a training step's first use of
 # torch's kernels: 586 MiB measured here for a tiny task (Python 3.11, the default install's
-# torch, VmHWM), rounded down to 580 MiB. A task that extracts features imports timm (and
-# torchvision) too: TIMM_BYTES more (192 MiB measured).
+# torch, VmHWM), rounded down to 580 MiB. A task that extracts features with a hub model imports
+# timm (and torchvision) too: TIMM_BYTES more (192 MiB measured); the built-in encoder and
+# checkpoint files do not (fedsparse.inputs.vit).
 LIBRARY_BASELINE_BYTES = 580 * MIB
 TIMM_BYTES = 190 * MIB
 ENCODER_OVERHEAD_BYTES = 16 * MIB
@@ -69,15 +71,17 @@ def decode_chunk(encoder_batch: int, chunk: int = 512) -> int:
 
 def predict_peak_bytes(shape: ViTShape, encoder_params: int, mask_ratio: float, encoder_batch: int,
                        head_dims: tuple[int, ...] | list[int], batch_size: int, num_examples: int = 0,
-                       baseline: int = LIBRARY_BASELINE_BYTES, threads: int = 1, extracting: bool = True) -> int:
+                       baseline: int = LIBRARY_BASELINE_BYTES, threads: int = 1, extracting: bool = True,
+                       timm: bool = False) -> int:
     """The predicted peak RSS of a client process (module docstring), in bytes; ``extracting``
-    False: its features are cached, so no timm, no encoder and no extraction phase."""
+    False: its features are cached, so no encoder and no extraction phase; ``timm``: the encoder
+    is a hub model, built by timm."""
     threads_bytes = THREAD_BYTES * max(0, threads - 1)
     features = num_examples * shape.dim * BYTES_PER_FP32
     training = WORK_FACTOR * head_train_tensor_bytes(tuple(head_dims), batch_size) + features
     if not extracting:
         return int(baseline + threads_bytes + training)
-    encoder = TIMM_BYTES + 2 * encoder_params * BYTES_PER_FP32 + ENCODER_OVERHEAD_BYTES + threads_bytes
+    encoder = (TIMM_BYTES if timm else 0) + 2 * encoder_params * BYTES_PER_FP32 + ENCODER_OVERHEAD_BYTES + threads_bytes
     extraction = WORK_FACTOR * extraction_tensor_bytes(shape, mask_ratio, encoder_batch, decode_chunk(encoder_batch))
     return int(baseline + encoder + max(extraction, training))
 

@@ -43,8 +43,8 @@ class ViTShape:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def of(cls, model, image_size: int) -> "ViTShape":  # model: a timm VisionTransformer
-        """The shape of a timm ``VisionTransformer``."""
+    def of(cls, model, image_size: int) -> "ViTShape":  # model: fedsparse.inputs.vit.ViT or timm's ViT
+        """The shape of a ViT (``fedsparse.inputs.vit.ViT`` or timm's ``VisionTransformer``)."""
         block = model.blocks[0]
         hidden = block.mlp.fc1.out_features
         return cls(

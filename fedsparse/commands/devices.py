@@ -44,8 +44,9 @@ from fedsparse.local_deployment import executable as _exe
 
 # The bin folder of another Python environment for the SuperNodes (e.g. a lean one: CPU-only torch,
 # no timm; docs/deployment.md): they then run its flower-supernode, flower-superexec and
-# flwr-clientapp, and every device's features are extracted here ahead of the run (such an
-# install cannot extract them).
+# flwr-clientapp. With a hub encoder (timm), every device's features are extracted here ahead of
+# the run (such an install cannot extract them); the built-in encoder and checkpoint files need
+# no timm.
 NODE_BIN_VAR = "FEDSPARSE_DEVICES_NODE_BIN"
 CONNECTION = "fedsparse-devices"
 SUPEREXEC_POLL_VAR = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.42's SuperExec: seconds between task polls
@@ -151,12 +152,15 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
     if node_bin and not (Path(node_bin) / "flower-supernode").is_file():
         raise ValueError(f"${NODE_BIN_VAR} = {node_bin}: no flower-supernode there; name the bin folder of an "
                          "environment with flwr installed")
+    from fedsparse.inputs.encoder import builds_with_timm
+
     devices = []
     for i, (profile, folder) in enumerate(zip(profiles, folders)):
         d = Device(i, profile, folder, len(client_images(run_cfg, 0, 1, str(folder))))
         d.limit_mib = (memory_limits or [0] * len(profiles))[i] or profile.memory_mib
-        if prepare_features(run_cfg, d, always=bool(node_bin)):
-            report(f"{d.label}: features extracted here ahead of the run ({'its install has no timm' if node_bin else f'its {d.profile.name} profile cannot extract them within its memory'}; "
+        lean = bool(node_bin) and builds_with_timm(run_cfg.encoder)  # its install cannot build the encoder
+        if prepare_features(run_cfg, d, always=lean):
+            report(f"{d.label}: features extracted here ahead of the run ({'its install has no timm' if lean else f'its {d.profile.name} profile cannot extract them within its memory'}; "
                    "a lean device's setup step, docs/deployment.md)")
         devices.append(d)
 
@@ -235,10 +239,10 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
 
 def prepare_features(cfg: RunConfig, device: Device, always: bool = False) -> bool:
     """Fill ``device``'s feature cache here, before the run, when its profile predicts that
-    extracting them on the device would not fit its memory (``fit_profile``: timm and the
-    encoder on top of the ClientApp); a device that can, extracts in its first round. Returns
-    whether it did (``device.features`` says so in the report). ``always``: whatever the
-    prediction (the devices run an install without timm)."""
+    extracting them on the device would not fit its memory (``fit_profile``: the encoder on
+    top of the ClientApp); a device that can, extracts in its first round. Returns whether it
+    did (``device.features`` says so in the report). ``always``: whatever the prediction (the
+    devices run an install without timm, and the encoder is a hub model)."""
     from fedsparse.accounting.budget import MemoryBudgetError
     from fedsparse.inputs.features import encoder_batch, encoder_ref
     from fedsparse.profiles import fit_profile

@@ -12,6 +12,8 @@ Encoders come from a spec string (the ``encoder`` run-config key):
   as an MAE on CIFAR-10 by ``fedsparse pretrain`` and bundled (``BUILTIN_WEIGHTS``, fp16, 5.4 MB).
 - ``builtin-random``: the same architecture with a fixed random initialisation (a warning says
   so), at any image size that is a multiple of 4; the baseline the pretrained one must beat.
+  These two and checkpoint files are fedsparse's own ViT (``fedsparse.inputs.vit``: timm's
+  ``VisionTransformer``, bit for bit, without importing timm); the timm specs below import timm.
 - ``<timm model name>``, e.g. ``vit_base_patch16_224.mae``: timm architecture with hub weights.
 - ``<timm model name>@<file>``: the same architecture, weights from a local file, loaded by
   timm's own pretrained-weights code path (what the hub path runs after downloading).
@@ -52,7 +54,8 @@ class Encoder:
     """A loaded encoder and what identifies it.
 
     Attributes:
-        model: timm ``VisionTransformer`` in eval mode.
+        model: a ViT in eval mode (``fedsparse.inputs.vit.ViT``, or timm's ``VisionTransformer``
+            for a hub model).
         spec: the spec string it was built from.
         weights_sha: SHA-256 of its parameters and buffers (first 16 hex digits).
         image_size: input side in pixels; patch_size, num_patches, dim: as the names say.
@@ -72,18 +75,12 @@ class Encoder:
 
 
 def _vit(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
+    """The ViT of the built-in encoder and of checkpoint files: fedsparse's own
+    (``fedsparse.inputs.vit``: timm's ``VisionTransformer`` without importing timm)."""
+    from fedsparse.inputs.vit import ViT
 
-    return VisionTransformer(
-        img_size=img_size,
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_ratio,
-        num_classes=0,
-        global_pool="token",
-    )
+    return ViT(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+               mlp_ratio=mlp_ratio)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -227,6 +224,14 @@ def checkpoint_of(spec: str) -> Path | None:
     return None
 
 
+def builds_with_timm(spec: str) -> bool:
+    """Whether ``load_encoder(spec)`` imports timm: a hub model by name (``name``,
+    ``name@file``, ``name@random``). The built-in encoders and checkpoint files are
+    ``fedsparse.inputs.vit.ViT``."""
+    spec = spec.strip()
+    return spec != "builtin-random" and checkpoint_of(spec) is None
+
+
 def checkpoint_identity(spec: str, image_size: int) -> tuple[dict[str, Any], dict[str, Any], int] | None:
     """(identity, arch, parameter count) of the encoder ``spec`` names, read from its checkpoint
     file without building the model (no timm), or None when timm builds it (``checkpoint_of``).
@@ -367,7 +372,7 @@ def visible_tokens(model: nn.Module, images: torch.Tensor, keep: torch.Tensor) -
     """All output tokens (after the final norm) of a forward over the visible patches only.
 
     Args:
-        model: timm VisionTransformer with a class token.
+        model: a ViT with a class token (``fedsparse.inputs.vit.ViT`` or timm's).
         images: [B, C, H, W], normalised.
         keep: [B, n_visible] long, visible patch indices (see ``fedsparse.inputs.masking``).
 

@@ -84,6 +84,11 @@ def get_encoder(spec: str, image_size: int) -> Encoder:
     return load_encoder(spec, image_size)
 
 
+def encoder_loaded() -> bool:
+    """Whether this process has loaded an encoder: it extracted features (a cache miss)."""
+    return get_encoder.cache_info().currsize > 0
+
+
 @dataclass(frozen=True)
 class EncoderRef:
     """What names an encoder's features and sizes its work, without the encoder: its
