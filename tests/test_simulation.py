@@ -55,8 +55,13 @@ def test_simulated_clients_run_at_nice_0_and_ray_stops_without_waiting(monkeypat
         ray_processes = [info.process for infos in ray._private.worker._global_node.all_processes.values()
                          for info in infos]
         raylet = next(p.pid for p in ray_processes if "raylet" in " ".join(processes.command_line(p.pid)))
-        # (a short-lived child of the raylet may be a zombie by now: command_line says [] for it)
-        agents = [p for p in processes.tree(raylet)[1:] if "Agent" in " ".join(processes.command_line(p.pid))]
+        # (a short-lived child of the raylet may be a zombie by now: command_line says [] for it;
+        # an agent may still be starting, under its script's name before its ray:: title)
+        deadline = time.monotonic() + 60
+        while not (agents := [p for p in processes.tree(raylet)[1:]
+                              if "agent" in " ".join(processes.command_line(p.pid)).lower()]):
+            assert time.monotonic() < deadline, "the raylet started no agent within a minute"
+            time.sleep(0.1)
         waits = []  # Popen.wait calls while Ray shuts down
         real_wait = subprocess.Popen.wait
 
