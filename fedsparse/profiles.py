@@ -94,7 +94,7 @@ class Profile:
 # ``SUPERNODE_PROCESSES_MIB`` (284 MiB RSS measured here); the ClientApp gets the rest
 # (``client_budget_mib``), which starts at the library's imports (torch, fedsparse, Flower: 580
 # MiB with the default install, ``fedsparse.accounting.budget.LIBRARY_BASELINE_BYTES``; timm adds
-# 190 MiB where features are extracted). docs/benchmarks/deployment.md has the measured peaks.
+# 190 MiB where a hub encoder extracts features). docs/benchmarks/deployment.md has the measured peaks.
 SUPERNODE_PROCESSES_MIB = 290
 #
 # Every profile encodes in fp32. bf16 (``profile-encoder-dtype=bf16``, for a device whose CPU
@@ -103,7 +103,7 @@ SUPERNODE_PROCESSES_MIB = 290
 PROFILES: dict[str, Profile] = {
     # A small single-board computer or an old phone (1 GiB of RAM, one usable core): 1 GiB for
     # the whole SuperNode, 734 MiB of it for the ClientApp on cached features (586 MiB measured);
-    # its one-off extraction (timm and the encoder: 816 MiB of RSS) is held to the whole 1 GiB
+    # its one-off extraction (the built-in encoder: 642 MiB of RSS, BENCHMARKS.md section 5) is held to the whole 1 GiB
     # (fit_profile). Encodes a quarter of the patches, 32 images at a time, and trains a quarter
     # of the hidden width for 10 steps of 32.
     "tiny": Profile("tiny", mask_ratio=0.75, width=0.25, local_steps=10, batch_size=32, encoder_dtype="fp32",
@@ -308,7 +308,8 @@ def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[in
     the whole ``memory-mib``: its extra peak is mostly library pages (torch's, timm's for a hub
     model), which
     a memory-limited device (or cgroup) reclaims from the processes that idle meanwhile;
-    measured, a tiny device's 816 MiB-RSS extraction charged its cgroup under 700 MiB."""
+    measured when extraction imported timm, a tiny device's 816 MiB-RSS extraction charged its
+    cgroup under 700 MiB."""
     import logging
 
     from fedsparse.accounting.budget import MIB, fit_encoder_batch, predict_peak_bytes

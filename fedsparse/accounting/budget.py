@@ -20,17 +20,18 @@ The model of the peak (bytes)::
 
 The factors of 2 are measured: the allocator and the temporaries of attention (qkv reshapes,
 softmax) hold about twice the analytic activations. Measured on this machine in fresh
-processes, 500 images of the bundled sample, built-in encoder (peak RSS, ``VmHWM``; the
-prediction adds the 22 MiB of Flower's ClientApp imports the measuring process lacked):
+processes, 500 images of the bundled sample, built-in encoder (fedsparse's own ViT: no timm;
+peak RSS, ``VmHWM``; the prediction adds the 22 MiB of Flower's ClientApp imports the measuring
+process lacked):
 
 =====================  ==========  ==========
 r, dtype, batch        measured    predicted
 =====================  ==========  ==========
-0.0, fp32, 256         1024 MiB    1071 MiB
-0.5, fp32, 256          902 MiB     956 MiB
-0.5, fp32, 32           802 MiB     864 MiB
-0.75, bf16, 32          785 MiB     857 MiB
-0.75, bf16, 1           782 MiB     851 MiB
+0.0, fp32, 256          792 MiB     880 MiB
+0.5, fp32, 256          707 MiB     766 MiB
+0.5, fp32, 32           590 MiB     674 MiB
+0.75, bf16, 32          574 MiB     667 MiB
+0.75, bf16, 1           617 MiB     661 MiB
 =====================  ==========  ==========
 
 (one thread; predicted for the full 192-1024-1024-10 head, batch 64; the measured runs extracted only,
