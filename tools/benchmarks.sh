@@ -37,6 +37,7 @@ section_robustness() {
 
 section_devices() {
     fedsparse devices --profiles tiny,small --num-rounds 10 --out "$OUT/devices"
+    fedsparse devices --profiles tiny,small --num-rounds 10 --client-worker --out "$OUT/devices-worker"
 }
 
 section_profiles() {
