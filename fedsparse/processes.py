@@ -40,9 +40,6 @@ from typing import Callable, Iterable
 import psutil
 
 
-_FREEZE_AT_EXIT = False
-
-
 def exit_without_final_collection() -> None:
     """At this process's exit, freeze every object (``gc.freeze``) so that the interpreter's
     final full garbage collection has nothing to walk. A process with torch, timm and Flower
@@ -50,11 +47,10 @@ def exit_without_final_collection() -> None:
     end of every ``fedsparse`` command and of every ``flwr-clientapp`` process (one per
     message). The exit still runs ``atexit`` handlers (registered earlier: this one runs
     first) and flushes the standard streams; objects left in reference cycles are not
-    finalized, which a process that is ending does not need. Idempotent."""
-    global _FREEZE_AT_EXIT
-    if not _FREEZE_AT_EXIT:
-        atexit.register(gc.freeze)
-        _FREEZE_AT_EXIT = True
+    finalized, which a process that is ending does not need. Idempotent: a second call moves
+    the one registration to the front."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 def process(pid: int | None = None) -> psutil.Process | None:

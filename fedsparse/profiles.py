@@ -306,10 +306,9 @@ def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[in
     A round on cached features is held to the ClientApp's share of the profile's
     ``memory-mib`` (``client_budget_mib``). The one-off extraction of a cold cache is held to
     the whole ``memory-mib``: its extra peak is mostly library pages (torch's, timm's for a hub
-    model), which
-    a memory-limited device (or cgroup) reclaims from the processes that idle meanwhile;
-    measured when extraction imported timm, a tiny device's 816 MiB-RSS extraction charged its
-    cgroup under 700 MiB."""
+    model), which a memory-limited device (or cgroup) reclaims from the processes that idle
+    meanwhile; measured when extraction imported timm, a tiny device's 816 MiB-RSS extraction
+    charged its cgroup under 700 MiB."""
     import logging
 
     from fedsparse.accounting.budget import MIB, fit_encoder_batch, predict_peak_bytes
@@ -320,10 +319,11 @@ def fit_profile(cfg: Any, profile: Profile, head_dims: tuple[int, ...] | list[in
     run = cfg.replace(mask_ratio=profile.mask_ratio, encoder_dtype=profile.encoder_dtype)
     ref = encoder_ref(run.encoder, run.image_size)  # no encoder built (nor timm imported) to size it
     shape, params = ref.shape, ref.params
+    timm = builds_with_timm(run.encoder)
 
     def predict(batch: int) -> int:
         return predict_peak_bytes(shape, params, profile.mask_ratio, batch, head_dims, batch_size, num_examples,
-                                  threads=profile.threads, extracting=not cached, timm=builds_with_timm(run.encoder))
+                                  threads=profile.threads, extracting=not cached, timm=timm)
 
     budget = max(0, client_budget_mib(profile) if cached else profile.memory_mib) * MIB
     try:

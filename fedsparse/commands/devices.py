@@ -154,11 +154,11 @@ def devices_run(cfg: RunConfig, profiles: list[Any], out: Path, data_dir: str = 
                          "environment with flwr installed")
     from fedsparse.inputs.encoder import builds_with_timm
 
+    lean = bool(node_bin) and builds_with_timm(run_cfg.encoder)  # the devices' install cannot build the encoder
     devices = []
     for i, (profile, folder) in enumerate(zip(profiles, folders)):
         d = Device(i, profile, folder, len(client_images(run_cfg, 0, 1, str(folder))))
         d.limit_mib = (memory_limits or [0] * len(profiles))[i] or profile.memory_mib
-        lean = bool(node_bin) and builds_with_timm(run_cfg.encoder)  # its install cannot build the encoder
         if prepare_features(run_cfg, d, always=lean):
             report(f"{d.label}: features extracted here ahead of the run ({'its install has no timm' if lean else f'its {d.profile.name} profile cannot extract them within its memory'}; "
                    "a lean device's setup step, docs/deployment.md)")

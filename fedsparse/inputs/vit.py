@@ -9,7 +9,7 @@ checkpoint loads into either, a seeded random initialisation gives the same tens
 features are bit for bit the same (``tests/test_encoder.py`` compares the two where timm is
 installed).
 
-Importing timm costs 1.5-2 s of CPU and ~150 MiB (it imports torchvision, which imports
+Importing timm costs 1.5-2 s of CPU and about 190 MiB (it imports torchvision, which imports
 ``torch._dynamo``): a client that extracts features with the built-in encoder no longer pays
 it, and a CPU-only install of torch, where the registry's torchvision does not load, can run
 it. timm remains the way to build a hub model by name (``fedsparse.inputs.encoder``).
@@ -31,8 +31,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = (img_size, img_size)
         self.patch_size = (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.Identity()
 
@@ -82,12 +81,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """A ViT with a class token (see the module docstring). ``forward_features`` is the full
-    (unmasked) forward; fedsparse's masked forward is ``fedsparse.inputs.encoder.visible_tokens``."""
-
-    num_prefix_tokens = 1
-    no_embed_class = False
-    reg_token = None
+    """A ViT with a class token and no register tokens (see the module docstring).
+    ``forward_features`` is the full (unmasked) forward; fedsparse's masked forward is
+    ``fedsparse.inputs.encoder.visible_tokens``."""
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, in_chans: int = 3) -> None:
