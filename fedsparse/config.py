@@ -69,6 +69,8 @@ class RunConfig:
     group_trim: float = 0.1  # trimmed-mean: the fraction cut at each end
     clip_factor: float = 2.0  # ist, fedavg, fedopt: clip each update to this x the round's median update RMS; 0 = off
     min_cosine: float = 0.0  # ist, fedavg, fedopt: drop an update whose cosine with its group's median update is below; -1 = off
+    outlier_strikes: int = 2  # a client whose update is clipped in this many rounds is not sampled again in the run; 0 = off
+    outlier_pardon: str = ""  # readmit banned clients when the run starts or resumes: "all" or ids "3,17"
     ridge_lambda: float = 1.0  # fed3r: the ridge penalty; 1 beat Fed3R's 0.01 on the sample (README)
     # IST from the closed form (docs/algorithms.md): logits = ridge head (skip) + a residual MLP
     ist_start: str = "closed-form"  # skew IST: closed-form (ridge statistics, then a residual MLP) or random (the MLP alone)
@@ -121,6 +123,11 @@ class RunConfig:
             raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         if not -1.0 <= self.min_cosine < 1.0:
             raise ValueError(f"min-cosine must be in [-1, 1) (-1 = off), got {self.min_cosine}")
+        if self.outlier_strikes < 0:
+            raise ValueError(f"outlier-strikes must be >= 0 (0 = off), got {self.outlier_strikes}")
+        from fedsparse.engine.outliers import parse_pardon
+
+        parse_pardon(self.outlier_pardon)
         if not 0.0 <= self.group_trim < 0.5:
             raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
         _check_choice("ist-start", self.ist_start, IST_STARTS)

@@ -226,7 +226,7 @@ def plain_run(cfg: RunConfig):
 
 
 _runs: dict[tuple, tuple] = {}
-UNDEFENDED = dict(clip_factor=0.0, min_cosine=-1.0)  # fedsparse hostile's "none"
+UNDEFENDED = dict(clip_factor=0.0, min_cosine=-1.0, outlier_strikes=0)  # fedsparse hostile's "none"
 
 
 def cached_run(cfg: RunConfig, tmp_path_factory, **changes):
@@ -247,9 +247,9 @@ def test_each_attack_changes_a_small_run_and_passes_the_checks(small_cfg, tmp_pa
     assert all(r.failures == 0 for r in m.rounds), [r.rejected for r in m.rounds]  # never refused
     assert any(not torch.equal(engine.state[k], ref_engine.state[k]) for k in engine.state)
     again, engine2 = plain_run(small_cfg.replace(out_dir=str(tmp_path_factory.mktemp("again")), fault_mode=attack,
-                                                 fault_rate=0.2, clip_factor=0.0, min_cosine=-1.0, num_rounds=2))
+                                                 fault_rate=0.2, num_rounds=2, **UNDEFENDED))
     first2, engine1 = plain_run(small_cfg.replace(out_dir=str(tmp_path_factory.mktemp("first")), fault_mode=attack,
-                                                  fault_rate=0.2, clip_factor=0.0, min_cosine=-1.0, num_rounds=2))
+                                                  fault_rate=0.2, num_rounds=2, **UNDEFENDED))
     assert all(torch.equal(engine1.state[k], engine2.state[k]) for k in engine1.state)  # seeded
 
 
@@ -261,6 +261,46 @@ def test_the_default_defence_holds_what_breaks_the_undefended_run(small_cfg, tmp
     assert bare.final_accuracy < ref.final_accuracy - 0.3, (bare.final_accuracy, ref.final_accuracy)
     assert held.final_accuracy > bare.final_accuracy + 0.3, (held.final_accuracy, bare.final_accuracy)
     assert sum(1 for r in held.rounds for c in r.per_client if c.clip_scale is not None and c.clip_scale < 1.0) > 0
+
+
+def test_clients_clipped_again_and_again_stop_being_sampled(small_cfg, tmp_path_factory):
+    """The outlier record on a run: scaled x4 replies are clipped every time, so each hostile
+    client is banned at its second clipped round and never sampled after it; no honest client
+    is; without attackers nobody is banned."""
+    from fedsparse.attacks import hostile_clients
+
+    held, _ = cached_run(small_cfg, tmp_path_factory, fault_mode="scale", fault_rate=0.2)
+    hostile = hostile_clients(small_cfg.seed, small_cfg.num_clients, 0.2)
+    banned = {int(c): r for c, r in held.outliers["banned"].items()}
+    strikes = {int(c): n for c, n in held.outliers["strikes"].items()}
+    sampled = {}  # client -> rounds it was sampled in
+    for r in held.rounds:
+        for c in r.per_client:
+            sampled.setdefault(c.client, []).append(r.round)
+    assert banned and set(banned) <= hostile, (banned, hostile)
+    for c in hostile:  # the naive loop: the ban falls on the round of the second clipped reply
+        rounds = sampled.get(c, [])
+        if len(rounds) >= 2:
+            assert banned[c] == rounds[1] and strikes[c] == 2 and rounds[-1] == rounds[1], (c, rounds)
+        else:
+            assert c not in banned
+    honest, _ = cached_run(small_cfg, tmp_path_factory, fault_mode="raise", fault_rate=0.0)
+    assert honest.outliers.get("banned", {}) == {}
+
+
+def test_a_pardon_on_resume_readmits_banned_clients(small_cfg, tmp_path):
+    """``outlier-pardon`` may change on ``--resume``: the banned clients it names are sampled
+    again (their strikes cleared); the other bans stay."""
+    cfg = small_cfg.replace(fault_mode="scale", fault_rate=0.2, num_rounds=4, out_dir=str(tmp_path / "run"))
+    first, _ = plain_run(cfg)
+    banned = sorted(int(c) for c in first.outliers["banned"])
+    assert len(banned) >= 2, first.outliers
+    freed, kept = banned[0], banned[1:]
+    again, engine = plain_run(cfg.replace(num_rounds=12, resume=True, outlier_pardon=str(freed)))
+    later = [c.client for r in again.rounds if r.round > 4 for c in r.per_client]
+    assert freed in later and not set(kept) & set(later)
+    assert set(kept) <= {int(c) for c in again.outliers["banned"]}
+    assert engine.outliers.strikes.get(freed, 0) <= 2
 
 
 def test_the_in_process_driver_applies_the_same_attack(small_cfg, tmp_path):

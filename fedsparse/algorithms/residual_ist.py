@@ -59,7 +59,7 @@ from fedsparse.algorithms.base import (
     State,
 )
 from fedsparse.algorithms.closed_form import head_io
-from fedsparse.algorithms.robust import CLIP_SCALE_KEY, COSINE_KEY, check_directions, clip_updates
+from fedsparse.algorithms.robust import CLIP_SCALE_KEY, COSINE_KEY, NORM_OUTLIER_KEY, check_directions, clip_updates
 from fedsparse.algorithms.ist import IST, ISTOptions
 from fedsparse.model.closed_form import add_stats, check_ridge_stats, ridge_head, stats_spec
 from fedsparse.model.residual import SKIP, is_residual, merge_skip, skip_from_linear, split_residual, zero_last_layer
@@ -172,7 +172,7 @@ class ResidualIST(IST):
         update RMS, then dropped when their cosine with the median update (on the rows of the
         classes each client holds) is below ``min-cosine``. A client's record (the metrics of its
         ``trained`` update, shared with its reply) keeps the smaller clip scale and cosine of its
-        two parts."""
+        two parts, and ``norm-outlier`` when either part was clipped."""
         clients = sorted(skip_of, key=skip_of.get)
         tasks = [ClientTask(c, skip_state, group=0) for c in clients]
         ups = []
@@ -188,6 +188,8 @@ class ResidualIST(IST):
             for key in (CLIP_SCALE_KEY, COSINE_KEY):
                 if mine is not None and key in u.metrics:
                     mine[key] = min(float(u.metrics[key]), float(mine.get(key, u.metrics[key])))
+            if mine is not None and u.metrics.get(NORM_OUTLIER_KEY):
+                mine[NORM_OUTLIER_KEY] = 1.0
         return [(split_residual(u.arrays)[1], *skips[skip_of[u.client]][1:]) for u in kept]
 
     def solve(self, in_dim: int) -> State:

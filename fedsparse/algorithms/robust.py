@@ -24,6 +24,7 @@ from fedsparse.model.robust import clip_to_median, direction_cosines, flat_updat
 
 CLIP_SCALE_KEY = "clip-scale"  # server side: the factor an accepted update was multiplied by (1 = untouched, 0 = dropped)
 COSINE_KEY = "direction-cos"  # server side: the update's cosine with its group's median update
+NORM_OUTLIER_KEY = "norm-outlier"  # server side: 1.0 on an update that was clipped (fedsparse.engine.outliers counts them)
 MIN_GROUP = 3  # fewer updates in a group: no median to speak of, nothing is clipped or dropped
 
 
@@ -31,7 +32,9 @@ def clip_updates(tasks: Sequence[ClientTask], updates: Sequence[ClientUpdate], f
     """``updates`` with their updates (reply - what their task sent) clipped to ``factor`` x the
     round's median update RMS; ``factor`` <= 0 or fewer than 3 updates: unchanged (a median of
     one or two replies is no reference). The metrics of a clipped update (the engine's own
-    record of the reply) gain ``clip-scale``, so that the round's per-client records show it."""
+    record of the reply) gain ``clip-scale``, so that the round's per-client records show it,
+    and ``norm-outlier``, which the run's outlier record counts (the direction check may later
+    set ``clip-scale`` to 0; ``norm-outlier`` stays)."""
     if factor <= 0 or len(updates) < MIN_GROUP:
         return list(updates)
     task_of = {t.client: t for t in tasks}
@@ -40,6 +43,7 @@ def clip_updates(tasks: Sequence[ClientTask], updates: Sequence[ClientUpdate], f
     for u, a, s in zip(updates, clipped, scales):
         if s != 1.0:
             u.metrics[CLIP_SCALE_KEY] = s
+            u.metrics[NORM_OUTLIER_KEY] = 1.0
             u = replace(u, arrays=a)
         out.append(u)
     return out

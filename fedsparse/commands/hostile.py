@@ -1,8 +1,9 @@
 """``fedsparse hostile CONFIG``: the attack catalogue against one config, one table.
 
 For every hostile fraction of ``--rates`` and every defence of ``--defences``
-(``none``: ``clip-factor = 0``, ``min-cosine = -1`` and ``group-rule = mean``; ``clip``: the
-config without the direction check, ``min-cosine = -1``; ``default``: the config as it is),
+(``none``: ``clip-factor = 0``, ``min-cosine = -1``, ``group-rule = mean`` and
+``outlier-strikes = 0``; ``clip``: the clipping alone, ``min-cosine = -1`` and
+``outlier-strikes = 0``; ``default``: the config as it is),
 the command runs
 
 - the reference: the same hostile clients failing (``fault-mode = drop``);
@@ -15,7 +16,7 @@ already in ``<out>`` from earlier calls (other rates, other defences) join the t
 
 Outputs in ``<out>``: ``hostile.csv`` (one row per run: defence, rate, attack, final and best
 accuracy, the difference to the reference of the same defence and rate, replies refused,
-updates clipped, updates dropped, bytes per client, server seconds per round) and ``hostile.md`` (the table).
+updates clipped, updates dropped, clients banned (``fedsparse.engine.outliers``), bytes per client, server seconds per round) and ``hostile.md`` (the table).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RunMetrics
 
 DEFENCES: dict[str, dict[str, Any]] = {
-    "none": {"clip_factor": 0.0, "min_cosine": -1.0, "group_rule": "mean"},
-    "clip": {"min_cosine": -1.0},  # the clipping alone, without the direction check
+    "none": {"clip_factor": 0.0, "min_cosine": -1.0, "group_rule": "mean", "outlier_strikes": 0},
+    "clip": {"min_cosine": -1.0, "outlier_strikes": 0},  # the clipping alone: no direction check, no record
     "default": {},
 }
 HONEST = "honest"  # the row without attackers
@@ -89,7 +90,7 @@ def row_of(defence: str, rate: float, attack: str, m: RunMetrics) -> dict[str, A
         "defence": defence, "rate": rate, "attack": attack,
         "final_accuracy": m.final_accuracy, "best_accuracy": m.best_accuracy, "rounds": len(rounds),
         "refused": sum(sum(r.rejected.values()) for r in rounds), "failed": sum(r.failures for r in rounds),
-        "clipped": clipped, "dropped": dropped,
+        "clipped": clipped, "dropped": dropped, "banned": len(m.outliers.get("banned", {})),
         "bytes_down_per_client": sum(r.bytes_down_per_client for r in rounds) / max(1, len(rounds)),
         "bytes_up_per_client": sum(r.bytes_up_per_client for r in rounds) / max(1, len(rounds)),
         "model_bytes": m.model_bytes,
@@ -148,7 +149,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     cell = {(r["rate"], r["attack"], r["defence"]): r for r in rows}
     keys = sorted({(r["rate"], r["attack"]) for r in rows},
                   key=lambda k: (k[0], ((HONEST, DROP) + ATTACKS).index(k[1]) if k[1] in (HONEST, DROP) + ATTACKS else 99))
-    head = "| hostile | attack | " + " | ".join(f"{d}: accuracy % | {d}: vs reference | {d}: refused, clipped, dropped"
+    head = "| hostile | attack | " + " | ".join(f"{d}: accuracy % | {d}: vs reference | {d}: refused, clipped, dropped, banned"
                                                for d in defences) + " |"
     lines = [head, "|---|---|" + "---|---|---|" * len(defences)]
     for rate, attack in keys:
@@ -159,7 +160,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             if r is None:
                 cells_ += ["", "", ""]
             else:
-                cells_ += [_pct(r["final_accuracy"]), _pct(r["vs_reference"], sign=True), f"{r['refused']}, {r['clipped']}, {r.get('dropped', 0)}"]
+                cells_ += [_pct(r["final_accuracy"]), _pct(r["vs_reference"], sign=True), f"{r['refused']}, {r['clipped']}, {r.get('dropped', 0)}, {r.get('banned', 0)}"]
         lines.append(f"| {'-' if attack == HONEST else f'{100 * rate:g}%'} | {label} | " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
 

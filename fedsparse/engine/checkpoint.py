@@ -29,7 +29,8 @@ FORMAT = 1
 
 # Keys that do not change what a round computes: where files go, how long to wait, how
 # many simulated clients run side by side, how often to evaluate, and resume itself.
-RESUME_FREE_KEYS = frozenset({"out-dir", "cache-dir", "round-timeout", "client-cpus", "ray-address", "num-rounds", "eval-every", "save-seconds", "resume"})
+RESUME_FREE_KEYS = frozenset({"out-dir", "cache-dir", "round-timeout", "client-cpus", "ray-address", "num-rounds", "eval-every", "save-seconds", "resume",
+                              "outlier-pardon"})
 
 
 @dataclass

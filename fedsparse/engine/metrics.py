@@ -234,6 +234,8 @@ class RunMetrics:
     # simulation: the Ray nodes the clients ran on, one dict each (fedsparse.engine.nodes.NodeTable.rows:
     # node, address, tasks, workers, peak_rss_bytes_sum, peak_rss_bytes_max; fedsparse run adds node_id, cpus)
     ray_nodes: list[dict[str, Any]] = field(default_factory=list)
+    # the outlier record (fedsparse.engine.outliers): client -> strikes, client -> the round of its ban
+    outliers: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- derived --------------------------------------------------------------------
@@ -307,7 +309,8 @@ class RunMetrics:
         entry is not changed once appended): what a background write reads while the run goes on."""
         return dataclasses.replace(self, initial=dict(self.initial), rounds=list(self.rounds),
                                    resumed_at=list(self.resumed_at), memory=dict(self.memory), extra=dict(self.extra),
-                                   refused_nodes=dict(self.refused_nodes), ray_nodes=list(self.ray_nodes))
+                                   refused_nodes=dict(self.refused_nodes), ray_nodes=list(self.ray_nodes),
+                                   outliers={k: dict(v) for k, v in self.outliers.items()})
 
     def write(self, out_dir: str | Path, text: str | None = None) -> Path:
         """Write ``metrics.json`` atomically (a crash leaves the previous complete file);

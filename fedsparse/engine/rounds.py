@@ -38,6 +38,7 @@ from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics,
 from fedsparse.engine.adversary import make_adversary
 from fedsparse.engine.exchange import Exchange, Failure, RejectedReply, Reply
 from fedsparse.engine.nodes import NodeTable
+from fedsparse.engine.outliers import OutlierRecord, parse_pardon
 from fedsparse.model.head import count_params, evaluate, state_dims
 from fedsparse.model.residual import build_head
 from fedsparse.model.ist import all_finite, state_bytes
@@ -194,6 +195,7 @@ class RoundEngine:
         self.round_threads = 0
         self.eval_threads = torch.get_num_threads()
         self.adversary = make_adversary(cfg)  # hostile clients (fault-mode an attack), else None
+        self.outliers = OutlierRecord(cfg.outlier_strikes, cfg.num_clients)  # clients no longer sampled
 
     def initial_head_state(self) -> State:
         """The head every run of this config starts from (seeded by ``seed``)."""
@@ -228,6 +230,11 @@ class RoundEngine:
             self.metrics = RunMetrics.from_dict(ckpt.metrics)
             self.metrics.config = self.cfg.to_run_config()
             self.nodes = NodeTable(self.metrics.ray_nodes)
+            self.outliers = OutlierRecord(self.cfg.outlier_strikes, self.cfg.num_clients, self.metrics.outliers)
+            freed = self.outliers.pardon(parse_pardon(self.cfg.outlier_pardon))
+            if freed:
+                self.report(f"outlier-pardon: clients {', '.join(map(str, freed))} may be sampled again")
+            self.metrics.outliers = self.outliers.to_dict()
             self.done = self._saved = ckpt.round  # its files are on disk
             if self.done < self.cfg.num_rounds:
                 self.metrics.resumed_at.append(self.done)
@@ -265,7 +272,10 @@ class RoundEngine:
     def plan_round(self, server_round: int, available: Sequence[int]) -> list[ClientTask]:
         """Sample the round's clients and let the algorithm give each a task. Clients with a
         device profile get its local steps and batch size, and an algorithm that sizes its
-        tasks (IST) gets their capacities (a client without a profile counts as 1)."""
+        tasks (IST) gets their capacities (a client without a profile counts as 1). Clients the
+        outlier record has banned are not sampled (``fedsparse.engine.outliers``)."""
+        if self.outliers.banned:
+            available = self.outliers.eligible(available)
         clients = sample_clients(self.cfg.seed, server_round, available, self.cfg.clients_per_round)
         if not clients:
             raise RuntimeError(f"round {server_round}: no client is available")
@@ -340,6 +350,12 @@ class RoundEngine:
         updates = [accepted[t.client] for t in tasks if t.client in accepted]  # task order, not arrival order
         with torch_threads(1):  # sums over clients come out the same whatever this process's thread count
             new_state = self.algorithm.aggregate(server_round, self.state, tasks, updates)
+        banned = self.outliers.note(server_round, [u.client for u in updates], [u.metrics for u in updates])
+        if banned:
+            log.warning("round %d: client(s) %s not sampled again: clipped in %d rounds (outlier-strikes)",
+                        server_round, ", ".join(map(str, banned)), self.outliers.needed)
+        if self.outliers.strikes:
+            self.metrics.outliers = self.outliers.to_dict()
         kept = not all_finite(new_state)
         if kept:
             log.warning("round %d: the aggregated head is not finite; keeping the previous head", server_round)
