@@ -153,8 +153,9 @@ def patched_vce() -> Iterator[bool]:
 
 @contextmanager
 def patched_pool(around: Callable[[Any], Any]) -> Iterator[bool]:
-    """Inside the block, Flower's actor pool submits each message inside ``around(actor)`` (a
-    context manager; the actor is the one that will run it); yields whether it is installed."""
+    """Inside the block, Flower's actor pool submits each message inside ``around(actor,
+    message)`` (a context manager; the actor is the one that will run it); yields whether it
+    is installed."""
     try:
         from flwr.simulation.ray_transport.ray_actor import BasicActorPool
     except ImportError:
@@ -171,7 +172,7 @@ def patched_pool(around: Callable[[Any], Any]) -> Iterator[bool]:
         # actor is taken here (peeking at pool[-1] would race with the threads that put actors back)
         actor = self.pool.pop()
         app_fn, message, cid, context = job
-        with around(actor):
+        with around(actor, message):
             future = actor_fn(actor, app_fn, message, cid, context)
         self._future_to_actor[future] = actor
         return future

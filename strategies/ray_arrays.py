@@ -27,7 +27,11 @@ are used only between processes on the same Ray node: every sender knows its own
 where its Arrays go (``sending_to``: the driver, per client actor, ``strategies.simulation``
 sets it; an actor replies to the process that sent it the task, whose node came with the
 task's Arrays). An Array for another node, or for a node nobody named, travels through Ray
-(its object store, for big ones) and is counted in ``CROSS_NODE``.
+(its object store, for big ones) and is counted in ``CROSS_NODE``. The members of an IST
+group are sent the same slice (the same Array objects): before a message leaves for another
+node, ``share`` puts each of its big Arrays in the object store once (``CROSS_NODE["put"]``)
+and the message carries only the reference, so a round puts each slice once rather than once
+per client, and Ray's object manager moves it to each node once.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from flwr.app import Array
 
@@ -57,7 +61,12 @@ _destination = threading.local()  # .node: the node the Arrays this thread seria
 COUNTS = {"sent": 0, "received": 0, "inline": 0}
 # big Arrays sent through Ray because the receiver is on another node (or on none named), and
 # big ones received that way from another node
-CROSS_NODE = {"sent": 0, "received": 0}
+# ("by_ref": of those sent, the ones that carried a reference put once by ``share``; "put": the puts)
+CROSS_NODE = {"sent": 0, "received": 0, "put": 0, "by_ref": 0}
+# big Arrays put in the object store once for receivers on other nodes: id(Array) -> (Array, ObjectRef)
+# (the Array is kept so that its id is not reused); the last SHARED_KEEP, a few rounds' slices
+_shared: dict[int, tuple[Array, Any]] = {}
+SHARED_KEEP = 64
 
 
 def shm_root() -> Path:
@@ -104,16 +113,54 @@ def sending_to(node: str | None) -> Iterator[None]:
         _destination.node = before
 
 
+def _min_bytes() -> int:
+    return int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES))
+
+
+def share(arrays: Iterable[Array], put: Callable[[bytes], Any] | None = None) -> int:
+    """Put each big Array of ``arrays`` (a message for another node) in Ray's object store,
+    once per Array object (``put``: ``ray.put``); ``_pack`` then sends the reference. Returns
+    how many were put now."""
+    if _dir is None:
+        return 0
+    if put is None:
+        import ray
+
+        put = ray.put
+    done = 0
+    for array in arrays:
+        hit = _shared.get(id(array))
+        if (hit is not None and hit[0] is array) or len(array.data) < _min_bytes():
+            continue
+        _shared[id(array)] = (array, put(array.data))
+        CROSS_NODE["put"] += 1
+        done += 1
+        while len(_shared) > SHARED_KEEP:
+            _shared.pop(next(iter(_shared)))
+    return done
+
+
+def _fetch(ref: Any) -> bytes:
+    """The bytes ``share`` put in Ray's object store (from this node's copy once fetched)."""
+    import ray
+
+    return ray.get(ref)
+
+
 def _pack(array: Array) -> tuple[Any, ...]:
     """``array`` as Ray will pickle it: its fields, with big data swapped for a file name when
     the receiver is on this node; and where it came from (this run's directory, this node)."""
     data = array.data
     origin = (_dir, _node) if _dir is not None else None
-    if _dir is None or len(data) < int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES)):
+    if _dir is None or len(data) < _min_bytes():
         return (array.dtype, array.shape, array.stype, data, None, None, origin)
     destination = getattr(_destination, "node", None) or _peer
     if destination is None or destination != _node:  # another machine cannot open this node's file
         CROSS_NODE["sent"] += 1
+        hit = _shared.get(id(array))
+        if hit is not None and hit[0] is array:  # put once (``share``): only the reference travels
+            CROSS_NODE["by_ref"] += 1
+            return (array.dtype, array.shape, array.stype, None, None, len(data), origin, hit[1])
         return (array.dtype, array.shape, array.stype, data, None, None, origin)
     path = os.path.join(_dir, uuid.uuid4().hex)
     try:
@@ -139,10 +186,14 @@ def _unpack(fields: tuple[Any, ...]) -> Array:
     """The Array ``_pack`` described (reading and deleting its file); registers the serializer
     in this process first, so that what it sends back takes the same path (or Ray's, when the
     sender is on another node)."""
-    dtype, shape, stype, data, path, size, origin = fields
+    dtype, shape, stype, data, path, size, origin, *ref = fields
     if origin is not None and _dir is None:
         install(origin[0], peer=origin[1])
-    if path is None and origin is not None and origin[1] != _node and len(data) >= int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES)):
+    if ref:  # put once by the sender (``share``)
+        data = _fetch(ref[0])
+        if len(data) != size:
+            raise RuntimeError(f"an array shared through Ray's object store holds {len(data)} bytes, expected {size}")
+    if path is None and origin is not None and origin[1] != _node and len(data) >= _min_bytes():
         CROSS_NODE["received"] += 1
     if path is not None:
         if origin is not None and origin[1] != _node:
@@ -158,6 +209,11 @@ def _unpack(fields: tuple[Any, ...]) -> Array:
             raise RuntimeError(f"shared-memory array {path} holds {len(data)} bytes, expected {size}")
         COUNTS["received"] += 1
     return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
+
+
+def this_node() -> str | None:
+    """This process's Ray node id, once ``install`` ran (else None)."""
+    return _node
 
 
 def node_id(_: Any = None) -> str:
@@ -178,7 +234,8 @@ def install(directory: str | Path, peer: str | None = None) -> None:
     _node = node_id()
     _peer = peer
     COUNTS.update(sent=0, received=0, inline=0)
-    CROSS_NODE.update(sent=0, received=0)
+    CROSS_NODE.update(sent=0, received=0, put=0, by_ref=0)
+    _shared.clear()
     ray.util.register_serializer(Array, serializer=_pack, deserializer=_unpack)
 
 
@@ -188,6 +245,7 @@ def uninstall() -> None:
 
     global _dir, _node, _peer
     _dir = _node = _peer = None
+    _shared.clear()
     try:
         ray.util.deregister_serializer(Array)
     except Exception:  # noqa: BLE001 - Ray already shut down: nothing registered any more

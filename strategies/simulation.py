@@ -189,10 +189,14 @@ def actor_node(actor: Any) -> str | None:
     return _ACTOR_NODES[key]
 
 
-def arrays_to(actor: Any) -> Any:
-    """Around the submission of a message to ``actor``: its Arrays go by file only when it runs
-    on this node (``strategies.ray_arrays``)."""
-    return ray_arrays.sending_to(actor_node(actor) if actor is not None else None)
+def arrays_to(actor: Any, message: Any = None) -> Any:
+    """Around the submission of ``message`` to ``actor``: its Arrays go by file only when the
+    actor runs on this node; for another node each big Array is put in Ray's object store once
+    (``strategies.ray_arrays.share``: a group's members share their slice)."""
+    node = actor_node(actor) if actor is not None else None
+    if message is not None and node != ray_arrays.this_node():
+        ray_arrays.share(a for record in message.content.array_records.values() for a in record.values())
+    return ray_arrays.sending_to(node)
 
 
 def stop_without_grace(ray: Any) -> bool:

@@ -23,7 +23,8 @@ def run_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_arrays, "_node", "node-a")  # this process's Ray node
     monkeypatch.setattr(ray_arrays, "_peer", "node-a")  # and its receiver's, unless sending_to says otherwise
     monkeypatch.setattr(ray_arrays, "COUNTS", {"sent": 0, "received": 0, "inline": 0})
-    monkeypatch.setattr(ray_arrays, "CROSS_NODE", {"sent": 0, "received": 0})
+    monkeypatch.setattr(ray_arrays, "CROSS_NODE", {"sent": 0, "received": 0, "put": 0, "by_ref": 0})
+    monkeypatch.setattr(ray_arrays, "_shared", {})
     return path
 
 
@@ -106,7 +107,7 @@ def test_an_array_for_another_node_goes_through_ray_and_is_counted(run_dir, monk
     with ray_arrays.sending_to("node-b"):  # a client actor on another machine
         fields = ray_arrays._pack(big)
     assert fields[3] == big.data and fields[4] is None and not list(run_dir.iterdir())
-    assert ray_arrays.CROSS_NODE == {"sent": 1, "received": 0} and ray_arrays.COUNTS["sent"] == 0
+    assert ray_arrays.CROSS_NODE == {"sent": 1, "received": 0, "put": 0, "by_ref": 0} and ray_arrays.COUNTS["sent"] == 0
     with ray_arrays.sending_to("node-a"):  # one on this node: the file
         assert ray_arrays._pack(big)[4] is not None
     monkeypatch.setattr(ray_arrays, "_peer", None)  # nobody named the receiver's node: Ray's path
@@ -115,6 +116,41 @@ def test_an_array_for_another_node_goes_through_ray_and_is_counted(run_dir, monk
     monkeypatch.setattr(ray_arrays, "_node", "node-b")
     assert ray_arrays._unpack(fields).data == big.data
     assert ray_arrays.CROSS_NODE["received"] == 1
+
+
+def test_a_groups_array_for_other_nodes_is_put_once_and_sent_by_reference(run_dir, monkeypatch):
+    """``share``: the slice a group's members get is put in the object store once; every
+    message for another node then carries the reference, which the receiver fetches."""
+    store = {}
+
+    def put(data):
+        store[len(store)] = data
+        return len(store) - 1
+
+    monkeypatch.setattr(ray_arrays, "_fetch", lambda ref: store[ref])
+    slice_, small = Array(torch.randn(300, 100)), Array(torch.randn(3))
+    for _ in range(5):  # five members of a group, all on node b
+        ray_arrays.share([slice_, small], put=put)
+    assert len(store) == 1 and ray_arrays.CROSS_NODE["put"] == 1  # the small one stays in the pickle
+    with ray_arrays.sending_to("node-b"):
+        sent = [ray_arrays._pack(slice_) for _ in range(5)]
+    assert all(f[3] is None and f[4] is None and len(pickle.dumps(f)) < 1000 for f in sent)
+    assert ray_arrays.CROSS_NODE["sent"] == 5 and ray_arrays.CROSS_NODE["by_ref"] == 5
+    monkeypatch.setattr(ray_arrays, "_node", "node-b")
+    back = ray_arrays._unpack(sent[0])
+    assert (back.dtype, back.shape, back.data) == (slice_.dtype, slice_.shape, slice_.data)
+    assert ray_arrays.CROSS_NODE["received"] == 1
+    other = Array(torch.randn(300, 100))  # not shared: in the pickle, as before
+    with ray_arrays.sending_to("node-c"):
+        assert ray_arrays._pack(other)[3] == other.data
+    store[0] = b"short"  # a reference whose object is not what was sent: a one-line error
+    monkeypatch.setattr(ray_arrays, "_node", "node-a")
+    with pytest.raises(RuntimeError, match=f"holds 5 bytes, expected {len(slice_.data)}"):
+        ray_arrays._unpack(sent[1])
+    monkeypatch.setattr(ray_arrays, "SHARED_KEEP", 2)
+    for _ in range(3):
+        ray_arrays.share([Array(torch.randn(300, 100))], put=put)
+    assert len(ray_arrays._shared) == 2  # only the last few rounds' Arrays are kept
 
 
 def test_a_file_written_on_another_node_is_a_one_line_error(run_dir, monkeypatch):
