@@ -125,8 +125,6 @@ class RunConfig:
             raise ValueError(f"min-cosine must be in [-1, 1) (-1 = off), got {self.min_cosine}")
         if self.outlier_strikes < 0:
             raise ValueError(f"outlier-strikes must be >= 0 (0 = off), got {self.outlier_strikes}")
-        from fedsparse.engine.outliers import parse_pardon
-
         parse_pardon(self.outlier_pardon)
         if not 0.0 <= self.group_trim < 0.5:
             raise ValueError(f"group-trim must be in [0, 0.5), got {self.group_trim}")
@@ -192,6 +190,20 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def parse_pardon(text: str) -> "set[int] | str":
+    """``outlier-pardon``: "" (nobody), "all", or comma-separated client ids (fedsparse.engine.outliers)."""
+    text = text.strip()
+    if text in ("", "all"):
+        return text
+    try:
+        ids = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"outlier-pardon must be 'all' or comma-separated client ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"outlier-pardon: client ids are >= 0, got {text!r}")
+    return ids
 
 
 def _kebab(name: str) -> str:

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from fedsparse.algorithms.robust import NORM_OUTLIER_KEY
-from fedsparse.engine.outliers import OutlierRecord, parse_pardon
+from fedsparse.config import parse_pardon
+from fedsparse.engine.outliers import OutlierRecord
 
 
 def naive(events, needed, num_clients):

@@ -27,20 +27,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from fedsparse.algorithms.robust import NORM_OUTLIER_KEY
 
 
-def parse_pardon(text: str) -> "set[int] | str":
-    """``outlier-pardon``: "" (nobody), "all", or comma-separated client ids."""
-    text = text.strip()
-    if text in ("", "all"):
-        return text
-    try:
-        ids = {int(part) for part in text.split(",") if part.strip()}
-    except ValueError:
-        raise ValueError(f"outlier-pardon must be 'all' or comma-separated client ids, got {text!r}") from None
-    if any(i < 0 for i in ids):
-        raise ValueError(f"outlier-pardon: client ids are >= 0, got {text!r}")
-    return ids
-
-
 class OutlierRecord:
     """Strikes and bans per client (module docstring). ``strikes`` <= 0: keeps no record."""
 

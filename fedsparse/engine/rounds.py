@@ -31,14 +31,14 @@ from fedsparse.accounting.timeline import client_timeline
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
 from fedsparse.algorithms.base import State
 from fedsparse import errors
-from fedsparse.config import RunConfig, round_lr
+from fedsparse.config import RunConfig, parse_pardon, round_lr
 from fedsparse.engine.client import torch_threads
 from fedsparse.engine.checkpoint import MODEL, BackgroundWriter, Checkpoint, atomic_torch_save, check_resumable
 from fedsparse.engine.metrics import PER_CLIENT_MAX, ClientRecord, RoundMetrics, RunMetrics, client_record, client_summary, plot_accuracy
 from fedsparse.engine.adversary import make_adversary
 from fedsparse.engine.exchange import Exchange, Failure, RejectedReply, Reply
 from fedsparse.engine.nodes import NodeTable
-from fedsparse.engine.outliers import OutlierRecord, parse_pardon
+from fedsparse.engine.outliers import OutlierRecord
 from fedsparse.model.head import count_params, evaluate, state_dims
 from fedsparse.model.residual import build_head
 from fedsparse.model.ist import all_finite, state_bytes
