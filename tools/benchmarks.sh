@@ -32,7 +32,7 @@ section_robustness() {
         --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0" --out "$OUT/robustness"
     fedsparse hostile configs/scale.toml --rates 0.3 --defences none,clip,default --run-config "$RC" \
         --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0" --out "$OUT/robustness"
-    fedsparse hostile configs/scale.toml --rates 0.2 --defences default --run-config "$RC" \
+    fedsparse hostile configs/scale.toml --rates 0.2 --defences default,none --run-config "$RC" \
         --run-config "eval-every=50 save-seconds=600.0" --out "$OUT/robustness-full"
     python tools/hostile_table.py > "$OUT/hostile.md"
 }
