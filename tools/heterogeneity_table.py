@@ -87,16 +87,14 @@ def main() -> None:
         have = {(r["partition"], r["strategy"]) for r in rows}
         with open(args.baselines) as fh:
             for b in csv.DictReader(fh):
-                strategy = "ist (random start)" if b["strategy"] == "ist" else b["strategy"]
+                # a fedsparse sweep CSV from before IST started from the closed form: its "ist" was the
+                # random start; this tool's own CSV (it has a "source" column) names rows as they are
+                strategy = b["strategy"]
+                if "source" not in b and strategy == "ist":
+                    strategy = "ist (random start)"
                 if (b["partition"], strategy) in have or b["strategy"].startswith("centralized"):
                     continue
-                rows.append({"partition": b["partition"], "strategy": strategy, "source": "earlier sweep",
-                             "rounds": int(float(b["rounds"])), "final_accuracy": float(b["final_accuracy"]),
-                             "best_accuracy": float(b["best_accuracy"]),
-                             "bytes_down_per_client": float(b["bytes_down_per_client"] or 0),
-                             "bytes_up_per_client": float(b["bytes_up_per_client"] or 0),
-                             "max_bytes_per_client_round": float(b["bytes_down_per_client"] or 0)
-                             + float(b["bytes_up_per_client"] or 0), "ridge_alone": ""})
+                rows.append(baseline_row(b, strategy))
     args.out.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])
     with open(args.out / "heterogeneity.csv", "w", newline="") as fh:
@@ -107,6 +105,26 @@ def main() -> None:
     plot(rows, curves, args.out / "heterogeneity.png")
     print(table(rows))
     print(goals(rows))
+
+
+def baseline_row(b: dict, strategy: str) -> dict:
+    """A row of ``--baselines``: a ``fedsparse sweep`` CSV, or this tool's own CSV (whose rows
+    keep their ``source``, rounds and busiest-round bytes; a ceiling has no rounds or bytes)."""
+    def num(key: str):
+        v = b.get(key, "")
+        return float(v) if v not in ("", None) else ""
+
+    down, up = num("bytes_down_per_client"), num("bytes_up_per_client")
+    busiest = num("max_bytes_per_client_round")
+    if busiest == "" and down != "":
+        busiest = down + (up or 0.0)
+    rounds = num("rounds")
+    ridge = num("ridge_alone")
+    return {"partition": b["partition"], "strategy": strategy,
+            "source": b.get("source") if b.get("source") not in ("", None, "this sweep") else "earlier sweep",
+            "rounds": int(rounds) if rounds != "" else "", "final_accuracy": float(b["final_accuracy"]),
+            "best_accuracy": float(b["best_accuracy"]), "bytes_down_per_client": down,
+            "bytes_up_per_client": up, "max_bytes_per_client_round": busiest, "ridge_alone": ridge}
 
 
 def _mb(v) -> str:
