@@ -117,27 +117,23 @@ def _min_bytes() -> int:
     return int(os.environ.get(MIN_BYTES_VAR, MIN_BYTES))
 
 
-def share(arrays: Iterable[Array], put: Callable[[bytes], Any] | None = None) -> int:
+def share(arrays: Iterable[Array], put: Callable[[bytes], Any] | None = None) -> None:
     """Put each big Array of ``arrays`` (a message for another node) in Ray's object store,
-    once per Array object (``put``: ``ray.put``); ``_pack`` then sends the reference. Returns
-    how many were put now."""
+    once per Array object (``put``: ``ray.put``); ``_pack`` then sends the reference."""
     if _dir is None:
-        return 0
+        return
     if put is None:
         import ray
 
         put = ray.put
-    done = 0
     for array in arrays:
         hit = _shared.get(id(array))
         if (hit is not None and hit[0] is array) or len(array.data) < _min_bytes():
             continue
         _shared[id(array)] = (array, put(array.data))
         CROSS_NODE["put"] += 1
-        done += 1
         while len(_shared) > SHARED_KEEP:
             _shared.pop(next(iter(_shared)))
-    return done
 
 
 def _fetch(ref: Any) -> bytes:
