@@ -77,6 +77,8 @@ class RunConfig:
     residual_temperature: float = 0.1  # closed-form: the ridge head's logits / this; 1 let the MLP swamp them (docs/algorithms.md)
     residual_normalize: bool = False  # closed-form: each class's ridge row scaled to unit norm (Fed3R's); lost 2-4 points
     residual_skip: str = "trained"  # closed-form: trained (merged like the output layer) or fixed (clients leave the ridge head)
+    residual_lr: float = 3e-5  # closed-form: the clients' learning rate (Fed3R+FT's small one); lr's default lost 0.7 points
+    ridge_features: int = 512  # closed-form: random ReLU features the ridge head also reads (0 = the features alone)
     num_rounds: int = 30
     round_timeout: float = 600.0  # seconds to wait for replies; late clients count as failed
     # --- what the server accepts (see fedsparse/engine/rounds.py check_reply) -------------
@@ -123,6 +125,8 @@ class RunConfig:
             raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         if not -1.0 <= self.min_cosine < 1.0:
             raise ValueError(f"min-cosine must be in [-1, 1) (-1 = off), got {self.min_cosine}")
+        if self.ridge_features < 0:
+            raise ValueError(f"ridge-features must be >= 0 (0 = the features alone), got {self.ridge_features}")
         if self.outlier_strikes < 0:
             raise ValueError(f"outlier-strikes must be >= 0 (0 = off), got {self.outlier_strikes}")
         parse_pardon(self.outlier_pardon)
@@ -131,7 +135,7 @@ class RunConfig:
         _check_choice("ist-start", self.ist_start, IST_STARTS)
         _check_choice("residual-skip", self.residual_skip, RESIDUAL_SKIPS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("server_lr", "ridge_lambda", "residual_temperature"):
+        for name in ("server_lr", "ridge_lambda", "residual_temperature", "residual_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
         check_mask_ratio(self.mask_ratio)
@@ -380,11 +384,12 @@ def same_run(saved: dict[str, Any], cfg: RunConfig) -> bool:
     return {k: v for k, v in saved.items() if k != "resume"} == {k: v for k, v in current.items() if k != "resume"}
 
 
-def round_lr(cfg: RunConfig, server_round: int) -> float:
+def round_lr(cfg: RunConfig, server_round: int, base: float | None = None) -> float:
     """The clients' learning rate in round ``server_round`` (1-based) of ``cfg.num_rounds``:
-    ``lr`` throughout (``constant``), or ``cosine``: ``lr * (1 + cos(pi (t - 1) / T)) / 2``, from
-    ``lr`` in round 1 down towards 0 in round T. A pure function of the round: a resumed run
-    goes on where it stopped."""
+    ``lr`` (or ``base``: an algorithm's own rate) throughout (``constant``), or ``cosine``:
+    ``lr * (1 + cos(pi (t - 1) / T)) / 2``, from ``lr`` in round 1 down towards 0 in round T. A
+    pure function of the round: a resumed run goes on where it stopped."""
+    lr = cfg.lr if base is None else base
     if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / cfg.num_rounds))

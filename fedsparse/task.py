@@ -206,8 +206,9 @@ def train_slice(
     ``state``, on batches seeded by (seed, round, partition). Returns (trained state, mean loss).
     ``label_aware``: the softmax covers only the classes this client holds (``train_steps``).
     ``frozen``: parameters whose names start with it are not trained and not returned (a
-    residual head's fixed ``skip.``). A state with ``skip.*`` is a ``ResidualHead``."""
-    from fedsparse.model.residual import build_head
+    residual head's fixed ``skip.``). A state with ``skip.*`` is a ``ResidualHead``; its random
+    features' ``rf.*`` are not returned."""
+    from fedsparse.model.residual import RF, build_head
 
     model = build_head(state)
     if frozen:
@@ -220,7 +221,7 @@ def train_slice(
     classes = torch.unique(feats.y) if label_aware else None
     loss = train_steps(model, feats.x, feats.y, batch_order(len(feats.y), steps, batch_size, gen),
                        cfg.lr if lr is None else lr, classes=classes)
-    trained = model.state_dict()
+    trained = {k: v for k, v in model.state_dict().items() if not k.startswith(RF)}  # buffers: never trained
     if frozen:
         trained = {k: v for k, v in trained.items() if not k.startswith(frozen)}
     return trained, loss

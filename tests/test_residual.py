@@ -25,8 +25,11 @@ from fedsparse.inputs.features import Features
 from fedsparse.model.closed_form import add_stats, ridge_head, stats_for
 from fedsparse.model.head import MLPHead
 from fedsparse.model.residual import (
+    RandomReLUFeatures,
     ResidualHead,
     build_head,
+    rf_part,
+    rf_weights,
     merge_skip,
     skip_from_linear,
     split_residual,
@@ -107,7 +110,7 @@ def cfg(tmp_path, make_image_tree):
     return RunConfig(dataset="imagefolder", data_dir=str(root), encoder="builtin-random", hidden="24,24",
                      strategy="ist", ist_start="closed-form", num_clients=6, clients_per_round=3, num_rounds=4,
                      partitioner="shards", cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"),
-                     residual_temperature=0.5, local_steps=3, batch_size=4)
+                     residual_temperature=0.5, local_steps=3, batch_size=4, ridge_features=0)
 
 
 def run(cfg: RunConfig) -> tuple[RoundEngine, object]:
@@ -269,7 +272,154 @@ class TestResidualIST:
         assert all(torch.equal(trained[k], arrays[k]) for k in trained)
 
 
+def naive_rf(x: torch.Tensor, shift, scale, seed: int, width: int) -> torch.Tensor:
+    """``[x, relu(A ((x - shift) * scale) + a)]`` one example and one unit at a time."""
+    a_mat, a_vec = rf_weights(x.shape[1], width, seed)
+    rows = []
+    for row in x.tolist():
+        z = [(v - float(shift[i])) * float(scale[i]) for i, v in enumerate(row)]
+        h = [max(0.0, sum(z[i] * float(a_mat[i, j]) for i in range(len(z))) + float(a_vec[j])) for j in range(width)]
+        rows.append(row + h)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+class TestRandomFeatures:
+    """``ridge-features``: the skip reads ``[x, relu(A z + a)]`` (``fedsparse.model.residual``)."""
+
+    def test_the_map_is_the_naive_one_and_its_draw_depends_only_on_the_seed(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        x, shift, scale = torch.randn(5, 4, generator=gen), torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5
+        feats = RandomReLUFeatures(4, 3)
+        feats.load_state_dict({"shift": shift, "scale": scale, "seed": torch.tensor(11)})
+        with torch.no_grad():
+            out = feats(x)
+        assert out.shape == (5, 7)
+        assert torch.allclose(out.double(), naive_rf(x, shift, scale, 11, 3), atol=1e-5)
+        assert torch.equal(rf_weights(4, 3, 11)[0], rf_weights(4, 3, 11)[0])
+        assert not torch.equal(rf_weights(4, 3, 11)[0], rf_weights(4, 3, 12)[0])
+
+    def test_a_head_with_random_features_round_trips_and_refuses_a_partial_map(self) -> None:
+        torch.manual_seed(0)
+        head = ResidualHead(5, (6,), 3, rf_width=4)
+        head.rf.seed.fill_(7)
+        state = head.state_dict()
+        assert set(rf_part(state)) == {"rf.shift", "rf.scale", "rf.seed"} and state["skip.weight"].shape == (3, 9)
+        again = build_head(state)
+        x = torch.randn(6, 5)
+        with torch.no_grad():
+            assert torch.equal(again(x), head(x))
+        with pytest.raises(ValueError, match="rf.seed"):
+            build_head({k: v for k, v in state.items() if k != "rf.seed"})
+        with pytest.raises(ValueError, match="skip.weight"):
+            build_head({**state, "skip.weight": torch.zeros(3, 5)})
+
+    def test_standardizer_is_the_mean_and_std_of_the_union(self) -> None:
+        from fedsparse.model.closed_form import standardizer
+
+        gen = torch.Generator().manual_seed(1)
+        parts = [torch.randn(n, 4, generator=gen) * 3 + 1 for n in (5, 9, 2)]
+        total = None
+        for x in parts:
+            total = add_stats(total, stats_for("ridge", x, torch.zeros(len(x), dtype=torch.long), 2))
+        mean, scale = standardizer(total, 4)
+        allx = torch.cat(parts).double()
+        assert torch.allclose(mean, allx.mean(0), atol=1e-5)
+        assert torch.allclose(scale, 1 / allx.std(0, unbiased=False), rtol=1e-4)
+
+    def test_round_one_fixes_the_map_and_later_statistics_are_those_of_the_map_exactly(self, cfg, tmp_path) -> None:
+        cfg = cfg.replace(ridge_features=4, residual_skip="fixed")
+        engine, _ = run(cfg.replace(num_rounds=1))
+        state, alg = engine.state, engine.algorithm
+        rf = rf_part(state)
+        assert set(rf) == {"rf.shift", "rf.scale", "rf.seed"}
+        assert alg.total is None and not alg.counted  # everyone sends the statistics of the map next
+        # the skip: the linear ridge head, zero on the random features
+        assert state["skip.weight"].shape[1] == state["layers.0.weight"].shape[1] + 4
+        assert not state["skip.weight"][:, -4:].any()
+        everyone, _ = run(cfg.replace(num_rounds=1, clients_per_round=6, out_dir=str(tmp_path / "all")))
+        x, _ = union(cfg, range(6))  # standardised by the statistics of round 1's clients: here all of them
+        assert torch.allclose(everyone.state["rf.shift"].double(), x.double().mean(0), atol=1e-4)
+        assert torch.allclose(everyone.state["rf.scale"].double(), 1 / x.double().std(0, unbiased=False), rtol=1e-3)
+        engine, metrics = run(cfg.replace(num_rounds=3, out_dir=str(tmp_path / "three")))
+        alg, state = engine.algorithm, engine.state
+        rf = rf_part(state)
+        assert alg.counted  # statistics of [x, rf(x)] from the clients sampled in rounds 2 and 3
+        total = None
+        for c in sorted(alg.counted):  # naive: each client's features through the map, one example at a time
+            f = client_features(cfg, c, cfg.num_clients)
+            phi = naive_rf(f.x, rf["rf.shift"], rf["rf.scale"], int(rf["rf.seed"]), 4)
+            total = add_stats(total, stats_for("ridge", phi, f.y, 3))
+        for k in total:
+            assert torch.allclose(alg.total[k], total[k], rtol=1e-4, atol=1e-4), k
+        x, y = union(cfg, alg.counted)
+        phi = naive_rf(x, rf["rf.shift"], rf["rf.scale"], int(rf["rf.seed"]), 4)
+        weight, bias = central_ridge(phi, y, 3, cfg.ridge_lambda)
+        # a fixed skip is the ridge head on [x, rf(x)] of every client counted since round 1
+        assert torch.allclose(state["skip.weight"].double(), weight / 0.5, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(state["skip.bias"].double(), bias / 0.5, rtol=1e-3, atol=1e-4)
+        # the map was fixed by round 1's statistics and never moved
+        assert all(torch.equal(v, run(cfg.replace(num_rounds=1, out_dir=str(tmp_path / "one")))[0].state[k])
+                   for k, v in rf.items())
+        short, _ = run(cfg.replace(num_rounds=2, out_dir=str(tmp_path / "resumed")))
+        resumed, _ = run(cfg.replace(num_rounds=3, out_dir=str(tmp_path / "resumed"), resume=True))
+        assert all(torch.equal(resumed.state[k], state[k]) for k in state)
+
+    def test_a_client_gets_the_map_trains_through_it_and_never_sends_it_back(self, cfg) -> None:
+        from fedsparse.engine.client import run_task
+
+        d = int(client_features(cfg, 0, 6).x.shape[1])
+        torch.manual_seed(3)
+        head = ResidualHead(d, (8, 8), 3, rf_width=5)
+        head.rf.seed.fill_(9)
+        state = zero_last_layer(head.state_dict())
+        config = {"server-round": 2, "local-steps": 3, "lr": 0.01, "batch-size": 4, CLIENT_TASK_KEY: "train",
+                  WITH_STATS_KEY: "ridge", "num-classes": 3}
+        arrays, _, _ = run_task(cfg, 0, 6, state, config)
+        assert not rf_part(arrays) and arrays["skip.weight"].shape == (3, d + 5)
+        feats = client_features(cfg, 0, 6)
+        phi = naive_rf(feats.x, state["rf.shift"], state["rf.scale"], 9, 5)
+        want = stats_for("ridge", phi, feats.y, 3)
+        assert all(torch.allclose(arrays[STATS_PREFIX + k], v, rtol=1e-4, atol=1e-3) for k, v in want.items())
+
+    def test_clients_train_at_residual_lr_under_the_lr_schedule(self, cfg) -> None:
+        import math
+
+        for schedule in ("constant", "cosine"):
+            run_cfg = cfg.replace(lr=0.01, residual_lr=0.0002, lr_schedule=schedule, num_rounds=4)
+            first, _ = run(run_cfg.replace(num_rounds=1))
+            engine = RoundEngine(run_cfg, report=lambda s: None)  # four rounds: the schedule's T
+            engine.state, engine.algorithm = first.state, first.algorithm
+            tasks = engine.plan_round(3, list(range(6)))
+            factor = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * 2 / 4))
+            assert tasks and all(t.config["lr"] == pytest.approx(0.0002 * factor) for t in tasks)
+            fedavg = RoundEngine(run_cfg.replace(strategy="fedavg"), report=lambda s: None)
+            assert all(t.config["lr"] == pytest.approx(0.01 * factor) for t in fedavg.plan_round(3, list(range(6))))
+
+    def test_a_negative_width_is_a_one_line_error(self) -> None:
+        with pytest.raises(ValueError, match="ridge-features must be >= 0"):
+            RunConfig(ridge_features=-1)
+
+
 class TestCeilings:
+    def test_the_ridge_ceiling_with_random_features_is_the_naive_kernel_ridge(self, cfg, tmp_path) -> None:
+        from fedsparse.commands.ceilings import ceiling
+        from fedsparse.seeds import derive_seed
+        from fedsparse.task import whole_split_features
+
+        cfg = cfg.replace(ridge_features=4, out_dir=str(tmp_path / "ceiling"))
+        got = ceiling(cfg, "ridge")
+        x, y = whole_split_features(cfg).x.double(), whole_split_features(cfg).y
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        phi = naive_rf(x.float(), mean, 1 / std, derive_seed("ridge-features", cfg.seed), 4)
+        weight, bias = central_ridge(phi, y, 3, cfg.ridge_lambda)
+        test, _ = server_test_features(cfg)
+        phi_test = naive_rf(test.x, mean, 1 / std, derive_seed("ridge-features", cfg.seed), 4)
+        want = float(((phi_test @ weight.T + bias).argmax(1) == test.y).float().mean())
+        assert got.rounds[-1].accuracy == pytest.approx(want)
+        linear = ceiling(cfg.replace(ridge_features=0, out_dir=str(tmp_path / "linear")), "ridge")
+        assert got.model_params == linear.model_params + 4 * 3
+
+
     def test_validation_split_is_disjoint_seeded_and_covers_everything(self) -> None:
         tr, val = validation_split(100, 0.1, seed=3)
         assert len(val) == 10 and len(tr) == 90

@@ -35,6 +35,7 @@ def ridge_alone(run: Path) -> float | None:
     from fedsparse.config import RunConfig
     from fedsparse.engine.checkpoint import Checkpoint
     from fedsparse.model.head import MLPHead, evaluate
+    from fedsparse.model.residual import rf_part, skip_input
     from fedsparse.task import test_features
 
     try:
@@ -48,7 +49,9 @@ def ridge_alone(run: Path) -> float | None:
     test, _ = test_features(cfg)
     head = MLPHead(w.shape[1], [], w.shape[0])
     head.load_state_dict({"layers.0.weight": torch.as_tensor(w), "layers.0.bias": torch.as_tensor(b)})
-    return evaluate(head, test.x, test.y)[0]
+    with torch.no_grad():  # what the skip reads: the features, and their random features if the run has them
+        x = skip_input({**rf_part(ckpt.state), "skip.weight": torch.as_tensor(w)}, test.x)
+    return evaluate(head, x, test.y)[0]
 
 
 def main() -> None:

@@ -109,6 +109,10 @@ class Algorithm(ABC):
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
 
+    def client_lr(self) -> float:
+        """The clients' learning rate before ``lr-schedule`` (``lr``, unless the algorithm has its own)."""
+        return self.cfg.lr
+
     @abstractmethod
     def plan(self, server_round: int, state: Mapping[str, torch.Tensor], clients: Sequence[int]) -> list[ClientTask]:
         """One task per client of ``clients`` (in that order)."""

@@ -9,7 +9,10 @@ process (no federation, no bytes):
   a better validation accuracy (or ``MAX_EPOCHS``), and the best validation checkpoint is the
   result (its test accuracy is the "final" one);
 - ``ridge``: the closed-form ridge head (``ridge-lambda``) of the training features (Fed3R's
-  head with every client counted; no validation needed, nothing is tuned);
+  head with every client counted; no validation needed, nothing is tuned); with
+  ``ridge-features`` > 0, of the features and their random ReLU features
+  (``fedsparse.model.residual``), standardised by all the training features and drawn from the
+  seed IST draws them from: IST's closed form with every client counted;
 - ``residual``: the residual head (``fedsparse.model.residual``): the ridge head of the training
   part as ``skip`` (``residual-temperature``, ``residual-normalize``; fixed or trained by
   ``residual-skip``) plus the MLP with its last layer at zero, trained and stopped as ``mlp``.
@@ -30,9 +33,9 @@ import torch
 
 from fedsparse.config import RunConfig
 from fedsparse.engine.metrics import RoundMetrics, RunMetrics
-from fedsparse.model.closed_form import add_stats, ridge_head, stats_for
-from fedsparse.model.head import MLPHead, batch_order, count_params, evaluate, train_steps
-from fedsparse.model.residual import ResidualHead, skip_from_linear, zero_last_layer
+from fedsparse.model.closed_form import add_stats, ridge_head, standardizer, stats_for
+from fedsparse.model.head import batch_order, count_params, evaluate, train_steps
+from fedsparse.model.residual import ResidualHead, rf_state, skip_from_linear, skip_input, zero_last_layer
 from fedsparse.seeds import derive_seed
 
 KINDS = ("mlp", "ridge", "residual")
@@ -58,6 +61,16 @@ def ridge_of(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float) -> 
     for start in range(0, len(y), 10_000):
         total = add_stats(total, stats_for("ridge", x[start:start + 10_000], y[start:start + 10_000], num_classes))
     return ridge_head(total, lam, int(x.shape[1]))
+
+
+def central_map(x: torch.Tensor, num_classes: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The ``rf.*`` state of ``cfg``'s random features standardised by all of ``x`` (IST
+    standardises by its first round's clients and draws from the same seed)."""
+    y = torch.zeros(len(x), dtype=torch.long)
+    total = None
+    for start in range(0, len(x), 10_000):
+        total = add_stats(total, stats_for("ridge", x[start:start + 10_000], y[start:start + 10_000], num_classes))
+    return rf_state(*standardizer(total, int(x.shape[1])), derive_seed("ridge-features", cfg.seed))
 
 
 def train_early_stopped(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
@@ -117,13 +130,19 @@ def ceiling(cfg: RunConfig, kind: str) -> RunMetrics:
     test = (te.x, te.y)
     dims = [int(x.shape[1]), *cfg.hidden_sizes, num_classes]
     extra: dict[str, Any] = {"validation_examples": len(val_rows), "train_examples": len(tr_rows)}
+    width = cfg.ridge_features
+    rf = central_map(x, num_classes, cfg) if width and kind != "mlp" else {}
+    phi = (lambda z: skip_input({**rf, "skip.weight": torch.zeros(num_classes, dims[0] + width)}, z)) if rf else (lambda z: z)
+    on = f"{width} random ReLU features of " if rf else ""
     if kind == "ridge":  # nothing is tuned: all training features, as fed3r with every client counted
-        head = MLPHead(dims[0], [], num_classes)
-        head.load_state_dict(ridge_of(x, y, num_classes, cfg.ridge_lambda))
+        with torch.no_grad():
+            linear = ridge_of(phi(x), y, num_classes, cfg.ridge_lambda)
+        head = ResidualHead(dims[0], [1], num_classes, width if rf else 0)  # the skip alone: its MLP adds zero
+        head.load_state_dict({**zero_last_layer(head.state_dict()), **rf, **skip_from_linear(linear)}, strict=True)
         acc, loss = evaluate(head, *test)
         curve = [{"steps": 0, "accuracy": acc, "loss": loss}]
-        best_at, params = 0, count_params([dims[0], num_classes])
-        text = f"ceiling: ridge head (lambda {cfg.ridge_lambda:g}) on all {len(y)} training features"
+        best_at, params = 0, count_params([dims[0] + (width if rf else 0), num_classes])
+        text = f"ceiling: ridge head (lambda {cfg.ridge_lambda:g}) on {on}all {len(y)} training features"
     else:
         mlp = initial_head(cfg, dims[0], num_classes)
         if kind == "mlp":
@@ -131,17 +150,18 @@ def ceiling(cfg: RunConfig, kind: str) -> RunMetrics:
             params = count_params(dims)
             text = f"ceiling: the MLP head, Adam, early-stopped on {len(val_rows)} validation features"
         else:
-            model = ResidualHead(dims[0], cfg.hidden_sizes, num_classes)
-            skip = skip_from_linear(ridge_of(*train, num_classes, cfg.ridge_lambda), cfg.residual_temperature,
-                                    cfg.residual_normalize)
-            model.load_state_dict({**zero_last_layer(mlp.state_dict()), **skip})
+            model = ResidualHead(dims[0], cfg.hidden_sizes, num_classes, width if rf else 0)
+            with torch.no_grad():
+                linear = ridge_of(phi(train[0]), train[1], num_classes, cfg.ridge_lambda)
+            skip = skip_from_linear(linear, cfg.residual_temperature, cfg.residual_normalize)
+            model.load_state_dict({**zero_last_layer(mlp.state_dict()), **skip, **rf})
             if cfg.residual_skip == "fixed":
                 for p in model.skip.parameters():
                     p.requires_grad_(False)
             start_acc, _ = evaluate(model, *test)
             extra["start_accuracy"] = start_acc
-            params = count_params(dims) + count_params([dims[0], num_classes])
-            text = (f"ceiling: ridge (T {cfg.residual_temperature:g}, normalized {cfg.residual_normalize}, "
+            params = count_params(dims) + count_params([dims[0] + (width if rf else 0), num_classes])
+            text = (f"ceiling: ridge on {on}the features (T {cfg.residual_temperature:g}, normalized {cfg.residual_normalize}, "
                     f"{cfg.residual_skip}) + residual MLP, Adam, early-stopped on {len(val_rows)} validation features")
         fit = train_early_stopped(model, train, val, test, cfg)
         curve, best_at = fit["curve"], fit["best_at"]

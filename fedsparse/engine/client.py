@@ -23,6 +23,7 @@ from fedsparse.config import RunConfig
 from fedsparse.engine.nodes import naming_the_node, worker_identity
 from fedsparse.model.closed_form import stats_for
 from fedsparse.model.head import MLPHead, state_dims
+from fedsparse.model.residual import skip_input
 from fedsparse.processes import peak_rss_bytes, reset_peak_rss
 from fedsparse.inputs.features import encoder_batch
 from fedsparse.profiles import Profile, fit_profile
@@ -89,8 +90,9 @@ def run_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arra
                                     steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                                     label_aware=label_aware, frozen=str(config.get(FROZEN_KEY, "")))
     if WITH_STATS_KEY in config:  # the first time it is sampled: its statistics too (IST from the closed form)
-        with torch.no_grad():
-            stats = stats_for(str(config[WITH_STATS_KEY]), feats.x, feats.y, int(round_setting(config, NUM_CLASSES_KEY)))
+        with torch.no_grad():  # of what the skip reads: the features, and their random features if any
+            stats = stats_for(str(config[WITH_STATS_KEY]), skip_input(arrays, feats.x), feats.y,
+                              int(round_setting(config, NUM_CLASSES_KEY)))
         trained.update({STATS_PREFIX + k: v for k, v in stats.items()})
     if label_aware:  # which output rows it trained, and with how many examples each
         num_classes = int(round_setting(config, NUM_CLASSES_KEY))
@@ -143,18 +145,22 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
                    profile: Profile | None = None) -> tuple[State, int, dict[str, float]]:
     """A ``stats`` task: the sufficient statistics (``config["stats"]``: ridge or ncm, see
     ``fedsparse.model.closed_form``) of this client's features, or, when ``arrays`` holds an
-    MLP trunk (hidden layers only), of the trunk's last hidden activations."""
+    MLP trunk (hidden layers only), of the trunk's last hidden activations, or, when it holds a
+    residual head's ``skip`` and random features, of the features and their random features."""
     server_round = p.RoundSettings.from_config(config).server_round
     kind, num_classes = str(round_setting(config, STATS_KEY)), int(round_setting(config, NUM_CLASSES_KEY))
+    trunk = bool(arrays) and "layers.0.weight" in arrays
     with naming_the_node():
-        cfg, fit, feats = fitted_features(cfg, profile, state_dims(arrays) if arrays else (), 1, partition_id,
+        cfg, fit, feats = fitted_features(cfg, profile, state_dims(arrays) if trunk else (), 1, partition_id,
                                           num_partitions, server_round, data_dir)
     features_ready = time.time()
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)), torch.no_grad():
         x = feats.x
-        if arrays:
+        if trunk:
             x = torch.relu(MLPHead.from_state_dict(arrays)(x))  # a trunk: its last layer is a hidden one
+        elif arrays:  # a residual head's skip and random features: the statistics of what the skip reads
+            x = skip_input(arrays, x)
         stats = stats_for(kind, x, feats.y, num_classes)
     metrics = {
         p.TRAIN_SECONDS_KEY: time.perf_counter() - t0,

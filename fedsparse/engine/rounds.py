@@ -29,7 +29,7 @@ import torch
 
 from fedsparse.accounting.timeline import client_timeline
 from fedsparse.algorithms import Algorithm, ClientTask, ClientUpdate, make_algorithm
-from fedsparse.algorithms.base import State
+from fedsparse.algorithms.base import STATS, State
 from fedsparse import errors
 from fedsparse.config import RunConfig, parse_pardon, round_lr
 from fedsparse.engine.client import torch_threads
@@ -285,7 +285,8 @@ class RoundEngine:
             tasks = self.algorithm.plan(server_round, self.state, clients, capacities=capacities)  # type: ignore[call-arg]
         else:
             tasks = self.algorithm.plan(server_round, self.state, clients)
-        settings = RoundSettings(server_round, self.cfg.local_steps, round_lr(self.cfg, server_round), self.cfg.batch_size)
+        settings = RoundSettings(server_round, self.cfg.local_steps, round_lr(self.cfg, server_round, self.algorithm.client_lr()),
+                                 self.cfg.batch_size)
         profile_of = dict(zip(clients, profiles))
         for task in tasks:
             prof = profile_of.get(task.client)
@@ -378,7 +379,8 @@ class RoundEngine:
         entry = RoundMetrics(
             round=server_round, accuracy=accuracy, loss=loss, clients=len(updates),
             examples=sum(u.num_examples for u in updates), sampled=len(tasks),
-            subnets=len({t.group if t.group is not None else ("own", t.client) for t in tasks}),
+            subnets=len({t.group if t.group is not None else ("own", t.client)
+                         for t in ([t for t in tasks if t.config.get(CLIENT_TASK_KEY) != STATS] or tasks)}),
             failures=len(failures), failed_error=kinds["error"], failed_invalid=kinds["invalid"],
             failed_lost=kinds["lost"],
             bytes_down_per_client=sum(down) / len(down) if down else 0.0,

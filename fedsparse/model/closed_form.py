@@ -126,6 +126,21 @@ def ridge_head(stats: Mapping[str, torch.Tensor], lam: float, in_dim: int) -> St
             "layers.0.bias": beta[in_dim].to(torch.float32).contiguous()}
 
 
+def standardizer(stats: Mapping[str, torch.Tensor], in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, 1 / std)`` of each feature from summed ridge statistics: the constant feature's
+    row of ``[x 1]^T [x 1]`` holds the count and the sums, its diagonal the sums of squares
+    (population variance; a feature that does not vary gets scale 1)."""
+    d = in_dim + 1
+    gram = unpack_triu(torch.as_tensor(stats[GRAM]).to(torch.float64), d)
+    n = float(gram[-1, -1])
+    if not n > 0:
+        raise ValueError("ridge statistics of no examples: no mean or variance to standardise with")
+    mean = gram[:in_dim, -1] / n
+    var = gram.diagonal()[:in_dim] / n - mean * mean
+    scale = torch.where(var > 1e-12, 1.0 / var.clamp(min=1e-12).sqrt(), torch.ones_like(var))
+    return mean, scale
+
+
 def ncm_head(stats: Mapping[str, torch.Tensor], metric: str = "euclidean") -> State:
     """The nearest-class-mean classifier as a linear head.
 
