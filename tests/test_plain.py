@@ -23,13 +23,14 @@ def cfg(tmp_path, make_image_tree):
                      cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("strategy, subnets", [
-    ("ist", 0),  # pure IST (G = K = 3)
-    ("ist", 2),  # 3 clients in 2 groups
-    ("fedavg", 0),
+@pytest.mark.parametrize("strategy, subnets, features", [
+    ("ist", 0, 0),  # pure IST (G = K = 3), the closed form on the features alone
+    ("ist", 2, 0),  # 3 clients in 2 groups
+    ("ist", 0, 512),  # the default: random features, whose statistics replace a new client's training
+    ("fedavg", 0, 0),
 ])
-def test_plain_driver_equals_strategy_and_client_app_in_process(cfg, tmp_path, strategy, subnets):
-    cfg = cfg.replace(strategy=strategy, subnets_per_round=subnets)
+def test_plain_driver_equals_strategy_and_client_app_in_process(cfg, tmp_path, strategy, subnets, features):
+    cfg = cfg.replace(strategy=strategy, subnets_per_round=subnets, ridge_features=features)
     plain_cfg = cfg.replace(out_dir=str(tmp_path / "plain"))
     flower_cfg = cfg.replace(out_dir=str(tmp_path / "in-process"))
     with warnings.catch_warnings():
@@ -54,4 +55,9 @@ def test_plain_driver_equals_strategy_and_client_app_in_process(cfg, tmp_path, s
     expected = [1 if strategy == "fedavg" else (subnets or 3)] * 3
     if strategy == "ist":  # the default IST starts from the closed form: round 1 gathers statistics (one group)
         expected[0] = 1
+    if features:  # round 2: every client is new to the random features and only sends their statistics
+        expected[1] = 1
+        expected[2] = plain_metrics.rounds[2].subnets  # round 3: as many groups as clients already counted
+        assert plain_metrics.rounds[1].bytes_up_per_client > plain_metrics.rounds[0].bytes_up_per_client
+        assert "rf.seed" in plain.state
     assert [r.subnets for r in plain_metrics.rounds] == expected

@@ -326,7 +326,11 @@ class TestRandomFeatures:
         assert torch.allclose(mean, allx.mean(0), atol=1e-5)
         assert torch.allclose(scale, 1 / allx.std(0, unbiased=False), rtol=1e-4)
 
-    def test_round_one_fixes_the_map_and_later_statistics_are_those_of_the_map_exactly(self, cfg, tmp_path) -> None:
+    def test_round_one_fixes_the_map_and_later_statistics_are_those_of_the_map_exactly(self, cfg, tmp_path,
+                                                                                      monkeypatch) -> None:
+        import fedsparse.algorithms.residual_ist as residual_ist
+
+        monkeypatch.setattr(residual_ist, "RF_EXAMPLES_PER_INPUT", 0)  # the random features' head at once
         cfg = cfg.replace(ridge_features=4, residual_skip="fixed")
         engine, _ = run(cfg.replace(num_rounds=1))
         state, alg = engine.state, engine.algorithm
@@ -363,6 +367,36 @@ class TestRandomFeatures:
         short, _ = run(cfg.replace(num_rounds=2, out_dir=str(tmp_path / "resumed")))
         resumed, _ = run(cfg.replace(num_rounds=3, out_dir=str(tmp_path / "resumed"), resume=True))
         assert all(torch.equal(resumed.state[k], state[k]) for k in state)
+
+    def test_with_few_examples_counted_the_skip_stays_the_linear_ridge_head(self, cfg, tmp_path) -> None:
+        import fedsparse.algorithms.residual_ist as residual_ist
+
+        cfg = cfg.replace(ridge_features=4, residual_skip="fixed")
+        engine, _ = run(cfg.replace(num_rounds=3))
+        alg, state = engine.algorithm, engine.state
+        later = sorted(alg.counted)
+        x, y = union(cfg, later)
+        assert len(y) < residual_ist.RF_EXAMPLES_PER_INPUT * (x.shape[1] + 4 + 1)  # too few for the random features
+        # the linear head of whichever counts more examples: round 1's clients or the later ones
+        n_first = float(alg.linear["gram-triu"][-1])
+        if len(y) >= n_first:
+            weight, bias = central_ridge(x, y, 3, cfg.ridge_lambda)
+        else:
+            weight, bias = ridge_head(alg.linear, cfg.ridge_lambda, x.shape[1]).values()
+            weight, bias = weight.double(), bias.double()
+        assert torch.allclose(state["skip.weight"][:, :-4].double(), weight / 0.5, rtol=1e-3, atol=1e-4)
+        assert not state["skip.weight"][:, -4:].any()
+        assert torch.allclose(state["skip.bias"].double(), bias / 0.5, rtol=1e-3, atol=1e-4)
+
+    def test_sub_stats_are_the_statistics_of_the_kept_features(self) -> None:
+        from fedsparse.model.closed_form import stats_count, sub_stats
+
+        gen = torch.Generator().manual_seed(5)
+        x, y = torch.randn(9, 6, generator=gen), torch.randint(0, 3, (9,), generator=gen)
+        cut = sub_stats(stats_for("ridge", x, y, 3), 6, 4)
+        want = stats_for("ridge", x[:, :4], y, 3)
+        assert all(torch.allclose(cut[k], want[k], atol=1e-5) for k in want)
+        assert stats_count(cut) == 9.0
 
     def test_a_client_gets_the_map_trains_through_it_and_never_sends_it_back(self, cfg) -> None:
         from fedsparse.engine.client import run_task

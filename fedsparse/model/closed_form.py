@@ -126,6 +126,21 @@ def ridge_head(stats: Mapping[str, torch.Tensor], lam: float, in_dim: int) -> St
             "layers.0.bias": beta[in_dim].to(torch.float32).contiguous()}
 
 
+def stats_count(stats: Mapping[str, torch.Tensor]) -> float:
+    """The examples summed ridge statistics count (the constant feature's diagonal entry)."""
+    return float(torch.as_tensor(stats[GRAM])[-1])
+
+
+def sub_stats(stats: Mapping[str, torch.Tensor], in_dim: int, keep: int) -> State:
+    """The ridge statistics of the first ``keep`` of ``in_dim`` features alone (and the
+    constant), cut out of those of all ``in_dim``: a block of ``[x 1]^T [x 1]`` and rows of
+    ``[x 1]^T Y``."""
+    d = in_dim + 1
+    rows = torch.cat([torch.arange(keep), torch.tensor([in_dim])])
+    gram = unpack_triu(torch.as_tensor(stats[GRAM]), d)[rows][:, rows]
+    return {GRAM: pack_triu(gram), XTY: torch.as_tensor(stats[XTY])[rows].clone()}
+
+
 def standardizer(stats: Mapping[str, torch.Tensor], in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, 1 / std)`` of each feature from summed ridge statistics: the constant feature's
     row of ``[x 1]^T [x 1]`` holds the count and the sums, its diagonal the sums of squares
