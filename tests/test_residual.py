@@ -387,6 +387,11 @@ class TestRandomFeatures:
         assert torch.allclose(state["skip.weight"][:, :-4].double(), weight / 0.5, rtol=1e-3, atol=1e-4)
         assert not state["skip.weight"][:, -4:].any()
         assert torch.allclose(state["skip.bias"].double(), bias / 0.5, rtol=1e-3, atol=1e-4)
+        # round 1's statistics are kept in the checkpoint: a resumed run ends on the same head
+        run(cfg.replace(num_rounds=2, out_dir=str(tmp_path / "resumed")))
+        resumed, _ = run(cfg.replace(num_rounds=3, out_dir=str(tmp_path / "resumed"), resume=True))
+        assert all(torch.equal(resumed.state[k], state[k]) for k in state)
+        assert all(torch.equal(resumed.algorithm.linear[k], alg.linear[k]) for k in alg.linear)
 
     def test_sub_stats_are_the_statistics_of_the_kept_features(self) -> None:
         from fedsparse.model.closed_form import stats_count, sub_stats
