@@ -142,7 +142,7 @@ class ResidualIST(IST):
             config = {CLIENT_TASK_KEY: STATS, STATS_KEY: "ridge", NUM_CLASSES_KEY: num_classes}
             stats_tasks = [ClientTask(clients[i], {**skip, **rf}, dict(config), group=STATS_GROUP, meta="stats",
                                       reply=dict(spec), check=stats_check(width, "")) for i in new]
-            keep = [i for i in range(len(clients)) if i not in set(new)]
+            keep = sorted(set(range(len(clients))) - set(new))
             clients = [clients[i] for i in keep]
             capacities = [capacities[i] for i in keep] if capacities is not None else None
         tasks = super().plan(server_round, mlp, clients, capacities=capacities) if clients else []
