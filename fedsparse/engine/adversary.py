@@ -9,6 +9,14 @@ other. Because it acts on the exchange, the same attack runs in every driver: th
 the in-process Flower driver and the Simulation Engine (where the ClientApp's fault mod lets
 attack modes pass). ``label-flip`` retrains the hostile client on flipped labels here, so it
 needs the server to hold the clients' partitions (plain, in-process, simulation).
+
+**Statistics stay inside the bounds.** The update attacks (every mode but ``label-flip``)
+leave a hostile client's reply to a statistics task (``client-task = stats``) as it is:
+scaled, noisy or negated statistics fail the plausibility check outright
+(``check_ridge_stats``), and a client whose statistics are refused is never counted, so under
+IST from the closed form it would never be sent a slice to attack. The attacker that passes
+every check sends its true statistics, is counted, and attacks its updates. ``label-flip``
+sends the statistics of its flipped labels, a plausible lie the check cannot see.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from typing import Sequence
 
 import torch
 
-from fedsparse.algorithms.base import CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, ClientTask
+from fedsparse.algorithms.base import (CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, STATS_PREFIX,
+                                       WITH_STATS_KEY, ClientTask)
+from fedsparse.model.residual import skip_input
 from fedsparse.attacks import (
     ATTACK_MODES,
     COLLUDING,
@@ -63,8 +73,10 @@ def label_flip_reply(cfg: RunConfig, task: ClientTask) -> tuple[dict[str, torch.
     if str(conf.get(CLIENT_TASK_KEY, "train")) == STATS:
         with torch.no_grad():
             x = feats.x
-            if task.arrays:
+            if "layers.0.weight" in task.arrays:  # a trunk: its last hidden activations
                 x = torch.relu(MLPHead.from_state_dict(task.arrays)(x))
+            elif task.arrays:  # a residual head's skip and random features: what the skip reads
+                x = skip_input(task.arrays, x)
             return stats_for(str(conf[STATS_KEY]), x, y, num_classes), len(y)
     label_aware = bool(int(conf.get(LABEL_AWARE_KEY, 0)))
     trained, _ = train_slice(cfg, task.arrays, replace(feats, y=y), server_round, task.client,
@@ -72,7 +84,15 @@ def label_flip_reply(cfg: RunConfig, task: ClientTask) -> tuple[dict[str, torch.
                              label_aware=label_aware)
     if label_aware:
         trained[CLASS_COUNTS] = torch.bincount(y.long(), minlength=num_classes)[:num_classes].to(torch.float32)
+    if WITH_STATS_KEY in conf:  # the statistics a first-time client sends with its slice, of flipped labels too
+        with torch.no_grad():
+            stats = stats_for(str(conf[WITH_STATS_KEY]), skip_input(task.arrays, feats.x), y, num_classes)
+        trained.update({STATS_PREFIX + k: v for k, v in stats.items()})
     return trained, len(y)
+
+
+def is_stats_task(task: ClientTask) -> bool:
+    return str(task.config.get(CLIENT_TASK_KEY, "train")) == STATS
 
 
 class Adversary:
@@ -107,11 +127,14 @@ class Adversary:
             return replace(exchange, replies=replies, failures=failures)
         new: dict[int, dict[str, torch.Tensor]] = {}
         counts: dict[int, object] = {}
+        if self.attack != "label-flip":  # statistics go as they are (module docstring)
+            bad -= {r.client for r in hostile if is_stats_task(task_of[r.client])}
+            hostile = [r for r in hostile if r.client in bad]
         if self.attack in COLLUDING:
             groups: dict[object, list[Reply]] = {}
             for r in replies:
                 t = task_of.get(r.client)
-                if t is not None:
+                if t is not None and not is_stats_task(t):
                     groups.setdefault(("own", r.client) if t.group is None else t.group, []).append(r)
             for members in groups.values():
                 mine = [r for r in members if r.client in bad]
