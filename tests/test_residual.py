@@ -490,7 +490,7 @@ def test_the_new_keys_show_in_fedsparse_keys_with_their_defaults(capsys) -> None
     assert main(["keys"]) == 0
     out = capsys.readouterr().out
     for line in ("ist-start = 'closed-form'", "residual-temperature = 0.1", "residual-normalize = False",
-                 "residual-skip = 'trained'"):
+                 "residual-skip = 'trained'", "ridge-features = 512", "residual-lr = 3e-05"):
         assert line in out
     with pytest.raises(ValueError, match="ist-start"):
         RunConfig(ist_start="ridge")
