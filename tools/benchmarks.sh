@@ -30,11 +30,10 @@ section_skew() {
 section_robustness() {
     # sized down: 6 rounds of 20 clients, the closed form on the features alone and the residual MLP
     # at lr (with the default random features nearly every client of these rounds only sends statistics)
-    SMALL="clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0 ridge-features=0 residual-lr=0.001"
     fedsparse hostile configs/scale.toml --rates 0.1,0.2 --defences none,default --run-config "$RC" \
-        --run-config "$SMALL" --out "$OUT/robustness"
+        --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0 ridge-features=0 residual-lr=0.001" --out "$OUT/robustness"
     fedsparse hostile configs/scale.toml --rates 0.3 --defences none,clip,default --run-config "$RC" \
-        --run-config "$SMALL" --out "$OUT/robustness"
+        --run-config "clients-per-round=20 num-rounds=6 eval-every=6 save-seconds=600.0 ridge-features=0 residual-lr=0.001" --out "$OUT/robustness"
     fedsparse hostile configs/scale.toml --rates 0.2 --defences default,none --run-config "$RC" \
         --run-config "eval-every=50 save-seconds=600.0" --out "$OUT/robustness-full"
     python tools/hostile_table.py > "$OUT/hostile.md"
@@ -42,9 +41,8 @@ section_robustness() {
 
 section_devices() {
     # the closed form on the features alone, as measured (BENCHMARKS.md section 5)
-    LINEAR="ridge-features=0 residual-lr=0.001"
-    fedsparse devices --profiles tiny,small --num-rounds 10 --run-config "$LINEAR" --out "$OUT/devices"
-    fedsparse devices --profiles tiny,small --num-rounds 10 --client-worker --run-config "$LINEAR" --out "$OUT/devices-worker"
+    fedsparse devices --profiles tiny,small --num-rounds 10 --run-config "ridge-features=0 residual-lr=0.001" --out "$OUT/devices"
+    fedsparse devices --profiles tiny,small --num-rounds 10 --client-worker --run-config "ridge-features=0 residual-lr=0.001" --out "$OUT/devices-worker"
 }
 
 section_profiles() {
