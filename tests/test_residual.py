@@ -434,6 +434,23 @@ class TestRandomFeatures:
             fedavg = RoundEngine(run_cfg.replace(strategy="fedavg"), report=lambda s: None)
             assert all(t.config["lr"] == pytest.approx(0.01 * factor) for t in fedavg.plan_round(3, list(range(6))))
 
+    def test_a_trainers_slice_does_not_grow_when_others_send_statistics(self, cfg) -> None:
+        alg = make_algorithm(cfg.replace(ridge_features=4, subnets_per_round=0))  # pure IST: G = sampled clients
+        torch.manual_seed(0)
+        head = ResidualHead(5, (12, 8), 3, rf_width=4)
+        state = zero_last_layer(head.state_dict())
+        alg.counted = {0, 1}
+        tasks = alg.plan(3, state, [0, 1, 2, 3])  # 2 and 3 are new: statistics
+        train = [t for t in tasks if t.meta != "stats"]
+        assert sorted(t.client for t in train) == [0, 1] and len(tasks) == 4
+        everyone = make_algorithm(cfg.replace(ridge_features=4, subnets_per_round=0))
+        everyone.counted = {0, 1, 2, 3}  # the same round with every client training
+        full = everyone.plan(3, state, [0, 1, 2, 3])
+        for t in train:  # the slice it gets when everyone trains: a quarter of each hidden layer
+            same = next(f for f in full if f.client == t.client)
+            assert all(torch.equal(t.meta[i], same.meta[i]) for i in range(2))
+            assert t.arrays["layers.0.weight"].shape[0] == 3
+
     def test_a_negative_width_is_a_one_line_error(self) -> None:
         with pytest.raises(ValueError, match="ridge-features must be >= 0"):
             RunConfig(ridge_features=-1)

@@ -184,21 +184,29 @@ class IST(Algorithm):
                                                                                    server_round))
 
     def plan(self, server_round: int, state: Mapping[str, torch.Tensor], clients: Sequence[int],
-             capacities: Sequence[float] | None = None) -> list[ClientTask]:
+             capacities: Sequence[float] | None = None, idle: Sequence[float] = ()) -> list[ClientTask]:
         """One slice per group; with ``capacities`` (one per client, > 0) that differ, slices
-        sized to them (module docstring), else near-equal slices."""
+        sized to them (module docstring), else near-equal slices.
+
+        ``idle``: one entry (its capacity, or 1.0) per client sampled this round that trains
+        nothing (it sends statistics instead): the subnets and slices are those of the round
+        in which it trained too, the training clients are dealt into them as usual, and a slice
+        nobody trains stays as it is. So a client's slice, and its bytes, do not grow when
+        others in its round send statistics."""
         opts = self.options
-        g = self.num_subnets(len(clients))
-        if capacities is not None and len(capacities) != len(clients):
-            raise ValueError(f"got {len(capacities)} capacities for {len(clients)} clients")
-        if capacities is None or len({float(c) for c in capacities}) <= 1:
-            groups = client_groups(len(clients), g)
+        k = len(clients)
+        g = self.num_subnets(k + len(idle))
+        if capacities is not None and len(capacities) != k:
+            raise ValueError(f"got {len(capacities)} capacities for {k} clients")
+        if capacities is None or len({float(c) for c in [*capacities, *idle]}) <= 1:
+            groups = client_groups(k, g) if g <= k else list(range(k))  # fewer trainers: one subnet each
             parts = self.parts(server_round, state, g)
         else:
-            groups, group_caps = capacity_groups(capacities, g)
+            every, group_caps = capacity_groups([*capacities, *idle], g)
+            groups = every[:k]
             parts = self.capacity_parts(server_round, state, group_caps)
         indices = [worker_indices(parts, s) for s in range(g)]
-        slices = [slice_state(state, index, opts.scaling) for index in indices]
+        slices = [slice_state(state, index, opts.scaling) if s in set(groups) else {} for s, index in enumerate(indices)]
         config: dict[str, Any] = {"num-subnets": g}
         replies: list[dict | None] = [None] * g
         if opts.label_aware:

@@ -137,15 +137,18 @@ class ResidualIST(IST):
         width = int(skip["skip.weight"].shape[1])  # what the skip reads: the features, and their random features
         spec = stats_spec("ridge", width, num_classes)
         stats_tasks: list[ClientTask] = []
+        idle: list[float] = []
         if rf:  # the statistics of [x, rf(x)] are a training reply's size: a new client sends only them
             new = [i for i, c in enumerate(clients) if c not in self.counted]
             config = {CLIENT_TASK_KEY: STATS, STATS_KEY: "ridge", NUM_CLASSES_KEY: num_classes}
             stats_tasks = [ClientTask(clients[i], {**skip, **rf}, dict(config), group=STATS_GROUP, meta="stats",
                                       reply=dict(spec), check=stats_check(width, "")) for i in new]
             keep = sorted(set(range(len(clients))) - set(new))
+            idle = [float(capacities[i]) if capacities is not None else 1.0 for i in new]
             clients = [clients[i] for i in keep]
             capacities = [capacities[i] for i in keep] if capacities is not None else None
-        tasks = super().plan(server_round, mlp, clients, capacities=capacities) if clients else []
+        # the slices of the round in which every sampled client trained: a trainer's does not grow
+        tasks = super().plan(server_round, mlp, clients, capacities=capacities, idle=idle) if clients else []
         fixed = self.cfg.residual_skip == "fixed"
         for task in tasks:
             reply = task.reply_spec()
