@@ -5,14 +5,15 @@ Clipping (``fedsparse.algorithms.robust.clip_updates``) bounds what one reply ca
 hostile client that is clipped every time it is sampled still moves the head by ``clip-factor``
 honest updates, in its own direction, each time; over a long run that adds up (scaling x4 at
 100 clients a round for 50 rounds: -2.9 points with clipping and the direction check alone,
-BENCHMARKS.md section 4). Honest updates seldom reach the bound (11 of 4,900 in the run
-without attackers). So the engine counts, per client, the rounds in which its update was
+measured with the closed form on the features alone and the clients at lr 1e-3,
+``ridge-features = 0, residual-lr = 0.001``). Honest updates seldom reach the bound (11 of
+4,900 in that run without attackers). So the engine counts, per client, the rounds in which its update was
 clipped (a *strike*: the update's RMS was over
 ``clip-factor`` x the round's median, whether or not the direction check then dropped it);
 at ``outlier-strikes`` strikes the client is *banned*: it is not sampled again in this run.
 
 - Only clipping counts. The direction check drops some honest updates under label skew (411 of
-  4,900 in the same run), so its drops are no evidence of hostility.
+  4,900 in that run), so its drops are no evidence of hostility.
 - At most half of ``num-clients`` are banned: the median-based defences assume an honest
   majority, and past that the record would only starve the run.
 - Undoing a ban: ``outlier-pardon`` ("all", or client ids "3,17") readmits clients, with their
