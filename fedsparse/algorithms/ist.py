@@ -206,7 +206,8 @@ class IST(Algorithm):
             groups = every[:k]
             parts = self.capacity_parts(server_round, state, group_caps)
         indices = [worker_indices(parts, s) for s in range(g)]
-        slices = [slice_state(state, index, opts.scaling) if s in set(groups) else {} for s, index in enumerate(indices)]
+        used = set(groups)
+        slices = [slice_state(state, index, opts.scaling) if s in used else {} for s, index in enumerate(indices)]
         config: dict[str, Any] = {"num-subnets": g}
         replies: list[dict | None] = [None] * g
         if opts.label_aware:

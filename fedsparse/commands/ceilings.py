@@ -54,22 +54,24 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
     return perm[k:].sort().values, perm[:k].sort().values
 
 
-def ridge_of(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float) -> dict[str, torch.Tensor]:
-    """The ridge head of ``(x, y)``, from the same float32 statistics a client sends, in chunks
-    (the sum of the chunks' statistics is the statistics of the whole)."""
+def chunked_stats(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """The ridge statistics of ``(x, y)``, the same float32 ones a client sends, summed over
+    chunks of 10,000 (the sum of the chunks' statistics is the statistics of the whole)."""
     total = None
     for start in range(0, len(y), 10_000):
         total = add_stats(total, stats_for("ridge", x[start:start + 10_000], y[start:start + 10_000], num_classes))
-    return ridge_head(total, lam, int(x.shape[1]))
+    return total
+
+
+def ridge_of(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float) -> dict[str, torch.Tensor]:
+    """The ridge head of ``(x, y)`` from its ``chunked_stats``."""
+    return ridge_head(chunked_stats(x, y, num_classes), lam, int(x.shape[1]))
 
 
 def central_map(x: torch.Tensor, num_classes: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The ``rf.*`` state of ``cfg``'s random features standardised by all of ``x`` (IST
     standardises by its first round's clients and draws from the same seed)."""
-    y = torch.zeros(len(x), dtype=torch.long)
-    total = None
-    for start in range(0, len(x), 10_000):
-        total = add_stats(total, stats_for("ridge", x[start:start + 10_000], y[start:start + 10_000], num_classes))
+    total = chunked_stats(x, torch.zeros(len(x), dtype=torch.long), num_classes)
     return rf_state(*standardizer(total, int(x.shape[1])), derive_seed("ridge-features", cfg.seed))
 
 

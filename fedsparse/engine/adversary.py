@@ -28,6 +28,7 @@ import torch
 
 from fedsparse.algorithms.base import (CLASS_COUNTS, LABEL_AWARE_KEY, NUM_CLASSES_KEY, STATS, STATS_KEY, STATS_PREFIX,
                                        WITH_STATS_KEY, ClientTask)
+from fedsparse.engine.client import stats_input
 from fedsparse.model.residual import skip_input
 from fedsparse.attacks import (
     ATTACK_MODES,
@@ -58,7 +59,6 @@ def label_flip_reply(cfg: RunConfig, task: ClientTask) -> tuple[dict[str, torch.
     """What client ``task.client`` sends after training (or computing its statistics) on
     flipped labels: the honest client's work, on poisoned data."""
     from fedsparse.model.closed_form import stats_for
-    from fedsparse.model.head import MLPHead
     from fedsparse.task import client_features, train_slice
 
     conf = task.config
@@ -72,12 +72,7 @@ def label_flip_reply(cfg: RunConfig, task: ClientTask) -> tuple[dict[str, torch.
     y = flip_labels(feats.y, num_classes)
     if str(conf.get(CLIENT_TASK_KEY, "train")) == STATS:
         with torch.no_grad():
-            x = feats.x
-            if "layers.0.weight" in task.arrays:  # a trunk: its last hidden activations
-                x = torch.relu(MLPHead.from_state_dict(task.arrays)(x))
-            elif task.arrays:  # a residual head's skip and random features: what the skip reads
-                x = skip_input(task.arrays, x)
-            return stats_for(str(conf[STATS_KEY]), x, y, num_classes), len(y)
+            return stats_for(str(conf[STATS_KEY]), stats_input(task.arrays, feats.x), y, num_classes), len(y)
     label_aware = bool(int(conf.get(LABEL_AWARE_KEY, 0)))
     trained, _ = train_slice(cfg, task.arrays, replace(feats, y=y), server_round, task.client,
                              steps=int(conf["local-steps"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),

@@ -140,6 +140,15 @@ def batch_seed_id(cfg: RunConfig, partition_id: int | None, data_dir: str) -> in
     return f"data-{client_images(cfg, 0, 1, data_dir).fingerprint}"
 
 
+def stats_input(arrays: State, x: torch.Tensor) -> torch.Tensor:
+    """What a statistics task sums for features ``x``, by what it was sent: the features (nothing
+    sent), an MLP trunk's last hidden activations (hidden layers only), or what a residual head's
+    skip reads (its skip and random features)."""
+    if "layers.0.weight" in arrays:
+        return torch.relu(MLPHead.from_state_dict(arrays)(x))
+    return skip_input(arrays, x) if arrays else x
+
+
 def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int, arrays: State,
                    config: Mapping[str, Any], data_dir: str = "",
                    profile: Profile | None = None) -> tuple[State, int, dict[str, float]]:
@@ -156,12 +165,7 @@ def run_stats_task(cfg: RunConfig, partition_id: int | None, num_partitions: int
     features_ready = time.time()
     t0 = time.perf_counter()
     with torch_threads(fit.threads if fit is not None else client_threads(cfg)), torch.no_grad():
-        x = feats.x
-        if trunk:
-            x = torch.relu(MLPHead.from_state_dict(arrays)(x))  # a trunk: its last layer is a hidden one
-        elif arrays:  # a residual head's skip and random features: the statistics of what the skip reads
-            x = skip_input(arrays, x)
-        stats = stats_for(kind, x, feats.y, num_classes)
+        stats = stats_for(kind, stats_input(arrays, feats.x), feats.y, num_classes)
     metrics = {
         p.TRAIN_SECONDS_KEY: time.perf_counter() - t0,
         p.EXTRACT_SECONDS_KEY: feats.seconds,
